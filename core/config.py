@@ -162,6 +162,7 @@ class CompressConfig:
     calibration: DataSpec = field(default_factory=lambda: DataSpec(split="calibration"))
     calibration_mode: str = "sequential"
     calibration_batch_size: int = 8
+    calibration_dtype: str = "auto"
     recover: RecoverConfig = field(default_factory=RecoverConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     asvd_alpha: float = 0.5
@@ -185,6 +186,7 @@ class CompressConfig:
         _choice("allocation", self.allocation, ALLOCATIONS)
         _choice("calibration_mode", self.calibration_mode, CALIBRATION_MODES)
         _choice("dtype", self.dtype, DTYPES)
+        _choice("calibration_dtype", self.calibration_dtype, ("auto",) + DTYPES)
         _int_in("calibration_batch_size", self.calibration_batch_size, 1, 4096)
         _int_in("fisher_samples", self.fisher_samples, 1, 1_000_000)
         _check(isinstance(self.asvd_alpha, (int, float)) and 0 < self.asvd_alpha <= 2,

@@ -1,0 +1,134 @@
+"""`svdforge compress` and `svdforge evaluate`: the core library from the shell."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cli.main import app
+from core.config import CompressConfig, DataSpec, EvalConfig, RecoverConfig
+from core.errors import UserError
+
+
+def _data(file: Optional[Path], hf: Optional[str], hf_config: Optional[str], split: Optional[str],
+          samples: int, seq_len: int, seed: int, default_split: str) -> DataSpec:
+    if file and hf:
+        raise UserError("give either a text file or an HF dataset, not both")
+    if file:
+        return DataSpec(source="file", path=str(file), samples=samples, seq_len=seq_len, seed=seed)
+    if hf:
+        return DataSpec(source="hf", dataset=hf, config=hf_config, split=split, samples=samples,
+                        seq_len=seq_len, seed=seed)
+    return DataSpec(source="builtin", split=split or default_split, samples=samples, seq_len=seq_len, seed=seed)
+
+
+def _eval_config(no_eval: bool, eval_file, eval_hf, eval_hf_config, eval_split, eval_seq_len, eval_max_tokens,
+                 throughput_runs, zero_shot) -> EvalConfig:
+    data = _data(eval_file, eval_hf, eval_hf_config, eval_split, 1, 2, 0, "evaluation")
+    return EvalConfig(enabled=not no_eval, data=data, seq_len=eval_seq_len,
+                      max_tokens=None if eval_max_tokens == 0 else eval_max_tokens,
+                      throughput=throughput_runs > 0, throughput_runs=max(throughput_runs, 1),
+                      zero_shot=[t for t in (zero_shot or "").split(",") if t])
+
+
+EvalFile = Annotated[Optional[Path], typer.Option("--eval-file", help="Evaluation text file (default: builtin corpus, evaluation split).")]
+EvalHF = Annotated[Optional[str], typer.Option("--eval-hf", help="Evaluation HF dataset id (needs network).")]
+EvalHFConfig = Annotated[Optional[str], typer.Option("--eval-hf-config")]
+EvalSplit = Annotated[Optional[str], typer.Option("--eval-split")]
+EvalSeqLen = Annotated[int, typer.Option("--eval-seq-len", help="Evaluation window length L.")]
+EvalMaxTokens = Annotated[int, typer.Option("--eval-max-tokens", help="Cap on evaluation tokens (0: the whole split).")]
+ThroughputRuns = Annotated[int, typer.Option("--throughput-runs", help="Timed forward runs per model (0: skip).")]
+ZeroShot = Annotated[Optional[str], typer.Option("--zero-shot", help="lm-eval tasks, comma separated (needs network).")]
+
+
+@app.command()
+def compress(
+    model: Annotated[str, typer.Argument(help="HF folder, .gguf file, hub id, or alias smollm2-135m.")],
+    ratio: Annotated[float, typer.Option("--ratio", help="Fraction of parameters removed per linear, in (0, 1).")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder (must be empty or absent).")],
+    method: Annotated[str, typer.Option("--method", help="svd | svd-llm | asvd | fwsvd")] = "svd-llm",
+    allocation: Annotated[str, typer.Option("--allocation", help="uniform | global")] = "uniform",
+    targets: Annotated[str, typer.Option("--targets", help="all | attention | mlp | re:<regex>")] = "all",
+    mode: Annotated[str, typer.Option("--mode", help="sequential | parallel calibration")] = "sequential",
+    calib_file: Annotated[Optional[Path], typer.Option("--calib-file", help="Calibration text file.")] = None,
+    calib_hf: Annotated[Optional[str], typer.Option("--calib-hf", help="Calibration HF dataset id.")] = None,
+    calib_hf_config: Annotated[Optional[str], typer.Option("--calib-hf-config")] = None,
+    calib_split: Annotated[Optional[str], typer.Option("--calib-split")] = None,
+    calib_samples: Annotated[int, typer.Option("--calib-samples", help="N calibration windows.")] = 16,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Calibration window length L.")] = 256,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Calibration batch size.")] = 8,
+    adapter: Annotated[str, typer.Option("--adapter", help="none | update | lora | adalora")] = "none",
+    adapter_rank: Annotated[int, typer.Option("--adapter-rank")] = 8,
+    adapter_steps: Annotated[Optional[int], typer.Option("--adapter-steps", help="Cap on optimizer steps.")] = None,
+    no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip evaluation.")] = False,
+    eval_file: EvalFile = None, eval_hf: EvalHF = None, eval_hf_config: EvalHFConfig = None,
+    eval_split: EvalSplit = None, eval_seq_len: EvalSeqLen = 256, eval_max_tokens: EvalMaxTokens = 16384,
+    throughput_runs: ThroughputRuns = 5, zero_shot: ZeroShot = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="float32 | bfloat16 | float16 forward")] = "float32",
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda")] = "auto",
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow .bin/.pt weights (runs their code).")] = False,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Run the model repo's own code.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Compress MODEL and write the artifact plus OUT/report.json."""
+    from core.pipeline import compress as run, default_threads
+    from core.progress import TqdmBars
+
+    config = CompressConfig(
+        model=model, ratio=ratio, method=method, allocation=allocation, targets=targets,
+        calibration_mode=mode, calibration_batch_size=batch_size,
+        calibration=_data(calib_file, calib_hf, calib_hf_config, calib_split, calib_samples, seq_len, seed,
+                          "calibration"),
+        recover=RecoverConfig(type=adapter, rank=adapter_rank, max_steps=adapter_steps),
+        evaluation=_eval_config(no_eval, eval_file, eval_hf, eval_hf_config, eval_split, eval_seq_len,
+                                eval_max_tokens, throughput_runs, zero_shot),
+        dtype=dtype, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, seed=seed)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--out {out} exists and is not an empty folder")
+    default_threads()
+    report = run(config, out, progress=TqdmBars(not quiet))
+    typer.echo(json.dumps(_summary(report), indent=2))
+    typer.echo(f"artifact: {out}  report: {out / 'report.json'}")
+
+
+@app.command()
+def evaluate(
+    artifact: Annotated[Path, typer.Argument(help="An artifact folder written by `svdforge compress`.")],
+    teacher: Annotated[Optional[str], typer.Option("--teacher", help="Dense model to compare with (default: the artifact's).")] = None,
+    eval_file: EvalFile = None, eval_hf: EvalHF = None, eval_hf_config: EvalHFConfig = None,
+    eval_split: EvalSplit = None, eval_seq_len: EvalSeqLen = 256, eval_max_tokens: EvalMaxTokens = 16384,
+    throughput_runs: ThroughputRuns = 5, zero_shot: ZeroShot = None,
+    device: Annotated[str, typer.Option("--device")] = "auto",
+    out: Annotated[Optional[Path], typer.Option("--out", help="Write the report here (default ARTIFACT/evaluation.json).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Re-evaluate an artifact against its dense teacher with the same options as compress."""
+    from core.pipeline import default_threads, evaluate_artifact
+    from core.progress import TqdmBars
+
+    ev = _eval_config(False, eval_file, eval_hf, eval_hf_config, eval_split, eval_seq_len, eval_max_tokens,
+                      throughput_runs, zero_shot)
+    default_threads()
+    report = evaluate_artifact(artifact, ev, teacher, device, progress=TqdmBars(not quiet))
+    target = out or (artifact / "evaluation.json")
+    target.write_text(json.dumps(report, indent=2))
+    typer.echo(json.dumps(_summary(report), indent=2))
+    typer.echo(f"report: {target}")
+
+
+def _summary(r: dict) -> dict:
+    s = {k: r[k] for k in ("model", "method", "target_ratio") if k in r}
+    if "params" in r and r["params"]:
+        s["params"] = {k: r["params"][k] for k in ("dense", "compressed", "reduction") if k in r["params"]}
+    if "metrics" in r:
+        s["metrics"] = r["metrics"]
+    if "throughput" in r:
+        s["speedup"] = r["throughput"].get("speedup")
+    if "timings_s" in r:
+        s["timings_s"] = {k: round(v, 2) for k, v in r["timings_s"].items()}
+    if "peak_rss_bytes" in r:
+        s["peak_rss_mb"] = round(r["peak_rss_bytes"] / 2**20)
+    return s

@@ -1,0 +1,333 @@
+"""Layer-by-layer calibration and decomposition (SPEC stages 1-2).
+
+Only one decoder layer's activations and statistics live at a time:
+
+1. run the embeddings once, catching the inputs of decoder layer 0 (hidden states and the
+   keyword arguments the model passes its layers: rotary embeddings, masks); the rest of the
+   model, `lm_head` included, never runs during calibration;
+2. for each layer: forward the N windows through it with hooks that accumulate, per distinct
+   linear input, what the method needs (a Gram matrix shared by q/k/v and by gate/up,
+   mean |x|); decompose every target linear and swap in a `LowRankLinear`; produce the next
+   layer's inputs.
+
+`sequential` mode feeds layer l+1 the outputs of the compressed layer l (the compression
+errors of earlier layers are seen, and partly absorbed, by later ones); `parallel` mode
+feeds it the dense layer's outputs (one forward per layer instead of two).
+"""
+from __future__ import annotations
+
+import copy
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from core.errors import NumericalError, UserError
+from core.linalg import saves_params, uniform_rank
+from core.lowrank import LowRankLinear, set_submodule
+from core.methods import InputStats, Method
+from core.progress import Reporter
+
+ATTENTION = re.compile(r"(^|\.)(self_attn|attention|attn)\.")
+MLP = re.compile(r"(^|\.)(mlp|feed_forward|ffn)\.")
+
+
+class _Stop(Exception):
+    pass
+
+
+def decoder_layers(model: nn.Module) -> tuple[nn.ModuleList, str]:
+    """The decoder layers and their name prefix (e.g. `model.layers`)."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and (n is None or len(mod) == n):
+            return mod, name
+    raise UserError("could not find the decoder layers of this model (no ModuleList of num_hidden_layers)")
+
+
+def select_linears(layer: nn.Module, prefix: str, targets: str) -> list[tuple[str, nn.Linear]]:
+    """Target linears of one layer as (full name, module), in execution-friendly order."""
+    out = []
+    for local, mod in layer.named_modules():
+        if not isinstance(mod, nn.Linear) or isinstance(mod, LowRankLinear):
+            continue
+        full = f"{prefix}.{local}"
+        if targets == "all":
+            ok = True
+        elif targets == "attention":
+            ok = bool(ATTENTION.search(full))
+        elif targets == "mlp":
+            ok = bool(MLP.search(full))
+        else:
+            ok = re.search(targets[3:], full) is not None
+        if ok:
+            out.append((full, mod))
+    return out
+
+
+@dataclass
+class LayerInputs:
+    """Hidden states entering the current layer [N, L, H] and per-batch layer kwargs."""
+
+    hidden: torch.Tensor
+    kwargs: list[dict]
+    batch_size: int
+
+    def batches(self):
+        for i, kw in enumerate(self.kwargs):
+            lo = i * self.batch_size
+            yield lo, min(lo + self.batch_size, self.hidden.shape[0]), kw
+
+
+@torch.no_grad()
+def capture_layer0_inputs(model: nn.Module, ids: torch.Tensor, batch_size: int, device) -> LayerInputs:
+    layers, _ = decoder_layers(model)
+    store: dict = {}
+
+    def pre_hook(_mod, args, kwargs):
+        hs = args[0] if args else kwargs["hidden_states"]
+        store["hidden"] = hs
+        store["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        raise _Stop
+
+    handle = layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True)
+    hidden, kwargs = None, []
+    try:
+        for lo in range(0, ids.shape[0], batch_size):
+            batch = ids[lo:lo + batch_size].to(device)
+            try:
+                model(input_ids=batch, use_cache=False)
+            except _Stop:
+                pass
+            h = store["hidden"]
+            if hidden is None:
+                hidden = torch.empty((ids.shape[0], *h.shape[1:]), dtype=h.dtype, device=device)
+            hidden[lo:lo + h.shape[0]] = h
+            kwargs.append(store["kwargs"])
+    finally:
+        handle.remove()
+    return LayerInputs(hidden, kwargs, batch_size)
+
+
+def _layer_out(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def run_layer(layer: nn.Module, inputs: LayerInputs, out: torch.Tensor | None = None) -> torch.Tensor:
+    if out is None:
+        out = torch.empty_like(inputs.hidden)
+    for lo, hi, kw in inputs.batches():
+        out[lo:hi] = _layer_out(layer(inputs.hidden[lo:hi], **kw))
+    return out
+
+
+class StatsCollector:
+    """Forward pre-hooks that accumulate input statistics once per distinct input tensor.
+
+    Linears fed the very same tensor object (q/k/v, gate/up) are grouped on the first
+    batch; the group's statistics are computed once per batch. The tensors are held until
+    the batch ends so that their identity cannot be recycled by the allocator.
+    """
+
+    def __init__(self, linears: list[tuple[str, nn.Linear]], needs: frozenset[str]):
+        self.linears = linears
+        self.needs = needs
+        self.group_of: dict[str, int] = {}
+        self.stats: list[InputStats] = []
+        self._batch_inputs: list[tuple[torch.Tensor, int]] = []
+        self._done: set[int] = set()
+        self._handles = []
+
+    def __enter__(self):
+        for name, mod in self.linears:
+            self._handles.append(mod.register_forward_pre_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._batch_inputs.clear()
+
+    def new_batch(self) -> None:
+        self._batch_inputs.clear()
+        self._done.clear()
+
+    def _hook(self, name: str) -> Callable:
+        def fn(_mod, args):
+            x = args[0]
+            g = self.group_of.get(name)
+            if g is None:
+                g = next((gi for t, gi in self._batch_inputs if t is x), None)
+                if g is None:
+                    g = len(self.stats)
+                    self.stats.append(InputStats())
+                self.group_of[name] = g
+            if not any(t is x for t, _ in self._batch_inputs):
+                self._batch_inputs.append((x, g))
+            if g in self._done:
+                return
+            self._done.add(g)
+            self._accumulate(self.stats[g], x)
+        return fn
+
+    def _accumulate(self, st: InputStats, x: torch.Tensor) -> None:
+        x2 = x.reshape(-1, x.shape[-1]).float()
+        if not torch.isfinite(x2).all():
+            raise NumericalError("non-finite activations during calibration")
+        st.tokens += x2.shape[0]
+        if "gram" in self.needs:
+            g = (x2.T @ x2).double()
+            st.gram = g if st.gram is None else st.gram.add_(g)
+        if "abs_mean" in self.needs:
+            a = x2.abs().sum(0).double()
+            st.abs_sum = a if st.abs_sum is None else st.abs_sum.add_(a)
+
+    def stats_for(self, name: str) -> InputStats:
+        return self.stats[self.group_of[name]]
+
+    def groups(self) -> dict[str, list[str]]:
+        out: dict[int, list[str]] = {}
+        for name, g in self.group_of.items():
+            out.setdefault(g, []).append(name.rsplit(".", 1)[-1])
+        return {"+".join(v): v for v in out.values()}
+
+
+RankFn = Callable[[str, int, int], int | None]
+
+
+def uniform_ranks(ratio: float) -> RankFn:
+    return lambda name, m, n: uniform_rank(m, n, ratio)
+
+
+@dataclass
+class CalibrationResult:
+    ranks: dict[str, dict] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=lambda: {"calibrate": 0.0, "decompose": 0.0})
+    shared_inputs: list[list[str]] = field(default_factory=list)
+
+
+def collect_fisher(model: nn.Module, ids: torch.Tensor, names: list[str], device) -> dict[str, torch.Tensor]:
+    """Squared gradients of the LM loss w.r.t. each named weight, one window at a time."""
+    params = {n: model.get_submodule(n).weight for n in names}
+    was = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+    fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    try:
+        for i in range(ids.shape[0]):
+            batch = ids[i:i + 1].to(device)
+            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+            if not torch.isfinite(loss):
+                raise NumericalError("non-finite loss while estimating Fisher information")
+            grads = torch.autograd.grad(loss, list(params.values()))
+            for n, g in zip(params, grads):
+                fisher[n].add_(g.float().pow(2))
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(was[n])
+    return fisher
+
+
+def _cast_kwargs(kw: dict, dtype: torch.dtype) -> dict:
+    def cast(v):
+        if torch.is_tensor(v) and v.is_floating_point():
+            return v.to(dtype)
+        if isinstance(v, tuple):
+            return tuple(cast(t) for t in v)
+        return v
+    return {k: cast(v) for k, v in kw.items()}
+
+
+def _forward_copy(layer: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """The layer itself when it already runs in `dtype`, else a copy cast to it."""
+    p = next(layer.parameters())
+    return layer if p.dtype == dtype else copy.deepcopy(layer).to(dtype)
+
+
+@torch.no_grad()
+def compress_layers(model: nn.Module, ids: torch.Tensor, method: Method, rank_fn: RankFn, *,
+                    targets: str = "all", mode: str = "sequential", batch_size: int = 8,
+                    device="cpu", fisher: dict[str, torch.Tensor] | None = None,
+                    reporter: Reporter | None = None, method_options: dict | None = None,
+                    forward_dtype: torch.dtype | None = None) -> CalibrationResult:
+    """Compress the target linears of every decoder layer in place. Returns ranks and timings.
+
+    forward_dtype: dtype of the calibration forward passes (a cast copy of one layer at a
+    time); statistics are accumulated in fp32/fp64 and the factors always come from the
+    original weights in fp64.
+    """
+    rep = reporter or Reporter()
+    res = CalibrationResult()
+    layers, prefix = decoder_layers(model)
+    t0 = time.perf_counter()
+    inputs = capture_layer0_inputs(model, ids, batch_size, device)
+    fdt = forward_dtype or inputs.hidden.dtype
+    inputs.hidden = inputs.hidden.to(fdt)
+    inputs.kwargs = [_cast_kwargs(kw, fdt) for kw in inputs.kwargs]
+    res.timings["calibrate"] += time.perf_counter() - t0
+    scratch = torch.empty_like(inputs.hidden)
+    n_layers = len(layers)
+    for li, layer in enumerate(layers):
+        rep.check_cancel()
+        t0 = time.perf_counter()
+        name = f"{prefix}.{li}"
+        linears = select_linears(layer, name, targets)
+        fwd = _forward_copy(layer, fdt)
+        collector = StatsCollector(select_linears(fwd, name, targets), method.needs - {"fisher"})
+        with collector:
+            for lo, hi, kw in inputs.batches():
+                collector.new_batch()
+                scratch[lo:hi] = _layer_out(fwd(inputs.hidden[lo:hi], **kw))
+        del fwd
+        res.timings["calibrate"] += time.perf_counter() - t0
+        rep.progress("whiten", (li + 1) / n_layers, f"layer {li + 1}/{n_layers}", layer=li)
+        if li == 0:
+            res.shared_inputs = [v for v in collector.groups().values()]
+
+        t0 = time.perf_counter()
+        _decompose_layer(model, linears, method, rank_fn, collector, fisher, method_options, res)
+        del collector
+        res.timings["decompose"] += time.perf_counter() - t0
+        rep.progress("svd", (li + 1) / n_layers, f"layer {li + 1}/{n_layers}", layer=li)
+
+        t0 = time.perf_counter()
+        if mode == "sequential":
+            run_layer(_forward_copy(layer, fdt), inputs, out=scratch)
+        inputs.hidden, scratch = scratch, inputs.hidden
+        res.timings["calibrate"] += time.perf_counter() - t0
+    return res
+
+
+@torch.no_grad()
+def _decompose_layer(model, linears, method, rank_fn, collector, fisher, method_options, res) -> None:
+    for name, lin in linears:
+        m, n = lin.out_features, lin.in_features
+        k = rank_fn(name, m, n)
+        entry = {"shape": [m, n], "params_dense": m * n + (m if lin.bias is not None else 0)}
+        if k is None or not saves_params(m, n, k):
+            entry.update(rank=None, dense_reason=f"rank {k} would save no parameters" if k else "kept dense",
+                         params=entry["params_dense"])
+            res.ranks[name] = entry
+            continue
+        stats = collector.stats_for(name)
+        stats.cache.update(method_options or {})
+        f = method.factorize(lin.weight.detach().to(torch.float64), k, stats,
+                             None if fisher is None else fisher.get(name))
+        if not (torch.isfinite(f.u).all() and torch.isfinite(f.v).all()):
+            raise NumericalError(f"{name}: non-finite factors")
+        new = LowRankLinear.from_factors(f.u, f.v, lin.bias, dtype=lin.weight.dtype, device=lin.weight.device)
+        set_submodule(model, name, new)
+        entry.update(rank=k, params=k * (m + n) + (m if lin.bias is not None else 0),
+                     path=f.info.get("path"), retained_energy=f.info["retained_energy"],
+                     truncation_loss=f.info["truncation_loss"])
+        for key in ("jitter", "clamped_eigenvalues"):
+            if key in f.info:
+                entry[key] = f.info[key]
+        res.ranks[name] = entry

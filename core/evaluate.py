@@ -1,0 +1,149 @@
+"""SPEC stage 4: how much the compressed model lost, measured against the dense teacher.
+
+All metrics are over the same scored positions: in each window of L tokens the L-1
+positions that predict a next token. Non-finite logits raise `NumericalError`; nothing is
+skipped.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import statistics
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.errors import NumericalError
+from core.lowrank import LowRankLinear
+
+
+def _logits(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    out = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+    if not torch.isfinite(out).all():
+        raise NumericalError("the model produced non-finite logits")
+    return out
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, device="cpu",
+               on_batch: Callable[[float], None] | None = None) -> dict:
+    nll, count = 0.0, 0
+    for lo in range(0, windows.shape[0], batch_size):
+        batch = windows[lo:lo + batch_size].to(device)
+        logits = _logits(model, batch)
+        nll += float(F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum"))
+        count += batch[:, 1:].numel()
+        if on_batch:
+            on_batch(min(lo + batch_size, windows.shape[0]) / windows.shape[0])
+    return {"ppl": math.exp(nll / count), "nll": nll / count, "tokens": count}
+
+
+@torch.no_grad()
+def compare(teacher: nn.Module | None, student: nn.Module, windows: torch.Tensor, batch_size: int = 1,
+            device="cpu", on_batch: Callable[[float], None] | None = None, topk: int = 10) -> dict:
+    """Perplexity of both models and the student's fidelity to the teacher, in one pass.
+
+    teacher_kl: mean over tokens of KL(p_teacher || p_student) in nats; top10_recall: mean
+    |top10(t) & top10(s)| / 10; agreement (ARR): % of tokens whose top-1 matches.
+    """
+    if teacher is None:
+        return {"compressed": perplexity(student, windows, batch_size, device, on_batch)}
+    sums = {"t_nll": 0.0, "s_nll": 0.0, "kl": 0.0, "top": 0.0, "agree": 0.0}
+    count = 0
+    for lo in range(0, windows.shape[0], batch_size):
+        batch = windows[lo:lo + batch_size].to(device)
+        labels = batch[:, 1:].flatten()
+        lt = torch.log_softmax(_logits(teacher, batch).flatten(0, 1), -1)
+        ls = torch.log_softmax(_logits(student, batch).flatten(0, 1), -1)
+        sums["t_nll"] += float(F.nll_loss(lt, labels, reduction="sum"))
+        sums["s_nll"] += float(F.nll_loss(ls, labels, reduction="sum"))
+        sums["kl"] += float((lt.exp() * (lt - ls)).sum())
+        tt, ts = lt.topk(topk, -1).indices, ls.topk(topk, -1).indices
+        sums["top"] += float((tt[:, :, None] == ts[:, None, :]).any(-1).sum()) / topk
+        sums["agree"] += float((tt[:, 0] == ts[:, 0]).sum())
+        count += labels.numel()
+        del lt, ls
+        if on_batch:
+            on_batch(min(lo + batch_size, windows.shape[0]) / windows.shape[0])
+    return {
+        "dense": {"ppl": math.exp(sums["t_nll"] / count), "nll": sums["t_nll"] / count, "tokens": count},
+        "compressed": {"ppl": math.exp(sums["s_nll"] / count), "nll": sums["s_nll"] / count, "tokens": count,
+                       "teacher_kl": sums["kl"] / count, "top10_recall": sums["top"] / count,
+                       "agreement": 100.0 * sums["agree"] / count},
+    }
+
+
+def count_params(model: nn.Module) -> int:
+    """Unique parameters (tied embeddings counted once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def matmul_params(model: nn.Module) -> int:
+    """Weights that take part in a matmul for every token (all linears, lm_head included)."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+
+
+def flops_per_token(model: nn.Module, context: int) -> int:
+    """Forward FLOPs per token at a given context: 2 x matmul weights + attention scores.
+
+    Attention adds 2 (QK^T) + 2 (AV) multiply-adds per head dim per attended token; with a
+    causal mask a token attends to (context + 1) / 2 tokens on average. Norms, activations
+    and softmax are ignored (well under 1%).
+    """
+    cfg = model.config
+    heads = getattr(cfg, "num_attention_heads", 0)
+    head_dim = getattr(cfg, "head_dim", None) or (cfg.hidden_size // max(heads, 1))
+    attn = 4 * cfg.num_hidden_layers * heads * head_dim * (context + 1) / 2
+    return int(2 * matmul_params(model) + attn)
+
+
+@torch.no_grad()
+def throughput(models: dict[str, nn.Module], vocab: int, seq_len: int = 512, runs: int = 5,
+               device="cpu", seed: int = 0) -> dict:
+    """Forward tokens/s at batch 1 x seq_len, models interleaved run by run, median of `runs`."""
+    g = torch.Generator().manual_seed(seed)
+    batch = torch.randint(0, vocab, (1, seq_len), generator=g).to(device)
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for m in models.values():  # warm-up
+        m(input_ids=batch, use_cache=False)
+    for _ in range(runs):
+        for name, m in models.items():
+            if device != "cpu" and torch.cuda.is_available():
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            m(input_ids=batch, use_cache=False)
+            if device != "cpu" and torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t)
+    out = {name: {"tokens_per_s": seq_len / statistics.median(ts), "median_s": statistics.median(ts),
+                  "runs": runs} for name, ts in times.items()}
+    out["seq_len"], out["threads"] = seq_len, torch.get_num_threads()
+    return out
+
+
+def compressed_linear_params(model: nn.Module) -> int:
+    return sum(p.numel() for m in model.modules() if isinstance(m, LowRankLinear) for p in m.parameters())
+
+
+def zero_shot(model, tokenizer, tasks: list[str], offline: bool) -> dict:
+    """lm-evaluation-harness accuracy on the in-memory model, or why it was skipped."""
+    if not tasks:
+        return {"skipped": True, "reason": "no zero-shot tasks requested"}
+    if importlib.util.find_spec("lm_eval") is None:
+        return {"skipped": True, "tasks": tasks, "reason": "lm-evaluation-harness is not installed (pip install lm-eval)"}
+    if offline:
+        return {"skipped": True, "tasks": tasks, "reason": "offline: the task datasets cannot be downloaded"}
+    from lm_eval import simple_evaluate  # noqa: PLC0415
+    from lm_eval.models.huggingface import HFLM  # noqa: PLC0415
+
+    res = simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer), tasks=tasks, num_fewshot=0)
+    return {"skipped": False, "results": {t: {k: v for k, v in r.items() if isinstance(v, (int, float))}
+                                          for t, r in res["results"].items()}}

@@ -1,0 +1,30 @@
+"""SVD-LLM (truncation-aware data whitening), SPEC stages 1-2.
+
+S is a square root of the input Gram G (Cholesky, jittered Cholesky or clamped eigh:
+`core.linalg.gram_sqrt`), computed once per distinct input and shared by the linears that
+read it. The factors come from the top-k left singular vectors of W S without ever
+inverting S (`core.linalg.truncate_right`), so the calibration loss of a linear is exactly
+sum_{i>k} sigma_i^2 of its whitened spectrum.
+"""
+from core.linalg import gram_sqrt, truncate_right
+from core.methods import Method, register
+
+
+@register
+class SVDLLM(Method):
+    name = "svd-llm"
+    needs = frozenset({"gram"})
+
+    def whitening(self, stats):
+        if "sqrt" not in stats.cache:
+            stats.cache["sqrt"] = gram_sqrt(stats.gram)
+        return stats.cache["sqrt"]
+
+    def factorize(self, W, k, stats, fisher):
+        sq = self.whitening(stats)
+        f = truncate_right(W, sq.S.to(W.device), k)
+        f.info["path"] = sq.path
+        if sq.jitter:
+            f.info["jitter"] = sq.jitter
+        f.info.update(sq.info)
+        return f

@@ -1,0 +1,240 @@
+"""The whole job: load -> whiten + svd (layer by layer) -> recover -> evaluate -> save.
+
+`compress(config, out_dir, progress, should_cancel)` is what the CLI, the Python API and
+the service worker all call.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from core import data as data_mod
+from core.artifact import package_versions, read_manifest, save_model, write_manifest
+from core.calibrate import collect_fisher, compress_layers, decoder_layers, select_linears, uniform_ranks
+from core.config import CompressConfig, EvalConfig
+from core.errors import UserError
+from core.evaluate import compare, count_params, flops_per_token, matmul_params, throughput, zero_shot
+from core.methods import get_method
+from core.models import load_model, pick_device
+from core.progress import Reporter
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _target_names(model, targets: str) -> list[str]:
+    layers, prefix = decoder_layers(model)
+    return [n for i, layer in enumerate(layers) for n, _ in select_linears(layer, f"{prefix}.{i}", targets)]
+
+
+def _rank_fn(config: CompressConfig, model, calib_ids, device, rep: Reporter):
+    if config.allocation == "uniform":
+        return uniform_ranks(config.ratio), None
+    from core.allocation import global_ranks  # noqa: PLC0415
+
+    return global_ranks(model, calib_ids, config, device, rep)
+
+
+def calibration_dtype(config: CompressConfig, device: str) -> torch.dtype:
+    """`auto`: bfloat16 forward passes where the hardware runs them natively (CUDA, or a CPU
+    with AVX512-BF16/AMX: 3x faster than fp32 here), else the model's dtype. Measured on
+    SmolLM2 at 0.4 (docs/benchmarks.md): the PPL difference is within noise."""
+    if config.calibration_dtype != "auto":
+        return getattr(torch, config.calibration_dtype)
+    if device.startswith("cuda") or _cpu_has_bf16():
+        return torch.bfloat16
+    return getattr(torch, config.dtype)
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def _safetensors_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.glob("*.safetensors"))
+
+
+def evaluate_models(teacher, student, tokenizer, ev: EvalConfig, device: str, rep: Reporter) -> dict:
+    """Metrics of student vs teacher (either may be None: then only the other's perplexity)."""
+    rep.stage_started("evaluate")
+    t0 = time.perf_counter()
+    win = data_mod.evaluation_windows(tokenizer, ev.data, ev.seq_len, ev.max_tokens)
+    metrics = compare(teacher, student, win.ids, ev.batch_size, device,
+                      on_batch=lambda f: rep.progress("evaluate", 0.9 * f, "perplexity / fidelity"))
+    out = {"metrics": metrics, "evaluation": win.spec | {"scored_tokens": metrics["compressed"]["tokens"]}}
+    if ev.throughput:
+        models = {"dense": teacher, "compressed": student} if teacher is not None else {"compressed": student}
+        out["throughput"] = throughput(models, len(tokenizer), ev.throughput_seq_len, ev.throughput_runs, device)
+        if teacher is not None:
+            out["throughput"]["speedup"] = (out["throughput"]["compressed"]["tokens_per_s"]
+                                            / out["throughput"]["dense"]["tokens_per_s"])
+    out["zero_shot"] = zero_shot(student, tokenizer, ev.zero_shot, data_mod.offline())
+    rep.stage_finished("evaluate", time.perf_counter() - t0)
+    rep.metrics("evaluate", metrics)
+    return out
+
+
+def compress(config: CompressConfig, out_dir: str | Path | None = None, progress=None,
+             should_cancel=None) -> dict:
+    """Run the pipeline; write the artifact and report.json into out_dir (if given)."""
+    rep = Reporter(progress, should_cancel)
+    t_start = time.perf_counter()
+    torch.manual_seed(config.seed)
+    device = pick_device(config.device)
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None and out.exists() and any(out.iterdir()):
+        raise UserError(f"output folder {out} is not empty")
+
+    rep.stage_started("whiten", "loading model")
+    t0 = time.perf_counter()
+    model, tok, source = load_model(config.model, config.dtype, device, config.allow_pickle,
+                                    config.trust_remote_code)
+    t_load = time.perf_counter() - t0
+    dense_params = count_params(model)
+    dense_flops = flops_per_token(model, config.evaluation.seq_len)
+    names = _target_names(model, config.targets)
+    if not names:
+        raise UserError(f"targets {config.targets!r} selects no linear of this model")
+    dense_linear_params = sum(model.get_submodule(n).weight.numel() for n in names)
+    calib = data_mod.calibration_windows(tok, config.calibration)
+    method = get_method(config.method)
+
+    fisher = None
+    t0 = time.perf_counter()
+    if "fisher" in method.needs:
+        rep.log("estimating Fisher information", "whiten")
+        fisher = collect_fisher(model, calib.ids[: config.fisher_samples], names, device)
+    t_fisher = time.perf_counter() - t0
+    rank_fn, allocation_info = _rank_fn(config, model, calib.ids, device, rep)
+
+    rep.stage_started("svd")
+    res = compress_layers(model, calib.ids, method, rank_fn, targets=config.targets,
+                          mode=config.calibration_mode, batch_size=config.calibration_batch_size,
+                          device=device, fisher=fisher, reporter=rep,
+                          method_options={"alpha": config.asvd_alpha},
+                          forward_dtype=calibration_dtype(config, device))
+    del fisher
+    rep.stage_finished("whiten", res.timings["calibrate"] + t_fisher)
+    rep.stage_finished("svd", res.timings["decompose"])
+
+    recover_report = None
+    t0 = time.perf_counter()
+    if config.recover.type != "none":
+        from core.recover import recover  # noqa: PLC0415
+
+        rep.stage_started("recover")
+        recover_report = recover(model, tok, config, calib, device, rep)
+        rep.stage_finished("recover")
+    t_recover = time.perf_counter() - t0
+
+    compressed_params = count_params(model)
+    compressed_linear_params = sum(e["params"] for e in res.ranks.values())
+    report: dict = {
+        "model": config.model,
+        "source": source,
+        "architecture": type(model).__name__,
+        "method": config.method,
+        "target_ratio": config.ratio,
+        "allocation": config.allocation,
+        "targets": config.targets,
+        "calibration_mode": config.calibration_mode,
+        "recover": recover_report or {"type": "none"},
+        "calibration": calib.spec,
+        "config": config.to_dict(),
+        "device": device,
+        "dtype": config.dtype,
+        "params": {
+            "dense": dense_params,
+            "compressed": compressed_params,
+            "reduction": 1 - compressed_params / dense_params,
+            "linears_dense": dense_linear_params,
+            "linears_compressed": compressed_linear_params,
+            "linears_reduction": 1 - compressed_linear_params / dense_linear_params,
+            "linears_kept_dense": sorted(n for n, e in res.ranks.items() if e["rank"] is None),
+        },
+        "flops_per_token": {"dense": dense_flops,
+                            "compressed": flops_per_token(model, config.evaluation.seq_len),
+                            "context": config.evaluation.seq_len},
+        "shared_inputs": res.shared_inputs,
+        "whitening_paths": _count_paths(res.ranks),
+        "ranks": res.ranks,
+    }
+    if allocation_info:
+        report["allocation_info"] = allocation_info
+
+    if out is not None:
+        rep.stage_started("save")
+        save_model(model, tok, out)
+        rep.stage_finished("save")
+        report["bytes"] = {"dense": dense_params * torch.finfo(model.dtype).bits // 8,
+                           "compressed": _safetensors_bytes(out)}
+
+    t_eval = 0.0
+    if config.evaluation.enabled:
+        rep.check_cancel()
+        t0 = time.perf_counter()
+        teacher, _, _ = load_model(config.model, config.dtype, device, config.allow_pickle, config.trust_remote_code)
+        report.update(evaluate_models(teacher, model, tok, config.evaluation, device, rep))
+        del teacher
+        t_eval = time.perf_counter() - t0
+
+    report["timings_s"] = {"load": t_load, "calibrate": res.timings["calibrate"] + t_fisher,
+                           "decompose": res.timings["decompose"], "recover": t_recover,
+                           "evaluate": t_eval, "total": time.perf_counter() - t_start}
+    report["peak_rss_bytes"] = peak_rss_bytes()
+    report["versions"] = package_versions()
+    report["threads"] = torch.get_num_threads()
+    if out is not None:
+        (out / "report.json").write_text(json.dumps(report, indent=2))
+        write_manifest(out, {k: report[k] for k in (
+            "model", "source", "architecture", "method", "target_ratio", "allocation", "targets",
+            "calibration_mode", "calibration", "recover", "params", "versions", "ranks")}
+            | {"metrics": report.get("metrics")})
+    return report
+
+
+def _count_paths(ranks: dict) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for e in ranks.values():
+        key = e.get("path") or "dense"
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+def evaluate_artifact(path: str | Path, evaluation: EvalConfig | None = None, teacher_model: str | None = None,
+                      device: str = "auto", progress=None) -> dict:
+    """Re-evaluate an artifact against its dense teacher (the manifest's model unless given)."""
+    from core.artifact import load_artifact  # noqa: PLC0415
+
+    rep = Reporter(progress)
+    device = pick_device(device)
+    manifest = read_manifest(path)
+    ev = evaluation or EvalConfig()
+    t0 = time.perf_counter()
+    student, tok = load_artifact(path, device=device)
+    teacher = None
+    name = teacher_model or manifest.get("model")
+    if name:
+        teacher, _, _ = load_model(name, "float32", device)
+    report = {"artifact": str(path), "model": name, "method": manifest.get("method"),
+              "target_ratio": manifest.get("target_ratio"), "params": manifest.get("params")}
+    report.update(evaluate_models(teacher, student, tok, ev, device, rep))
+    report["timings_s"] = {"evaluate": time.perf_counter() - t0}
+    report["peak_rss_bytes"] = peak_rss_bytes()
+    return report
+
+
+def default_threads() -> None:
+    """Use every core the process may run on unless OMP_NUM_THREADS says otherwise."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
