@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.main import app
+from cli.app import app
 from core.config import CompressConfig, DataSpec, EvalConfig, RecoverConfig
 from core.errors import UserError
 
@@ -63,6 +63,18 @@ def compress(
     adapter: Annotated[str, typer.Option("--adapter", help="none | update | lora | adalora")] = "none",
     adapter_rank: Annotated[int, typer.Option("--adapter-rank")] = 8,
     adapter_steps: Annotated[Optional[int], typer.Option("--adapter-steps", help="Cap on optimizer steps.")] = None,
+    adapter_alpha: Annotated[int, typer.Option("--adapter-alpha", help="LoRA / AdaLoRA alpha.")] = 16,
+    init_r: Annotated[int, typer.Option("--init-r", help="AdaLoRA initial rank.")] = 12,
+    target_r: Annotated[int, typer.Option("--target-r", help="AdaLoRA target (average) rank.")] = 8,
+    adapter_objective: Annotated[str, typer.Option("--adapter-objective", help="ntp | kl | both")] = "kl",
+    adapter_lr: Annotated[float, typer.Option("--adapter-lr")] = 1e-4,
+    adapter_epochs: Annotated[int, typer.Option("--adapter-epochs")] = 1,
+    adapter_batch_size: Annotated[int, typer.Option("--adapter-batch-size")] = 4,
+    adapter_grad_accum: Annotated[int, typer.Option("--adapter-grad-accum")] = 1,
+    adapter_samples: Annotated[int, typer.Option("--adapter-samples", help="Training windows (same source as calibration, seed+1).")] = 64,
+    adapter_seq_len: Annotated[Optional[int], typer.Option("--adapter-seq-len", help="Training window length (default: --seq-len).")] = None,
+    adapter_update: Annotated[bool, typer.Option("--adapter-update", help="Also apply the closed-form update before LoRA/AdaLoRA.")] = False,
+    adapter_autocast: Annotated[str, typer.Option("--adapter-autocast", help="none | bfloat16 | float16 training forward")] = "none",
     no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip evaluation.")] = False,
     eval_file: EvalFile = None, eval_hf: EvalHF = None, eval_hf_config: EvalHFConfig = None,
     eval_split: EvalSplit = None, eval_seq_len: EvalSeqLen = 256, eval_max_tokens: EvalMaxTokens = 16384,
@@ -82,14 +94,23 @@ def compress(
         calibration_mode=mode, calibration_batch_size=batch_size,
         calibration=_data(calib_file, calib_hf, calib_hf_config, calib_split, calib_samples, seq_len, seed,
                           "calibration"),
-        recover=RecoverConfig(type=adapter, rank=adapter_rank, max_steps=adapter_steps),
+        recover=RecoverConfig(type=adapter, rank=adapter_rank, max_steps=adapter_steps, alpha=adapter_alpha,
+                              init_r=init_r, target_r=target_r, objective=adapter_objective, lr=adapter_lr,
+                              epochs=adapter_epochs, batch_size=adapter_batch_size, grad_accum=adapter_grad_accum,
+                              update=adapter_update, autocast=adapter_autocast, seed=seed,
+                              data=_data(calib_file, calib_hf, calib_hf_config, calib_split, adapter_samples,
+                                         adapter_seq_len or seq_len, seed + 1, "calibration")),
         evaluation=_eval_config(no_eval, eval_file, eval_hf, eval_hf_config, eval_split, eval_seq_len,
                                 eval_max_tokens, throughput_runs, zero_shot),
         dtype=dtype, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, seed=seed)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} exists and is not an empty folder")
     default_threads()
-    report = run(config, out, progress=TqdmBars(not quiet))
+    bars = TqdmBars(not quiet)
+    try:
+        report = run(config, out, progress=bars)
+    finally:
+        bars.close()
     typer.echo(json.dumps(_summary(report), indent=2))
     typer.echo(f"artifact: {out}  report: {out / 'report.json'}")
 
@@ -112,7 +133,11 @@ def evaluate(
     ev = _eval_config(False, eval_file, eval_hf, eval_hf_config, eval_split, eval_seq_len, eval_max_tokens,
                       throughput_runs, zero_shot)
     default_threads()
-    report = evaluate_artifact(artifact, ev, teacher, device, progress=TqdmBars(not quiet))
+    bars = TqdmBars(not quiet)
+    try:
+        report = evaluate_artifact(artifact, ev, teacher, device, progress=bars)
+    finally:
+        bars.close()
     target = out or (artifact / "evaluation.json")
     target.write_text(json.dumps(report, indent=2))
     typer.echo(json.dumps(_summary(report), indent=2))

@@ -5,8 +5,7 @@ import sys
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Compress Hugging Face causal LMs by truncation-aware SVD.")
+from cli.app import app
 
 
 def _register() -> None:
@@ -25,12 +24,11 @@ def main() -> None:
     except SystemExit as e:
         raise
     except Exception as e:  # noqa: BLE001 - one line, exit 2, never a traceback for user errors
-        import click
-
         from core.errors import Cancelled, UserError
-        if isinstance(e, click.exceptions.Abort):
+
+        if type(e).__name__ == "Abort":
             sys.exit(130)
-        if isinstance(e, click.ClickException):
+        if hasattr(e, "format_message") and hasattr(e, "exit_code"):  # typer's (vendored) click usage errors
             typer.echo(f"error: {e.format_message()}", err=True)
             sys.exit(2)
         if isinstance(e, UserError):
@@ -40,7 +38,6 @@ def main() -> None:
             typer.echo("cancelled", err=True)
             sys.exit(130)
         raise
-
 
 if __name__ == "__main__":
     main()

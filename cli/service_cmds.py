@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.main import app
+from cli.app import app
 
 DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="Data folder (default: $SVDFORGE_DATA_DIR or ./var).")]
 

@@ -141,6 +141,7 @@ class StatsCollector:
         self._batch_inputs: list[tuple[torch.Tensor, int]] = []
         self._done: set[int] = set()
         self._handles = []
+        self.paused = False     # True while the same modules run on another stream (update)
 
     def __enter__(self):
         for name, mod in self.linears:
@@ -159,6 +160,8 @@ class StatsCollector:
 
     def _hook(self, name: str) -> Callable:
         def fn(_mod, args):
+            if self.paused:
+                return
             x = args[0]
             g = self.group_of.get(name)
             if g is None:
@@ -195,6 +198,61 @@ class StatsCollector:
         for name, g in self.group_of.items():
             out.setdefault(g, []).append(name.rsplit(".", 1)[-1])
         return {"+".join(v): v for v in out.values()}
+
+
+class CrossMoments:
+    """C = sum x_dense x_compressed^T per distinct linear input, for the closed-form update.
+
+    The same dense layer runs on the dense stream and then on the compressed stream; a
+    forward pre-hook keeps each distinct input tensor of each phase (q/k/v share one, gate/up
+    share one, as in `StatsCollector`) until `accumulate` pairs them token by token.
+    """
+
+    def __init__(self, linears: list[tuple[str, nn.Linear]]):
+        self.linears = linears
+        self.key_of: dict[str, str] = {}
+        self.moments: dict[str, torch.Tensor] = {}
+        self._held: dict[str, dict[str, torch.Tensor]] = {"dense": {}, "compressed": {}}
+        self._phase: str | None = None
+
+    def capture(self, phase: str):
+        collector = self
+
+        class _Ctx:
+            def __enter__(self):
+                collector._phase = phase
+                collector._held[phase] = {}
+                self.handles = [m.register_forward_pre_hook(collector._hook(n)) for n, m in collector.linears]
+
+            def __exit__(self, *exc):
+                for h in self.handles:
+                    h.remove()
+                collector._phase = None
+        return _Ctx()
+
+    def _hook(self, name: str) -> Callable:
+        def fn(_mod, args):
+            x = args[0]
+            held = self._held[self._phase]
+            key = next((k for k, t in held.items() if t is x), None)
+            if key is None:
+                key = self.key_of.get(name, name)
+                held[key] = x
+            self.key_of.setdefault(name, key)
+        return fn
+
+    def accumulate(self) -> None:
+        dense, comp = self._held["dense"], self._held["compressed"]
+        for key, xc in comp.items():
+            xd = dense[key]
+            xd2 = xd.reshape(-1, xd.shape[-1]).float()
+            xc2 = xc.reshape(-1, xc.shape[-1]).float()
+            c = (xd2.T @ xc2).double()
+            self.moments[key] = c if key not in self.moments else self.moments[key].add_(c)
+        self._held = {"dense": {}, "compressed": {}}
+
+    def moment_for(self, name: str) -> torch.Tensor:
+        return self.moments[self.key_of[name]]
 
 
 RankFn = Callable[[str, int, int], int | None]
@@ -256,13 +314,21 @@ def compress_layers(model: nn.Module, ids: torch.Tensor, method: Method, rank_fn
                     targets: str = "all", mode: str = "sequential", batch_size: int = 8,
                     device="cpu", fisher: dict[str, torch.Tensor] | None = None,
                     reporter: Reporter | None = None, method_options: dict | None = None,
-                    forward_dtype: torch.dtype | None = None) -> CalibrationResult:
+                    forward_dtype: torch.dtype | None = None, update: bool = False) -> CalibrationResult:
     """Compress the target linears of every decoder layer in place. Returns ranks and timings.
 
     forward_dtype: dtype of the calibration forward passes (a cast copy of one layer at a
     time); statistics are accumulated in fp32/fp64 and the factors always come from the
     original weights in fp64.
+
+    update: after factorizing each linear, replace W_u by the closed-form least-squares
+    update of SVD-LLM (`core.recover.least_squares_update`). It needs a second, dense stream
+    of hidden states next to the compressed one (the dense model's own activations), so that
+    the target is what the dense model computes, and therefore sequential mode.
     """
+    if update and mode != "sequential":
+        raise UserError("the closed-form update needs calibration_mode 'sequential' "
+                        "(it is defined on the activations of the already compressed layers)")
     rep = reporter or Reporter()
     res = CalibrationResult()
     layers, prefix = decoder_layers(model)
@@ -273,6 +339,10 @@ def compress_layers(model: nn.Module, ids: torch.Tensor, method: Method, rank_fn
     inputs.kwargs = [_cast_kwargs(kw, fdt) for kw in inputs.kwargs]
     res.timings["calibrate"] += time.perf_counter() - t0
     scratch = torch.empty_like(inputs.hidden)
+    needs = method.needs - {"fisher"} | ({"gram"} if update else set())
+    dense = dense_scratch = None
+    if update:
+        dense, dense_scratch = inputs.hidden.clone(), torch.empty_like(inputs.hidden)
     n_layers = len(layers)
     for li, layer in enumerate(layers):
         rep.check_cancel()
@@ -280,20 +350,34 @@ def compress_layers(model: nn.Module, ids: torch.Tensor, method: Method, rank_fn
         name = f"{prefix}.{li}"
         linears = select_linears(layer, name, targets)
         fwd = _forward_copy(layer, fdt)
-        collector = StatsCollector(select_linears(fwd, name, targets), method.needs - {"fisher"})
+        fwd_linears = select_linears(fwd, name, targets)
+        collector = StatsCollector(fwd_linears, needs)
+        cross = CrossMoments(fwd_linears) if update else None
         with collector:
             for lo, hi, kw in inputs.batches():
+                if cross is not None:  # the dense stream first: its inputs are held for the batch
+                    collector.paused = True
+                    with cross.capture("dense"):
+                        dense_scratch[lo:hi] = _layer_out(fwd(dense[lo:hi], **kw))
+                    collector.paused = False
                 collector.new_batch()
-                scratch[lo:hi] = _layer_out(fwd(inputs.hidden[lo:hi], **kw))
+                if cross is not None:
+                    with cross.capture("compressed"):
+                        scratch[lo:hi] = _layer_out(fwd(inputs.hidden[lo:hi], **kw))
+                    cross.accumulate()
+                else:
+                    scratch[lo:hi] = _layer_out(fwd(inputs.hidden[lo:hi], **kw))
         del fwd
+        if update:
+            dense, dense_scratch = dense_scratch, dense
         res.timings["calibrate"] += time.perf_counter() - t0
         rep.progress("whiten", (li + 1) / n_layers, f"layer {li + 1}/{n_layers}", layer=li)
         if li == 0:
             res.shared_inputs = [v for v in collector.groups().values()]
 
         t0 = time.perf_counter()
-        _decompose_layer(model, linears, method, rank_fn, collector, fisher, method_options, res)
-        del collector
+        _decompose_layer(model, linears, method, rank_fn, collector, fisher, method_options, res, cross)
+        del collector, cross
         res.timings["decompose"] += time.perf_counter() - t0
         rep.progress("svd", (li + 1) / n_layers, f"layer {li + 1}/{n_layers}", layer=li)
 
@@ -306,7 +390,8 @@ def compress_layers(model: nn.Module, ids: torch.Tensor, method: Method, rank_fn
 
 
 @torch.no_grad()
-def _decompose_layer(model, linears, method, rank_fn, collector, fisher, method_options, res) -> None:
+def _decompose_layer(model, linears, method, rank_fn, collector, fisher, method_options, res,
+                     cross: "CrossMoments | None" = None) -> None:
     for name, lin in linears:
         m, n = lin.out_features, lin.in_features
         k = rank_fn(name, m, n)
@@ -320,6 +405,12 @@ def _decompose_layer(model, linears, method, rank_fn, collector, fisher, method_
         stats.cache.update(method_options or {})
         f = method.factorize(lin.weight.detach().to(torch.float64), k, stats,
                              None if fisher is None else fisher.get(name))
+        if cross is not None:
+            from core.recover import least_squares_update  # noqa: PLC0415  (the update's math lives there)
+
+            f.u, upd = least_squares_update(lin.weight.detach().to(torch.float64), f.u, f.v,
+                                            stats.gram, cross.moment_for(name))
+            entry["update"] = upd
         if not (torch.isfinite(f.u).all() and torch.isfinite(f.v).all()):
             raise NumericalError(f"{name}: non-finite factors")
         new = LowRankLinear.from_factors(f.u, f.v, lin.bias, dtype=lin.weight.dtype, device=lin.weight.device)

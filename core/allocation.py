@@ -1,0 +1,189 @@
+"""Global rank allocation: one parameter budget for the whole model (SPEC "Rank allocation").
+
+With whitening the calibration loss of a linear kept at rank k is the discarded spectrum
+sum_{i>k} sigma_i^2 of its scaled weight (SVD-LLM's theorem; for the other methods the
+same holds for their own scaling). So the loss of every possible rank of every linear is
+known after one calibration pass, and choosing ranks under one budget is a greedy
+knapsack over singular values: take, over the whole model, the singular value that buys
+the most (normalised) loss per parameter, until the parameters that `uniform` would spend
+are spent. Seed 000 (II.C) asks for exactly this optimum: equal marginal loss per
+parameter everywhere.
+
+Normalisation. Raw sigma_i^2 are in the units of each linear's output, and those differ
+by orders of magnitude between linears (down_proj writes into the residual stream with its
+outlier channels; q/k feed a softmax whose scale RMSNorm gains set; v/o are scaled by
+attention averaging). Comparing raw sigma^2 would hand the ranks to whichever linear has
+the loudest outputs, not to the one that matters most. Dividing each spectrum by its total
+energy sum_j sigma_j^2 = ||W X||_F^2 (the linear's whole output energy on the calibration
+data) makes the loss of dropping sigma_i "the fraction of this linear's output that is
+lost": invariant to any rescaling of the linear's weight or inputs, and the same
+signal-to-noise currency for every linear. The greedy then equalises marginal relative
+loss per parameter, (sigma_i^2 / sum_j sigma_j^2) / (m + n).
+
+Dense fallback. A rank only pays if k (m + n) < m n. Each linear can grow to the largest
+such rank; past it, its only next "item" is to stay dense, which costs the rest of its
+m n parameters and recovers all of its remaining energy. A linear left dense is reported
+with rank None and charged m n, so no linear ever gets a rank that saves nothing.
+"""
+from __future__ import annotations
+
+import heapq
+import time
+
+import torch
+
+from core.calibrate import (StatsCollector, _cast_kwargs, _forward_copy, _layer_out, capture_layer0_inputs,
+                            decoder_layers, select_linears)
+from core.errors import UserError
+from core.linalg import saves_params, uniform_rank
+from core.methods import get_method
+from core.progress import Reporter
+
+
+def uniform_cost(m: int, n: int, ratio: float) -> int:
+    """Parameters `uniform` spends on an m x n linear (m n where its rank saves nothing)."""
+    k = uniform_rank(m, n, ratio)
+    return k * (m + n) if saves_params(m, n, k) else m * n
+
+
+@torch.no_grad()
+def whitened_spectra(model, ids: torch.Tensor, method, targets: str = "all", batch_size: int = 8,
+                     device="cpu", fisher: dict | None = None, method_options: dict | None = None,
+                     forward_dtype: torch.dtype | None = None,
+                     reporter: Reporter | None = None) -> dict[str, tuple[int, int, torch.Tensor]]:
+    """name -> (m, n, singular values of the scaled weight), from one dense (parallel) pass.
+
+    The model is not changed. Statistics of one layer at a time, as in `compress_layers`.
+    """
+    rep = reporter or Reporter()
+    layers, prefix = decoder_layers(model)
+    inputs = capture_layer0_inputs(model, ids, batch_size, device)
+    fdt = forward_dtype or inputs.hidden.dtype
+    inputs.hidden = inputs.hidden.to(fdt)
+    inputs.kwargs = [_cast_kwargs(kw, fdt) for kw in inputs.kwargs]
+    scratch = torch.empty_like(inputs.hidden)
+    out: dict[str, tuple[int, int, torch.Tensor]] = {}
+    for li, layer in enumerate(layers):
+        rep.check_cancel()
+        name = f"{prefix}.{li}"
+        fwd = _forward_copy(layer, fdt)
+        collector = StatsCollector(select_linears(fwd, name, targets), method.needs - {"fisher"})
+        with collector:
+            for lo, hi, kw in inputs.batches():
+                collector.new_batch()
+                scratch[lo:hi] = _layer_out(fwd(inputs.hidden[lo:hi], **kw))
+        del fwd
+        for lname, lin in select_linears(layer, name, targets):
+            stats = collector.stats_for(lname)
+            stats.cache.update(method_options or {})
+            sigma = method.spectrum(lin.weight.detach().to(torch.float64), stats,
+                                    None if fisher is None else fisher.get(lname))
+            out[lname] = (lin.out_features, lin.in_features, sigma.double().cpu())
+        inputs.hidden, scratch = scratch, inputs.hidden
+        rep.progress("whiten", (li + 1) / len(layers), f"global allocation: spectra of layer {li + 1}/{len(layers)}",
+                     layer=li)
+    return out
+
+
+def allocate(spectra: dict[str, tuple[int, int, torch.Tensor]], budget: int) -> dict[str, int | None]:
+    """Greedy ranks under `budget` parameters; None = the linear stays dense (see module doc).
+
+    Every linear starts at rank 1 (rank 0 would delete it). Items are taken from a heap
+    keyed by normalised energy per parameter; within a linear they come in order, so its
+    rank is always a prefix of its spectrum.
+    """
+    state: dict[str, list] = {}      # name -> [k, dense]
+    heap: list = []
+    spent = 0
+    for name, (m, n, sigma) in spectra.items():
+        e = sigma.pow(2)
+        e = (e / e.sum()) if float(e.sum()) > 0 else torch.zeros_like(e)
+        k_max = max(1, (m * n - 1) // (m + n))          # largest k with k (m + n) < m n
+        state[name] = [1, False, m, n, e.tolist(), k_max]
+        spent += m + n
+        _push_next(heap, name, state[name])
+    if spent > budget:
+        raise UserError(f"the parameter budget ({budget}) does not even cover rank 1 for every linear")
+    while heap:
+        _, _, name, cost = heapq.heappop(heap)
+        st = state[name]
+        if spent + cost > budget:
+            continue                                     # this linear is done
+        spent += cost
+        if st[0] == st[5]:
+            st[1] = True                                 # stays dense
+        else:
+            st[0] += 1
+            _push_next(heap, name, st)
+    return {name: (None if st[1] else st[0]) for name, st in state.items()}
+
+
+def _push_next(heap: list, name: str, st: list) -> None:
+    k, dense, m, n, e, k_max = st
+    if dense:
+        return
+    if k < k_max:
+        gain, cost = e[k], m + n
+    else:
+        gain, cost = sum(e[k:]), m * n - k * (m + n)
+    heapq.heappush(heap, (-gain / cost, name, name, cost))
+
+
+def params_of(ranks: dict[str, int | None], shapes: dict[str, tuple[int, int]]) -> int:
+    return sum(shapes[n][0] * shapes[n][1] if k is None else k * sum(shapes[n]) for n, k in ranks.items())
+
+
+def global_ranks(model, calib_ids: torch.Tensor, config, device, rep: Reporter | None = None,
+                 fisher: dict | None = None, forward_dtype: torch.dtype | None = None):
+    """The pipeline's hook: (rank_fn, allocation_info) for `config.allocation == "global"`."""
+    rep = rep or Reporter()
+    t0 = time.perf_counter()
+    method = get_method(config.method)
+    if "fisher" in method.needs and fisher is None:
+        raise UserError(f"global allocation with method {config.method!r} needs its Fisher information")
+    rep.log("global allocation: one dense calibration pass for the spectra", "whiten")
+    spectra = whitened_spectra(model, calib_ids, method, config.targets, config.calibration_batch_size, device,
+                               fisher, {"alpha": config.asvd_alpha}, forward_dtype, rep)
+    shapes = {name: (m, n) for name, (m, n, _) in spectra.items()}
+    budget = sum(uniform_cost(m, n, config.ratio) for m, n in shapes.values())
+    ranks = allocate(spectra, budget)
+    uniform = {name: (uniform_rank(m, n, config.ratio) if saves_params(m, n, uniform_rank(m, n, config.ratio))
+                      else None) for name, (m, n) in shapes.items()}
+    info = {
+        "normalisation": "sigma_i^2 / sum_j sigma_j^2 per linear (fraction of its output energy), "
+                         "per parameter (m + n)",
+        "budget_params": budget,
+        "allocated_params": params_of(ranks, shapes),
+        "uniform_params": params_of(uniform, shapes),
+        "kept_dense": sorted(n for n, k in ranks.items() if k is None),
+        "ranks": ranks,
+        "uniform_ranks": uniform,
+        "retained_energy": {n: _retained(spectra[n][2], k) for n, k in ranks.items()},
+        "by_kind": _by_kind(ranks, uniform),
+        "seconds": time.perf_counter() - t0,
+    }
+
+    def rank_fn(name: str, m: int, n: int) -> int | None:
+        if name not in ranks:
+            raise UserError(f"global allocation has no rank for {name}")
+        return ranks[name]
+
+    return rank_fn, info
+
+
+def _retained(sigma: torch.Tensor, k: int | None) -> float:
+    e = sigma.pow(2)
+    total = float(e.sum())
+    return 1.0 if k is None or total == 0 else float(e[:k].sum()) / total
+
+
+def _by_kind(ranks: dict, uniform: dict) -> dict[str, float]:
+    """Mean of (global rank / uniform rank) per linear kind (q_proj, down_proj, ...): the shape
+    of the allocation at a glance. Linears kept dense are listed in `kept_dense` instead."""
+    acc: dict[str, list[float]] = {}
+    for name, k in ranks.items():
+        ku = uniform.get(name)
+        if k is None or not ku:
+            continue
+        acc.setdefault(name.rsplit(".", 1)[-1], []).append(k / ku)
+    return {kind: sum(v) / len(v) for kind, v in sorted(acc.items())}

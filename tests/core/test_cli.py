@@ -1,0 +1,65 @@
+"""The `svdforge` CLI as a user runs it: a subprocess, exit codes, one-line errors."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+SVDFORGE = [sys.executable, "-m", "cli.main"]
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+
+
+def run(*args, timeout=300):
+    return subprocess.run([*SVDFORGE, *map(str, args)], capture_output=True, text=True, env=ENV, timeout=timeout)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--ratio", "1.5"], "ratio"), (["--ratio", "0"], "ratio"), (["--ratio", "nan"], "ratio"),
+    (["--ratio", "0.4", "--method", "magic"], "method"),
+    (["--ratio", "0.4", "--calib-file", "/no/such.txt"], "not found"),
+])
+def test_bad_arguments_exit_2_with_one_line(tiny_llama, tmp_path, args, needle):
+    p = run("compress", tiny_llama, "--out", tmp_path / "o", *args)
+    assert p.returncode == 2, p.stderr
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in p.stderr
+
+
+def test_unknown_model_exits_2(tmp_path):
+    p = run("compress", "nobody/nothing", "--ratio", "0.4", "--out", tmp_path / "o")
+    assert p.returncode == 2 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_missing_option_exits_2():
+    p = run("compress", "x")
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+
+
+def test_compress_then_evaluate(tiny_llama, tmp_path):
+    out = tmp_path / "art"
+    text = tmp_path / "calib.txt"
+    text.write_text("\n".join(f"line {i} of some calibration text, with words and more words." for i in range(400)))
+    p = run("compress", tiny_llama, "--ratio", "0.3", "--out", out, "--calib-file", text, "--calib-samples", 4,
+            "--seq-len", 32, "--eval-max-tokens", 256, "--eval-seq-len", 32, "--throughput-runs", 1, "-q")
+    assert p.returncode == 0, p.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["calibration"]["source"] == "file" and report["calibration"]["samples"] == 4
+    assert report["target_ratio"] == 0.3 and report["metrics"]["compressed"]["ppl"] > 1
+    for key in ("calibrate", "decompose", "evaluate", "total"):
+        assert key in report["timings_s"]
+    p = run("evaluate", out, "--eval-max-tokens", 256, "--eval-seq-len", 32, "--throughput-runs", 1, "-q")
+    assert p.returncode == 0, p.stderr
+    again = json.loads((out / "evaluation.json").read_text())
+    assert again["metrics"]["compressed"]["ppl"] == pytest.approx(report["metrics"]["compressed"]["ppl"], rel=1e-5)
+
+
+def test_out_must_be_empty(tiny_llama, tmp_path):
+    (tmp_path / "f").write_text("x")
+    p = run("compress", tiny_llama, "--ratio", "0.3", "--out", tmp_path)
+    assert p.returncode == 2 and "not an empty folder" in p.stderr
+
+
+def test_evaluate_rejects_non_artifact(tmp_path):
+    p = run("evaluate", tmp_path)
+    assert p.returncode == 2 and "not an svdforge artifact" in p.stderr

@@ -1,0 +1,35 @@
+import math
+
+import pytest
+
+from core.config import CompressConfig, DataSpec, EvalConfig
+from core.errors import UserError
+
+
+@pytest.mark.parametrize("ratio", [0, 0.0, -0.1, 1, 1.0, 1.5, float("nan"), "abc", None])
+def test_bad_ratios_are_rejected_with_a_clear_message(ratio):
+    with pytest.raises(UserError, match="ratio"):
+        CompressConfig(model="m", ratio=ratio)
+
+
+def test_good_ratio_and_defaults():
+    c = CompressConfig(model="smollm2-135m", ratio=0.4)
+    assert c.method == "svd-llm" and c.calibration_mode == "sequential" and c.allocation == "uniform"
+    assert math.isclose(c.ratio, 0.4)
+
+
+@pytest.mark.parametrize("kw, field", [
+    ({"method": "magic"}, "method"), ({"targets": "heads"}, "targets"), ({"targets": "re:("}, "regular"),
+    ({"calibration": {"samples": 0}}, "samples"), ({"calibration": {"source": "file"}}, "path"),
+    ({"evaluation": {"seq_len": 64, "max_tokens": 10}}, "max_tokens"),
+])
+def test_bad_fields_name_the_field(kw, field):
+    with pytest.raises(UserError, match=field):
+        CompressConfig(model="m", ratio=0.2, **kw)
+
+
+def test_round_trip_and_unknown_fields():
+    c = CompressConfig(model="m", ratio=0.2, calibration=DataSpec(samples=3), evaluation=EvalConfig(max_tokens=None))
+    assert CompressConfig.from_dict(c.to_dict()) == c
+    with pytest.raises(UserError, match="unknown"):
+        CompressConfig.from_dict({"model": "m", "ratio": 0.2, "colour": "red"})

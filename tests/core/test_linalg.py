@@ -1,0 +1,83 @@
+import math
+
+import pytest
+import torch
+
+from core.errors import NumericalError
+from core.linalg import gram_sqrt, saves_params, truncate_left, truncate_right, uniform_rank
+
+
+def _data(m=48, n=32, t=400, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(m, n, generator=g, dtype=torch.float64)
+    X = torch.randn(n, t, generator=g, dtype=torch.float64) * torch.logspace(-2, 1, n, dtype=torch.float64)[:, None]
+    return W, X
+
+
+@pytest.mark.parametrize("shape", [(48, 32), (32, 48), (40, 40)])
+def test_whitened_truncation_loss_is_discarded_spectrum(shape):
+    W, X = _data(*shape)
+    sq = gram_sqrt(X @ X.T)
+    assert sq.path == "cholesky"
+    for k in (1, 5, 20):
+        f = truncate_right(W, sq.S, k)
+        err = float(((W - f.u @ f.v) @ X).pow(2).sum())
+        assert err == pytest.approx(float(f.sigma[k:].pow(2).sum()), rel=1e-9)
+        assert f.u.shape == (shape[0], k) and f.v.shape == (k, shape[1])
+
+
+def test_whitening_beats_plain_svd_on_calibration_error():
+    W, X = _data()
+    k = 8
+    whitened = truncate_right(W, gram_sqrt(X @ X.T).S, k)
+    plain = truncate_right(W, None, k)
+    e = lambda f: float(((W - f.u @ f.v) @ X).norm())  # noqa: E731
+    assert e(whitened) < 0.9 * e(plain)
+
+
+def test_rank_deficient_gram_never_fails():
+    W, _ = _data()
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(32, 4, generator=g, dtype=torch.float64) @ torch.randn(4, 300, generator=g, dtype=torch.float64)
+    G = X @ X.T  # rank 4 of 32
+    sq = gram_sqrt(G)
+    assert sq.path in ("jitter", "eigh")
+    f = truncate_right(W, sq.S, 10)
+    assert torch.isfinite(f.u).all() and torch.isfinite(f.v).all()
+    assert float(((W - f.u @ f.v) @ X).norm() / (W @ X).norm()) < 1e-6
+
+
+def test_exactly_singular_gram_takes_eigh_path():
+    G = torch.zeros(6, 6, dtype=torch.float64)
+    G[0, 0] = 1.0
+    G[1, 1] = -1e-3  # not PSD by round-off: no jitter this small rescues it
+    sq = gram_sqrt(G, max_jitter_tries=1)
+    assert sq.path == "eigh"
+    assert torch.allclose(sq.S @ sq.S.T, G.clamp_min(0), atol=1e-12)
+
+
+def test_non_finite_gram_is_an_error():
+    G = torch.eye(3, dtype=torch.float64)
+    G[0, 1] = float("nan")
+    with pytest.raises(NumericalError):
+        gram_sqrt(G)
+
+
+def test_uniform_rank_matches_spec():
+    m, n, r = 576, 1536, 0.4
+    k = uniform_rank(m, n, r)
+    assert k == math.floor(m * n * (1 - r) / (m + n))
+    assert k * (m + n) <= (1 - r) * m * n < (k + 1) * (m + n)
+    assert saves_params(m, n, k)
+    assert not saves_params(4, 4, 2)  # 2 * 8 = 16 = 4 * 4: saves nothing
+    assert not saves_params(4, 4, 0)
+
+
+def test_fisher_weighting_prefers_important_rows():
+    W, _ = _data(32, 32)
+    d = torch.ones(32, dtype=torch.float64)
+    d[:4] = 100.0
+    weighted = truncate_left(W, d, 6)
+    plain = truncate_right(W, None, 6)
+    err = lambda f: float((W - f.u @ f.v)[:4].norm())  # noqa: E731
+    assert err(weighted) < 0.5 * err(plain)
