@@ -83,6 +83,9 @@ def compress(
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda")] = "auto",
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow .bin/.pt weights (runs their code).")] = False,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Run the model repo's own code.")] = False,
+    streaming: Annotated[str, typer.Option("--streaming", help="auto | on | off: one decoder layer at a time from the shards")] = "auto",
+    max_activation_bytes: Annotated[Optional[int], typer.Option("--max-activation-bytes", help="In-memory budget of calibration activations (past it: disk).")] = None,
+    no_stats_cache: Annotated[bool, typer.Option("--no-stats-cache", help="Neither reuse nor store calibration statistics.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Compress MODEL and write the artifact plus OUT/report.json."""
@@ -102,7 +105,8 @@ def compress(
                                          adapter_seq_len or seq_len, seed + 1, "calibration")),
         evaluation=_eval_config(no_eval, eval_file, eval_hf, eval_hf_config, eval_split, eval_seq_len,
                                 eval_max_tokens, throughput_runs, zero_shot),
-        dtype=dtype, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, seed=seed)
+        dtype=dtype, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, seed=seed,
+        streaming=streaming, max_activation_bytes=max_activation_bytes, stats_cache=not no_stats_cache)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} exists and is not an empty folder")
     default_threads()

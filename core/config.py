@@ -21,6 +21,7 @@ RECOVER_TYPES = ("none", "update", "lora", "adalora")
 OBJECTIVES = ("ntp", "kl", "both")
 CALIBRATION_MODES = ("sequential", "parallel")
 TARGET_PRESETS = ("all", "attention", "mlp")
+STREAMING = ("auto", "on", "off")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -161,6 +162,12 @@ class CompressConfig:
     `mlp` (gate/up/down), or `re:<regex>` matched against the module's full name.
     calibration_mode: `sequential` (layer l sees the outputs of the already compressed
     layers before it) or `parallel` (every layer sees the dense model's activations).
+    streaming: `on` loads, compresses and writes one decoder layer at a time from the
+    checkpoint's safetensors shards (`core.streaming`); `off` loads the whole model; `auto`
+    streams when the model (twice, with evaluation's teacher) would not fit in available RAM.
+    max_activation_bytes: in-memory budget of the calibration activations (None: a quarter of
+    the available memory when streaming, unlimited otherwise); past it they go to disk.
+    stats_cache: reuse / store the calibration statistics (`core.stats_cache`).
     """
 
     model: str
@@ -181,6 +188,9 @@ class CompressConfig:
     allow_pickle: bool = False
     trust_remote_code: bool = False
     seed: int = 0
+    streaming: str = "auto"
+    max_activation_bytes: int | None = None
+    stats_cache: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.calibration, dict):
@@ -196,6 +206,10 @@ class CompressConfig:
         _choice("calibration_mode", self.calibration_mode, CALIBRATION_MODES)
         _choice("dtype", self.dtype, DTYPES)
         _choice("calibration_dtype", self.calibration_dtype, ("auto",) + DTYPES)
+        _choice("streaming", self.streaming, STREAMING)
+        if self.max_activation_bytes is not None:
+            _int_in("max_activation_bytes", self.max_activation_bytes, 0)
+        _check(isinstance(self.stats_cache, bool), f"stats_cache must be true or false, got {self.stats_cache!r}")
         _int_in("calibration_batch_size", self.calibration_batch_size, 1, 4096)
         _int_in("fisher_samples", self.fisher_samples, 1, 1_000_000)
         _check(isinstance(self.asvd_alpha, (int, float)) and 0 < self.asvd_alpha <= 2,

@@ -51,29 +51,49 @@ def compare(teacher: nn.Module | None, student: nn.Module, windows: torch.Tensor
     """
     if teacher is None:
         return {"compressed": perplexity(student, windows, batch_size, device, on_batch)}
-    sums = {"t_nll": 0.0, "s_nll": 0.0, "kl": 0.0, "top": 0.0, "agree": 0.0}
-    count = 0
+    acc = Fidelity(topk)
     for lo in range(0, windows.shape[0], batch_size):
         batch = windows[lo:lo + batch_size].to(device)
+        acc.add(_logits(teacher, batch), _logits(student, batch), batch)
+        if on_batch:
+            on_batch(min(lo + batch_size, windows.shape[0]) / windows.shape[0])
+    return acc.result()
+
+
+class Fidelity:
+    """Running sums of `compare`'s metrics over batches of (teacher, student) logits, so that
+    logits computed any way (whole models, or streamed layer by layer) give the same figures."""
+
+    def __init__(self, topk: int = 10):
+        self.topk = topk
+        self.sums = {"t_nll": 0.0, "s_nll": 0.0, "kl": 0.0, "top": 0.0, "agree": 0.0}
+        self.count = 0
+
+    def add(self, teacher_logits: torch.Tensor, student_logits: torch.Tensor, batch: torch.Tensor) -> None:
+        """Logits [B, L-1, V] of the positions that predict batch[:, 1:]."""
+        for lg in (teacher_logits, student_logits):
+            if not torch.isfinite(lg).all():
+                raise NumericalError("the model produced non-finite logits")
+        sums, topk = self.sums, self.topk
         labels = batch[:, 1:].flatten()
-        lt = torch.log_softmax(_logits(teacher, batch).flatten(0, 1), -1)
-        ls = torch.log_softmax(_logits(student, batch).flatten(0, 1), -1)
+        lt = torch.log_softmax(teacher_logits.float().flatten(0, 1), -1)
+        ls = torch.log_softmax(student_logits.float().flatten(0, 1), -1)
         sums["t_nll"] += float(F.nll_loss(lt, labels, reduction="sum"))
         sums["s_nll"] += float(F.nll_loss(ls, labels, reduction="sum"))
         sums["kl"] += float((lt.exp() * (lt - ls)).sum())
         tt, ts = lt.topk(topk, -1).indices, ls.topk(topk, -1).indices
         sums["top"] += float((tt[:, :, None] == ts[:, None, :]).any(-1).sum()) / topk
         sums["agree"] += float((tt[:, 0] == ts[:, 0]).sum())
-        count += labels.numel()
-        del lt, ls
-        if on_batch:
-            on_batch(min(lo + batch_size, windows.shape[0]) / windows.shape[0])
-    return {
-        "dense": {"ppl": math.exp(sums["t_nll"] / count), "nll": sums["t_nll"] / count, "tokens": count},
-        "compressed": {"ppl": math.exp(sums["s_nll"] / count), "nll": sums["s_nll"] / count, "tokens": count,
-                       "teacher_kl": sums["kl"] / count, "top10_recall": sums["top"] / count,
-                       "agreement": 100.0 * sums["agree"] / count},
-    }
+        self.count += labels.numel()
+
+    def result(self) -> dict:
+        sums, count = self.sums, self.count
+        return {
+            "dense": {"ppl": math.exp(sums["t_nll"] / count), "nll": sums["t_nll"] / count, "tokens": count},
+            "compressed": {"ppl": math.exp(sums["s_nll"] / count), "nll": sums["s_nll"] / count, "tokens": count,
+                           "teacher_kl": sums["kl"] / count, "top10_recall": sums["top"] / count,
+                           "agreement": 100.0 * sums["agree"] / count},
+        }
 
 
 def count_params(model: nn.Module) -> int:

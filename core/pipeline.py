@@ -8,20 +8,24 @@ from __future__ import annotations
 import json
 import os
 import resource
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from core import data as data_mod
+from core import streaming
 from core.artifact import package_versions, read_manifest, save_model, write_manifest
 from core.calibrate import collect_fisher, compress_layers, decoder_layers, select_linears, uniform_ranks
 from core.config import CompressConfig, EvalConfig
 from core.errors import UserError
 from core.evaluate import compare, count_params, flops_per_token, matmul_params, throughput, zero_shot
 from core.methods import get_method
-from core.models import load_model, pick_device
+from core.models import cache_dir as models_cache_dir
+from core.models import load_model, load_tokenizer, pick_device, resolve_source
 from core.progress import Reporter
+from core.stats_cache import DEFAULT_MAX_BYTES, StatsCache, stats_key
 
 
 def peak_rss_bytes() -> int:
@@ -103,8 +107,18 @@ def compress(config: CompressConfig, out_dir: str | Path | None = None, progress
         data_mod.check_source(config.recover.data)
     rep.stage_started("whiten", "loading model")
     t0 = time.perf_counter()
-    model, tok, source = load_model(config.model, config.dtype, device, config.allow_pickle,
-                                    config.trust_remote_code)
+    source, gguf_file = resolve_source(config.model, config.allow_pickle)
+    stream, stream_reason = streaming.decide(config, source, gguf_file)
+    job = tmp_out = None
+    if stream:
+        if out is None:
+            tmp_out = tempfile.TemporaryDirectory(prefix="svdforge-stream-")
+        job = streaming.StreamingJob(config, source, device, out if out is not None else Path(tmp_out.name))
+        model, tok = job.model, load_tokenizer(source, trust_remote_code=config.trust_remote_code)
+        rep.log(f"streaming one layer at a time: {stream_reason}", "whiten")
+    else:
+        model, tok, source = load_model(config.model, config.dtype, device, config.allow_pickle,
+                                        config.trust_remote_code)
     t_load = time.perf_counter() - t0
     dense_params = count_params(model)
     dense_flops = flops_per_token(model, config.evaluation.seq_len)
@@ -123,13 +137,25 @@ def compress(config: CompressConfig, out_dir: str | Path | None = None, progress
     t_fisher = time.perf_counter() - t0
     rank_fn, allocation_info = _rank_fn(config, model, calib.ids, device, rep, fisher)
 
+    update = config.recover.type == "update" or config.recover.update
+    fdt = calibration_dtype(config, device)
+    cache, cache_off = None, {"status": "off", "reason": "stats_cache is false"}
+    if config.stats_cache and not Path(source).exists():
+        cache_off["reason"] = "the model is not a local folder or file: its revision cannot be keyed"
+    elif config.stats_cache:
+        cache = StatsCache(models_cache_dir(), stats_key(config, source if gguf_file is None else
+                                                         str(Path(source) / gguf_file), calib.ids,
+                                                         method.needs - {"fisher"}, fdt, device, update),
+                           int(os.environ.get("SVDFORGE_STATS_CACHE_MAX_BYTES", DEFAULT_MAX_BYTES)))
     rep.stage_started("svd")
     res = compress_layers(model, calib.ids, method, rank_fn, targets=config.targets,
                           mode=config.calibration_mode, batch_size=config.calibration_batch_size,
                           device=device, fisher=fisher, reporter=rep,
                           method_options={"alpha": config.asvd_alpha},
-                          forward_dtype=calibration_dtype(config, device),
-                          update=config.recover.type == "update" or config.recover.update)
+                          forward_dtype=fdt, update=update,
+                          layer_io=job.layers if job else None,
+                          activations=job.store if job else _activation_store(config, device),
+                          stats_cache=cache)
     del fisher
     rep.stage_finished("whiten", res.timings["calibrate"] + t_fisher)
     rep.stage_finished("svd", res.timings["decompose"])
@@ -173,6 +199,8 @@ def compress(config: CompressConfig, out_dir: str | Path | None = None, progress
                             "compressed": flops_per_token(model, config.evaluation.seq_len),
                             "context": config.evaluation.seq_len},
         "shared_inputs": res.shared_inputs,
+        "streaming": job.report(stream_reason) if job else {"enabled": False, "reason": stream_reason},
+        "calibration_cache": cache.report() if cache else cache_off,
         "whitening_paths": _count_paths(res.ranks),
         "ranks": res.ranks,
     }
@@ -181,7 +209,10 @@ def compress(config: CompressConfig, out_dir: str | Path | None = None, progress
 
     if out is not None:
         rep.stage_started("save")
-        save_model(model, tok, out)
+        if job:
+            job.save(tok)
+        else:
+            save_model(model, tok, out)
         rep.stage_finished("save")
         report["bytes"] = {"dense": dense_params * torch.finfo(model.dtype).bits // 8,
                            "compressed": _safetensors_bytes(out)}
@@ -190,10 +221,18 @@ def compress(config: CompressConfig, out_dir: str | Path | None = None, progress
     if config.evaluation.enabled:
         rep.check_cancel()
         t0 = time.perf_counter()
-        teacher, _, _ = load_model(config.model, config.dtype, device, config.allow_pickle, config.trust_remote_code)
-        report.update(evaluate_models(teacher, model, tok, config.evaluation, device, rep))
-        del teacher
+        if job:
+            if out is None:
+                job.save(tok)
+            report.update(evaluate_streaming(job, tok, config.evaluation, rep))
+        else:
+            teacher, _, _ = load_model(config.model, config.dtype, device, config.allow_pickle,
+                                       config.trust_remote_code)
+            report.update(evaluate_models(teacher, model, tok, config.evaluation, device, rep))
+            del teacher
         t_eval = time.perf_counter() - t0
+    if tmp_out is not None:
+        tmp_out.cleanup()
 
     report["timings_s"] = {"load": t_load, "calibrate": res.timings["calibrate"] + t_fisher,
                            "decompose": res.timings["decompose"], "recover": t_recover,
@@ -208,6 +247,34 @@ def compress(config: CompressConfig, out_dir: str | Path | None = None, progress
             "calibration_mode", "calibration", "recover", "params", "versions", "ranks")}
             | {"metrics": report.get("metrics")})
     return report
+
+
+def _activation_store(config: CompressConfig, device: str):
+    """In memory, the activations stay tensors on the device unless a budget is given."""
+    if config.max_activation_bytes is None:
+        return None
+    return streaming.ActivationStore(device, config.max_activation_bytes, os.environ.get("SVDFORGE_TMP"))
+
+
+def evaluate_streaming(job, tokenizer, ev: EvalConfig, rep: Reporter) -> dict:
+    """`evaluate_models` for a streamed model: perplexity and fidelity layer by layer
+    (`core.streaming.stream_compare`). Throughput and zero-shot need the whole model on
+    the device and are skipped with that reason."""
+    rep.stage_started("evaluate")
+    t0 = time.perf_counter()
+    win = data_mod.evaluation_windows(tokenizer, ev.data, ev.seq_len, ev.max_tokens)
+    metrics = streaming.stream_compare(job, win.ids, ev.batch_size,
+                                       on_batch=lambda f: rep.progress("evaluate", f, "perplexity / fidelity"))
+    why = "streaming: the whole model is never in memory at once"
+    out = {"metrics": metrics, "evaluation": win.spec | {"scored_tokens": metrics["compressed"]["tokens"],
+                                                         "streamed": True}}
+    if ev.throughput:
+        out["throughput"] = {"skipped": True, "reason": why}
+    out["zero_shot"] = {"skipped": True, "tasks": ev.zero_shot, "reason": why} if ev.zero_shot else \
+        {"skipped": True, "reason": "no zero-shot tasks requested"}
+    rep.stage_finished("evaluate", time.perf_counter() - t0)
+    rep.metrics("evaluate", metrics)
+    return out
 
 
 def _count_paths(ranks: dict) -> dict[str, int]:
