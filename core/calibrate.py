@@ -83,7 +83,10 @@ class LayerInputs:
 
 
 @torch.no_grad()
-def capture_layer0_inputs(model: nn.Module, ids: torch.Tensor, batch_size: int, device) -> LayerInputs:
+def capture_layer0_inputs(model: nn.Module, ids: torch.Tensor, batch_size: int, device,
+                          alloc: Callable | None = None) -> LayerInputs:
+    """Hidden states entering layer 0 (in a buffer from `alloc(shape, dtype)`, default a tensor
+    on `device`) and the keyword arguments the model passes its layers, per batch."""
     layers, _ = decoder_layers(model)
     store: dict = {}
 
@@ -104,7 +107,8 @@ def capture_layer0_inputs(model: nn.Module, ids: torch.Tensor, batch_size: int, 
                 pass
             h = store["hidden"]
             if hidden is None:
-                hidden = torch.empty((ids.shape[0], *h.shape[1:]), dtype=h.dtype, device=device)
+                shape = (ids.shape[0], *h.shape[1:])
+                hidden = alloc(shape, h.dtype) if alloc else torch.empty(shape, dtype=h.dtype, device=device)
             hidden[lo:lo + h.shape[0]] = h
             kwargs.append(store["kwargs"])
     finally:
@@ -133,9 +137,12 @@ class StatsCollector:
     the batch ends so that their identity cannot be recycled by the allocator.
     """
 
-    def __init__(self, linears: list[tuple[str, nn.Linear]], needs: frozenset[str]):
+    def __init__(self, linears: list[tuple[str, nn.Linear]], needs: frozenset[str], stop_early: bool = False):
         self.linears = linears
         self.needs = needs
+        self.stop_early = stop_early   # raise _Stop once the last linear's input is seen
+        self.order: list[str] = []
+        self.batches_seen = 0
         self.group_of: dict[str, int] = {}
         self.stats: list[InputStats] = []
         self._batch_inputs: list[tuple[torch.Tensor, int]] = []
@@ -157,6 +164,7 @@ class StatsCollector:
     def new_batch(self) -> None:
         self._batch_inputs.clear()
         self._done.clear()
+        self.batches_seen += 1
 
     def _hook(self, name: str) -> Callable:
         def fn(_mod, args):
@@ -172,10 +180,11 @@ class StatsCollector:
                 self.group_of[name] = g
             if not any(t is x for t, _ in self._batch_inputs):
                 self._batch_inputs.append((x, g))
-            if g in self._done:
-                return
-            self._done.add(g)
-            self._accumulate(self.stats[g], x)
+            if g not in self._done:
+                self._done.add(g)
+                self._accumulate(self.stats[g], x)
+            if self.stop_early and self.batches_seen > 1 and name == self.order[-1]:
+                raise _Stop  # the rest of the layer's forward is not needed
         return fn
 
     def _accumulate(self, st: InputStats, x: torch.Tensor) -> None:
@@ -314,8 +323,17 @@ def compress_layers(model: nn.Module, ids: torch.Tensor, method: Method, rank_fn
                     targets: str = "all", mode: str = "sequential", batch_size: int = 8,
                     device="cpu", fisher: dict[str, torch.Tensor] | None = None,
                     reporter: Reporter | None = None, method_options: dict | None = None,
-                    forward_dtype: torch.dtype | None = None, update: bool = False) -> CalibrationResult:
+                    forward_dtype: torch.dtype | None = None, update: bool = False,
+                    layer_io=None, activations=None, stats_cache=None) -> CalibrationResult:
     """Compress the target linears of every decoder layer in place. Returns ranks and timings.
+
+    layer_io: where layer l's weights come from and go (`core.streaming.StreamingLayers`:
+    read from the checkpoint's shards before, written to the output shards and dropped
+    after); default: the layers are in memory already.
+    activations: allocator of the [N, L, hidden] buffers (`core.streaming.ActivationStore`,
+    in memory up to a budget, then on disk); default: tensors on `device`.
+    stats_cache: `core.stats_cache.StatsCache`; when it holds this calibration, every layer
+    is decomposed from the cached statistics with no forward pass, else they are stored.
 
     forward_dtype: dtype of the calibration forward passes (a cast copy of one layer at a
     time); statistics are accumulated in fp32/fp64 and the factors always come from the
@@ -329,25 +347,35 @@ def compress_layers(model: nn.Module, ids: torch.Tensor, method: Method, rank_fn
     if update and mode != "sequential":
         raise UserError("the closed-form update needs calibration_mode 'sequential' "
                         "(it is defined on the activations of the already compressed layers)")
+    from core.streaming import ActivationStore, InMemoryLayers  # noqa: PLC0415
+
     rep = reporter or Reporter()
     res = CalibrationResult()
     layers, prefix = decoder_layers(model)
+    io = layer_io or InMemoryLayers()
+    store = activations or ActivationStore(device)
+    needs = method.needs - {"fisher"} | ({"gram"} if update else set())
+    cached = stats_cache is not None and stats_cache.complete
+    if cached:
+        _decompose_cached(model, layers, prefix, io, method, rank_fn, targets, needs, update, fisher,
+                          method_options, stats_cache, rep, res)
+        return res
     t0 = time.perf_counter()
-    inputs = capture_layer0_inputs(model, ids, batch_size, device)
+    inputs = capture_layer0_inputs(model, ids, batch_size, device, alloc=store.empty)
     fdt = forward_dtype or inputs.hidden.dtype
-    inputs.hidden = inputs.hidden.to(fdt)
+    inputs.hidden = store.cast(inputs.hidden, fdt)
     inputs.kwargs = [_cast_kwargs(kw, fdt) for kw in inputs.kwargs]
     res.timings["calibrate"] += time.perf_counter() - t0
-    scratch = torch.empty_like(inputs.hidden)
-    needs = method.needs - {"fisher"} | ({"gram"} if update else set())
+    scratch = store.empty_like(inputs.hidden)
     dense = dense_scratch = None
     if update:
-        dense, dense_scratch = inputs.hidden.clone(), torch.empty_like(inputs.hidden)
+        dense, dense_scratch = store.copy(inputs.hidden), store.empty_like(inputs.hidden)
     n_layers = len(layers)
     for li, layer in enumerate(layers):
         rep.check_cancel()
         t0 = time.perf_counter()
         name = f"{prefix}.{li}"
+        io.load(li, layer)
         linears = select_linears(layer, name, targets)
         fwd = _forward_copy(layer, fdt)
         fwd_linears = select_linears(fwd, name, targets)
@@ -375,6 +403,9 @@ def compress_layers(model: nn.Module, ids: torch.Tensor, method: Method, rank_fn
         if li == 0:
             res.shared_inputs = [v for v in collector.groups().values()]
 
+        if stats_cache is not None:
+            stats_cache.save(li, collector, cross, n_layers)
+
         t0 = time.perf_counter()
         _decompose_layer(model, linears, method, rank_fn, collector, fisher, method_options, res, cross)
         del collector, cross
@@ -385,8 +416,32 @@ def compress_layers(model: nn.Module, ids: torch.Tensor, method: Method, rank_fn
         if mode == "sequential":
             run_layer(_forward_copy(layer, fdt), inputs, out=scratch)
         inputs.hidden, scratch = scratch, inputs.hidden
+        io.done(li, layer)
         res.timings["calibrate"] += time.perf_counter() - t0
+    if stats_cache is not None:
+        stats_cache.commit(n_layers)
     return res
+
+
+def _decompose_cached(model, layers, prefix, io, method, rank_fn, targets, needs, update, fisher,
+                      method_options, stats_cache, rep, res) -> None:
+    """compress_layers on a cache hit: each layer from its stored statistics, no forward."""
+    n_layers = len(layers)
+    for li, layer in enumerate(layers):
+        rep.check_cancel()
+        io.load(li, layer)
+        linears = select_linears(layer, f"{prefix}.{li}", targets)
+        t0 = time.perf_counter()
+        collector, cross = stats_cache.load(li, linears, needs, update)
+        res.timings["calibrate"] += time.perf_counter() - t0
+        rep.progress("whiten", (li + 1) / n_layers, f"layer {li + 1}/{n_layers} (cached statistics)", layer=li)
+        if li == 0:
+            res.shared_inputs = [v for v in collector.groups().values()]
+        t0 = time.perf_counter()
+        _decompose_layer(model, linears, method, rank_fn, collector, fisher, method_options, res, cross)
+        res.timings["decompose"] += time.perf_counter() - t0
+        rep.progress("svd", (li + 1) / n_layers, f"layer {li + 1}/{n_layers}", layer=li)
+        io.done(li, layer)
 
 
 @torch.no_grad()
