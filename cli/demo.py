@@ -42,15 +42,21 @@ def _pick_port(preferred: int) -> int:
 
 
 def start_service(data_dir: Path, port: int) -> subprocess.Popen:
-    print(f"starting the embedded service: svdforge serve --port {port} --data-dir {data_dir}", flush=True)
-    proc = subprocess.Popen([sys.executable, "-m", "cli.service_cmds", "serve", "--port", str(port),
-                             "--data-dir", str(data_dir)], cwd=ROOT)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log = data_dir / "serve.log"
+    print(f"starting the embedded service: svdforge serve --port {port} --data-dir {data_dir} (log: {log})",
+          flush=True)
+    with open(log, "ab") as out:  # the child keeps its own handle
+        proc = subprocess.Popen([sys.executable, "-m", "cli.service_cmds", "serve", "--port", str(port),
+                                 "--data-dir", str(data_dir)], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"the service exited with code {proc.returncode}")
+            raise SystemExit(f"the service exited with code {proc.returncode}; see {log}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                print(f"service ready at http://127.0.0.1:{port} (API docs at /docs); "
+                      f"API key in {data_dir / 'api_key'}", flush=True)
                 return proc
         except httpx.HTTPError:
             pass

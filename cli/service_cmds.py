@@ -12,7 +12,8 @@ import typer
 
 from cli.app import app
 
-DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="Data folder (default: $SVDFORGE_DATA_DIR or ./var).")]
+DataDir = Annotated[Optional[Path],
+                    typer.Option("--data-dir", help="Data folder (default: $SVDFORGE_DATA_DIR or ./var).")]
 
 
 def _settings(data_dir: Optional[Path]):  # noqa: ANN202

@@ -1,0 +1,110 @@
+"""FastAPI dependencies, as `Annotated` aliases (the full-stack-fastapi-template style).
+
+The app's services (database, storage, Celery app, settings) live on `app.state`, built
+once by `api.main.create_app`, so tests build an app around a temporary data folder
+without monkeypatching globals.
+"""
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from celery import Celery
+from fastapi import Depends, Request
+from fastapi.routing import APIRoute
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from api.problems import ProblemError, field_error
+from persistence.db import Database
+from persistence.keys import find_key
+from persistence.models import ApiKey
+from persistence.settings import Settings
+from persistence.storage import Storage
+
+
+# The trivial dependencies are `async def`: FastAPI runs sync ones in the threadpool, and
+# each such hop costs more than the work they do.
+async def get_db(request: Request) -> Database:
+    return request.app.state.db
+
+
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    """One session per request; requests that change things write through the writer pool.
+
+    Creating a session does no I/O (it connects at its first query, in the endpoint's
+    thread); closing it is a quick rollback at most.
+    """
+    write = request.method not in ("GET", "HEAD", "OPTIONS")
+    session = request.app.state.db.session(write=write)
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+async def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+async def get_storage(request: Request) -> Storage:
+    return request.app.state.storage
+
+
+async def get_celery(request: Request) -> Celery:
+    return request.app.state.celery
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+StorageDep = Annotated[Storage, Depends(get_storage)]
+CeleryDep = Annotated[Celery, Depends(get_celery)]
+
+bearer = HTTPBearer(auto_error=False, scheme_name="ApiKey",
+                    description="An API key from `svdforge keys create`, sent as `Authorization: Bearer <key>`.")
+
+
+def get_current_key(request: Request, session: SessionDep,
+                    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> ApiKey:
+    """The caller's API key; anything else is a 401 that does not say which part was wrong.
+
+    Reads use the request's session. Writes look the key up in a short read session of
+    its own: the request's session is then a writer, and its transaction must begin in
+    the endpoint, not here. FastAPI runs this dependency and the endpoint in different
+    threadpool threads, and a write lock held across that hand-over starves the pool.
+    """
+    key = None
+    if credentials is not None and request.method in ("GET", "HEAD"):
+        key = find_key(session, credentials.credentials)
+    elif credentials is not None:
+        with request.app.state.db.session() as own:
+            key = find_key(own, credentials.credentials)
+    if key is None:
+        raise ProblemError(401, "unauthorized", "a valid API key is required (Authorization: Bearer <key>)",
+                           headers={"WWW-Authenticate": "Bearer"})
+    return key
+
+
+CurrentKey = Annotated[ApiKey, Depends(get_current_key)]
+
+
+def _query_names(route: APIRoute) -> frozenset[str]:
+    names = getattr(route, "_svdforge_query_names", None)
+    if names is None:
+        found, todo = set(), [route.dependant]
+        while todo:  # the route's own query parameters and those of its dependencies
+            dependant = todo.pop()
+            found |= {p.alias for p in dependant.query_params}
+            todo.extend(dependant.dependencies)
+        names = route._svdforge_query_names = frozenset(found)  # type: ignore[attr-defined]
+    return names
+
+
+async def reject_unknown_query(request: Request) -> None:
+    """Unknown query parameters are a 422, as unknown body fields are: a typo never goes unnoticed."""
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute):
+        return
+    unknown = sorted(set(request.query_params) - _query_names(route))
+    if unknown:
+        raise field_error(unknown[0], "unknown query parameter", "extra_forbidden")

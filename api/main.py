@@ -1,0 +1,55 @@
+"""The FastAPI app: `create_app(settings)` builds one around a data folder.
+
+Production: `uvicorn --factory api.main:create_app` (settings from SVDFORGE_* variables).
+Embedded: `svdforge serve` runs it next to a worker. The app does not migrate the
+database: `svdforge migrate` (or `serve`) does that once, before any process starts.
+"""
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI
+
+from api import openapi, problems
+from api.deps import reject_unknown_query
+from api.limits import BodyLimitMiddleware
+from api.routes import files, health, jobs
+from persistence.db import Database
+from persistence.settings import Settings, get_settings
+from persistence.storage import make_storage
+from worker.app import make_celery
+
+VERSION = "0.1.0"
+TAGS = [
+    {"name": "jobs", "description": "Compression jobs: create, follow, cancel, read reports, download artifacts."},
+    {"name": "files", "description": "Uploaded text for calibration, training or evaluation."},
+    {"name": "health", "description": "Liveness and readiness probes."},
+]
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    settings.ensure_dirs()
+    db = Database(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):  # noqa: ANN202
+        yield
+        db.dispose()
+
+    app = FastAPI(title="svdforge", version=VERSION, openapi_tags=TAGS, lifespan=lifespan,
+                  description="Compress Hugging Face causal LMs by truncation-aware SVD, as a job service. "
+                              "Errors are RFC 9457 problem documents (`application/problem+json`).")
+    app.state.settings = settings
+    app.state.db = db
+    app.state.storage = make_storage(settings)
+    app.state.celery = make_celery(settings)
+    problems.install(app)
+    app.add_middleware(BodyLimitMiddleware, default_limit=1024 * 1024,
+                       limits={"/v1/files": settings.max_upload_bytes + 64 * 1024})
+    strict_query = [Depends(reject_unknown_query)]
+    app.include_router(health.router, dependencies=strict_query)
+    app.include_router(jobs.router, prefix="/v1", dependencies=strict_query)
+    app.include_router(files.router, prefix="/v1", dependencies=strict_query)
+    openapi.install(app)
+    return app

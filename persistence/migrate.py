@@ -1,0 +1,31 @@
+"""Run the Alembic migrations from code (`svdforge serve`, `svdforge migrate`, tests).
+
+The schema is always created by the migrations, never by `metadata.create_all`, so
+that what runs in tests is what runs in production.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+
+from persistence.db import Database
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def alembic_config(database_url: str) -> Config:
+    cfg = Config(str(ROOT / "alembic.ini")) if (ROOT / "alembic.ini").exists() else Config()
+    cfg.set_main_option("script_location", str(ROOT / "migrations"))
+    cfg.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
+    cfg.attributes["configure_logging"] = False
+    return cfg
+
+
+def upgrade(db: Database, revision: str = "head") -> None:
+    """Bring the database to `revision`, on the engine's own connection."""
+    cfg = alembic_config(db.settings.database_url)
+    with db.write_engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, revision)

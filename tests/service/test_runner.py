@@ -1,0 +1,349 @@
+"""The worker's job runner with a stand-in pipeline: error mapping, cancellation, uploads,
+redelivery and stale workers. (The real pipeline runs in test_artifacts.py and test_e2e.py.)"""
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from api.schemas import JobCreate
+from core.config import CompressConfig
+from core.errors import Cancelled, NumericalError, UserError
+from persistence.jobs import create_job
+from persistence.keys import create_key
+from persistence.models import Artifact, File, Job, JobEvent, utcnow
+from persistence.state import JobStatus, transition
+from persistence.storage import LocalStorage, make_storage
+from worker.config import build_config
+from worker.runner import JobRunner
+
+
+def new_job(db, **request) -> str:
+    body = JobCreate(**{"model": "smollm2-135m", "ratio": 0.4, **request}).model_dump(mode="json")
+    with db.begin() as s:
+        key, _ = create_key(s, "k")
+        return create_job(s, key.id, body).id
+
+
+def write_artifact(out_dir: Path, files: dict[str, bytes]) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (out_dir / name).write_bytes(data)
+    manifest = {"files": {n: {"sha256": hashlib.sha256(d).hexdigest()} for n, d in files.items()}}
+    (out_dir / "svdforge.json").write_text(json.dumps(manifest))
+
+
+FILES = {"model.safetensors": b"\x00" * 5000, "config.json": b"{}", "report.json": b'{"metrics": {}}'}
+
+
+def ok_compress(config, out_dir, progress=None, should_cancel=None):  # noqa: ANN001
+    for stage in ("whiten", "svd"):
+        progress({"type": "stage_started", "stage": stage, "fraction": 0.0, "message": ""})
+        progress({"type": "progress", "stage": stage, "fraction": 0.5, "message": "layer 1/2"})
+        progress({"type": "stage_finished", "stage": stage, "fraction": 1.0, "seconds": 0.25})
+    progress({"type": "metrics", "stage": "evaluate", "metrics": {"compressed": {"ppl": float("nan")}}})
+    write_artifact(Path(out_dir), FILES)
+    return {"metrics": {"compressed": {"ppl": 12.5, "teacher_kl": float("inf")}}, "params": {"dense": 10}}
+
+
+@pytest.fixture
+def storage(settings):
+    settings.ensure_dirs()
+    return make_storage(settings)
+
+
+def runner(db, storage, settings, compress, worker_id="w1") -> JobRunner:
+    return JobRunner(db, storage, settings, compress=compress, worker_id=worker_id)
+
+
+def job_row(db, job_id) -> Job:
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        _ = job.report
+        return job
+
+
+def events(db, job_id) -> list[JobEvent]:
+    with db.session() as s:
+        return list(s.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)))
+
+
+def test_success_uploads_then_succeeds(db, storage, settings):
+    job_id = new_job(db)
+    assert runner(db, storage, settings, ok_compress).run(job_id) == "succeeded"
+    job = job_row(db, job_id)
+    assert job.status == "succeeded" and job.attempt == 1 and job.progress == 1.0 and job.stage is None
+    assert job.report["metrics"]["compressed"] == {"ppl": 12.5, "teacher_kl": None}  # strict JSON
+    assert job.stages["whiten"]["status"] == "completed" and job.stages["whiten"]["seconds"] == 0.25
+    assert job.stages["upload"]["status"] == "completed"
+    with db.session() as s:
+        arts = {a.name: a for a in s.scalars(select(Artifact).where(Artifact.job_id == job_id))}
+    assert set(arts) == {*FILES, "svdforge.json"}
+    for name, data in FILES.items():
+        assert arts[name].sha256 == hashlib.sha256(data).hexdigest() and arts[name].bytes == len(data)
+        assert b"".join(storage.open_range(arts[name].storage_key)) == data
+    assert arts["config.json"].content_type == "application/json"
+    types = [e.type for e in events(db, job_id)]
+    assert types[:2] == ["status", "status"] and types[-1] == "status"
+    assert {"stage_started", "stage_finished", "progress", "metrics"} <= set(types)
+    assert not (settings.work_dir / job_id).exists()
+
+
+def test_progress_writes_are_throttled(db, storage, settings):
+    def chatty(config, out_dir, progress=None, should_cancel=None):  # noqa: ANN001
+        progress({"type": "stage_started", "stage": "svd"})
+        for i in range(2000):
+            progress({"type": "progress", "stage": "svd", "fraction": i / 2000, "message": f"layer {i}"})
+        progress({"type": "progress", "stage": "svd", "fraction": 1.0})
+        write_artifact(Path(out_dir), FILES)
+        return {}
+
+    settings.progress_interval_s = 10.0
+    job_id = new_job(db)
+    assert runner(db, storage, settings, chatty).run(job_id) == "succeeded"
+    progress = [e for e in events(db, job_id) if e.type == "progress" and e.stage == "svd"]
+    assert 1 <= len(progress) <= 3  # coalesced, and the final fraction is kept
+    assert progress[-1].data["fraction"] == 1.0
+
+
+@pytest.mark.parametrize(("exc", "code", "message"), [
+    (UserError("model 'x' is not a folder"), "invalid_input", "model 'x' is not a folder"),
+    (NumericalError("non-finite Cholesky in layer 3"), "numerical_error", "non-finite Cholesky in layer 3"),
+    (KeyError("boom"), "internal_error", "KeyError: 'boom'"),
+])
+def test_errors_fail_the_job_with_a_code(db, storage, settings, exc, code, message):
+    def failing(config, out_dir, progress=None, should_cancel=None):  # noqa: ANN001
+        progress({"type": "stage_started", "stage": "whiten"})
+        progress({"type": "stage_started", "stage": "svd"})
+        write_artifact(Path(out_dir), FILES)  # partial output must not survive
+        raise exc
+
+    job_id = new_job(db)
+    assert runner(db, storage, settings, failing).run(job_id) == "failed"
+    job = job_row(db, job_id)
+    assert (job.error_code, job.error_message, job.error_stage) == (code, message, "svd")
+    assert job.stages["svd"]["status"] == "failed"
+    assert [e for e in events(db, job_id) if e.type == "error"][0].data == {"code": code}
+    assert not (settings.storage_dir / "artifacts" / job_id).exists()
+    assert not (settings.work_dir / job_id).exists()
+
+
+def _cancel_when_running(db, job_id, delay=0.0) -> threading.Thread:
+    def go():
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with db.begin() as s:
+                job = s.get(Job, job_id)
+                if job.status == "running":
+                    time.sleep(delay)
+                    transition(s, job, JobStatus.CANCELLING, message="cancel requested")
+                    return
+            time.sleep(0.01)
+
+    t = threading.Thread(target=go)
+    t.start()
+    return t
+
+
+def test_cancel_stops_at_a_layer_boundary(db, storage, settings):
+    layers_done = []
+
+    def slow(config, out_dir, progress=None, should_cancel=None):  # noqa: ANN001
+        write_artifact(Path(out_dir), FILES)
+        for layer in range(500):
+            if should_cancel():
+                raise Cancelled("cancelled by the caller")
+            progress({"type": "progress", "stage": "svd", "fraction": layer / 500})
+            layers_done.append(layer)
+            time.sleep(0.01)
+        return {}
+
+    job_id = new_job(db)
+    t = _cancel_when_running(db, job_id, delay=0.1)
+    assert runner(db, storage, settings, slow).run(job_id) == "cancelled"
+    t.join()
+    assert len(layers_done) < 100  # stopped within a few monitor intervals, not at the end
+    job = job_row(db, job_id)
+    assert job.status == "cancelled" and job.error_code is None and job.finished_at
+    assert not (settings.storage_dir / "artifacts" / job_id).exists()
+    assert not (settings.work_dir / job_id).exists()
+
+
+def test_cancel_during_upload_removes_uploaded_files(db, settings):
+    settings.ensure_dirs()
+    job_id = new_job(db)
+
+    class CancellingStorage(LocalStorage):
+        """Requests the cancel as soon as the first file is stored."""
+
+        def put_file(self, key, path, **kw):  # noqa: ANN001, ANN003
+            super().put_file(key, path, **kw)
+            with db.begin() as s:
+                job = s.get(Job, job_id)
+                if job.status == "running":
+                    transition(s, job, JobStatus.CANCELLING)
+
+    storage = CancellingStorage(settings.storage_dir)
+    assert runner(db, storage, settings, ok_compress).run(job_id) == "cancelled"
+    assert not (settings.storage_dir / "artifacts" / job_id).exists()
+    with db.session() as s:
+        assert s.scalars(select(Artifact).where(Artifact.job_id == job_id)).all() == []
+
+
+def test_messages_for_jobs_not_queued_are_skipped(db, storage, settings):
+    called = []
+
+    def spy(*a, **k):  # noqa: ANN002, ANN003
+        called.append(1)
+        return ok_compress(*a, **k)
+
+    job_id = new_job(db)
+    with db.begin() as s:
+        transition(s, s.get(Job, job_id), JobStatus.CANCELLED)
+    assert runner(db, storage, settings, spy).run(job_id) == "skipped"
+    assert runner(db, storage, settings, spy).run("job_unknown") == "skipped"
+    done = new_job(db)
+    assert runner(db, storage, settings, spy).run(done) == "succeeded"
+    assert runner(db, storage, settings, spy).run(done) == "skipped"  # a duplicate message
+    assert len(called) == 1
+
+
+def test_redelivery_after_an_expired_lease_runs_again(db, storage, settings):
+    job_id = new_job(db)
+    with db.begin() as s:
+        job = s.get(Job, job_id)
+        transition(s, job, JobStatus.RUNNING, worker_id="dead", lease_s=60)
+    # lease still valid: another worker leaves it alone
+    assert runner(db, storage, settings, ok_compress).run(job_id) == "skipped"
+    with db.begin() as s:
+        s.get(Job, job_id).lease_expires_at = utcnow() - timedelta(seconds=1)
+    assert runner(db, storage, settings, ok_compress).run(job_id) == "succeeded"
+    job = job_row(db, job_id)
+    assert job.attempt == 2 and job.worker_id == "w1"
+    with db.session() as s:
+        keys = [a.storage_key for a in s.scalars(select(Artifact).where(Artifact.job_id == job_id))]
+    assert all(k.startswith(f"artifacts/{job_id}/2/") for k in keys)
+
+
+def test_a_stale_worker_does_not_touch_the_job_that_replaced_it(db, storage, settings):
+    """A reaper requeued the job and another worker took it: the first one must stand down."""
+    job_id = new_job(db)
+
+    def hijacked(config, out_dir, progress=None, should_cancel=None):  # noqa: ANN001
+        with db.begin() as s:
+            job = s.get(Job, job_id)
+            transition(s, job, JobStatus.QUEUED, message="requeued by a reaper")
+            transition(s, job, JobStatus.RUNNING, worker_id="w2", lease_s=60)
+        deadline = time.monotonic() + 5
+        while not should_cancel() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if should_cancel():
+            raise Cancelled("not ours any more")
+        write_artifact(Path(out_dir), FILES)
+        return {}
+
+    assert runner(db, storage, settings, hijacked).run(job_id) == "running"
+    job = job_row(db, job_id)
+    assert (job.status, job.attempt, job.worker_id, job.error_code) == ("running", 2, "w2", None)
+
+
+def test_uploaded_files_reach_the_pipeline(client, auth, db, settings):
+    text = "\n".join(f"line {i} of the calibration text" for i in range(50)).encode()
+    file_id = client.post("/v1/files", files={"file": ("c.txt", text)}, data={"purpose": "calibration"},
+                          headers=auth).json()["id"]
+    job_id = client.post("/v1/jobs", json={"model": "smollm2-135m", "ratio": 0.4,
+                                           "calibration": {"source": "file", "file_id": file_id}},
+                         headers=auth).json()["id"]
+    seen = {}
+
+    def reads(config, out_dir, progress=None, should_cancel=None):  # noqa: ANN001
+        seen["source"] = config.calibration.source
+        seen["text"] = Path(config.calibration.path).read_bytes()
+        write_artifact(Path(out_dir), FILES)
+        return {}
+
+    storage = make_storage(settings)
+    assert runner(db, storage, settings, reads).run(job_id) == "succeeded"
+    assert seen == {"source": "file", "text": text}
+    # a file deleted before the job starts fails it as bad input
+    job2 = client.post("/v1/jobs", json={"model": "smollm2-135m", "ratio": 0.4,
+                                         "evaluation": {"source": "file", "file_id": file_id}},
+                       headers=auth).json()["id"]
+    with db.begin() as s:
+        s.delete(s.get(File, file_id))
+    assert runner(db, storage, settings, reads).run(job2) == "failed"
+    assert job_row(db, job2).error_code == "invalid_input"
+
+
+def test_build_config_maps_the_request(settings, tmp_path):
+    body = JobCreate(model="smollm2-135m", ratio=0.3, method="asvd", allocation="global", targets="mlp",
+                     adapter={"type": "adalora", "init_r": 16, "target_r": 4, "max_steps": 5, "lr": 0.001},
+                     calibration={"source": "hf", "dataset": "org/data", "samples": 8, "seq_len": 64},
+                     evaluation={"source": "file", "file_id": "file_a", "max_tokens": None, "seq_len": 128,
+                                 "throughput": False},
+                     ).model_dump(mode="json")
+    config = build_config(body, {"file_a": tmp_path / "a.txt"}, settings)
+    assert isinstance(config, CompressConfig)
+    assert (config.model, config.ratio, config.method, config.allocation, config.targets) == (
+        "smollm2-135m", 0.3, "asvd", "global", "mlp")
+    assert (config.recover.type, config.recover.init_r, config.recover.target_r, config.recover.max_steps,
+            config.recover.lr) == ("adalora", 16, 4, 5, 0.001)
+    assert config.recover.data.source == "builtin" and config.recover.data.samples == 32
+    assert (config.calibration.source, config.calibration.dataset, config.calibration.split,
+            config.calibration.samples, config.calibration.seq_len) == ("hf", "org/data", "train", 8, 64)
+    assert (config.evaluation.data.path, config.evaluation.max_tokens, config.evaluation.seq_len,
+            config.evaluation.throughput) == (str(tmp_path / "a.txt"), None, 128, False)
+    minimal = build_config(JobCreate(model="smollm2-135m", ratio=0.4).model_dump(mode="json"), {}, settings)
+    assert (minimal.calibration.samples, minimal.calibration.seq_len, minimal.evaluation.max_tokens,
+            minimal.evaluation.data.split) == (16, 256, 4096, "evaluation")
+    with pytest.raises(UserError, match="model"):  # re-checked in the worker
+        build_config({**body, "model": "/etc"}, {}, settings)
+
+
+def test_api_model_aliases_match_core():
+    from core.models import ALIASES
+    from persistence.modelref import ALIASES as SERVICE_ALIASES
+
+    assert set(ALIASES) == set(SERVICE_ALIASES)
+
+
+def test_s3_storage_through_the_api(tmp_path, monkeypatch):
+    """With SVDFORGE_STORAGE=s3: artifacts land in the bucket, the API presigns and streams them."""
+    import boto3
+    from fastapi.testclient import TestClient
+    from moto import mock_aws
+
+    from api.main import create_app
+
+    from .conftest import fresh_database, make_settings
+
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(k, "test")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    with mock_aws():
+        boto3.client("s3", region_name="us-east-1").create_bucket(Bucket="forge")
+        settings = make_settings(tmp_path, storage="s3", s3_bucket="forge", s3_prefix="env/prod",
+                                 s3_region="us-east-1", presign_expires_s=900)
+        db = fresh_database(settings)
+        with db.begin() as s:
+            _, token = create_key(s, "s3")
+        auth = {"Authorization": f"Bearer {token}"}
+        with TestClient(create_app(settings)) as client:
+            assert client.get("/readyz").json()["checks"]["storage"] == "ok"
+            job_id = client.post("/v1/jobs", json={"model": "smollm2-135m", "ratio": 0.4}, headers=auth).json()["id"]
+            assert JobRunner(db, make_storage(settings), settings, compress=ok_compress).run(job_id) == "succeeded"
+            arts = {a["name"]: a for a in client.get(f"/v1/jobs/{job_id}/artifacts", headers=auth).json()["data"]}
+            a = arts["model.safetensors"]
+            assert "X-Amz-Signature=" in a["download_url"] and "/env/prod/artifacts/" in a["download_url"]
+            assert a["download_url_expires_at"] is not None
+            body = client.get(a["content_url"], headers={**auth, "Range": "bytes=10-19"})
+            assert body.status_code == 206 and body.content == FILES["model.safetensors"][10:20]
+            keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="forge")["Contents"]]
+            assert f"env/prod/artifacts/{job_id}/1/model.safetensors" in keys
+        db.dispose()

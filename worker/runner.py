@@ -1,0 +1,417 @@
+"""Run one job: claim it, call `core.pipeline.compress`, upload, finish. No Celery here.
+
+The Celery task (worker.tasks) is a thin shell around `JobRunner.run`, so this logic is
+tested directly and runs the same under Redis and the embedded filesystem queue.
+
+Order of the final steps matters: artifacts are uploaded first, then one transaction
+adds their rows, stores the report and moves the job to `succeeded`. That transition is
+a compare-and-set on `running`: if a cancel arrived meanwhile, the uploads are deleted
+and the job ends `cancelled` instead. Whatever happens, the local scratch folder goes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import mimetypes
+import os
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select, update
+
+from core.errors import Cancelled, NumericalError, UserError
+from persistence.db import Database
+from persistence.ids import new_id
+from persistence.jobs import add_event, artifact_prefix
+from persistence.models import Artifact, File, Job, JobEvent, utcnow
+from persistence.settings import Settings
+from persistence.state import ACTIVE, JobError, JobStatus, Stage, StaleTransition, transition
+from persistence.storage import Storage, StorageError
+from worker.config import build_config
+
+log = logging.getLogger("svdforge.worker")
+
+CompressFn = Callable[..., dict]
+# core's stage names -> the job's stages (`save` writes the artifact: part of `upload`)
+STAGE_OF = {"whiten": Stage.WHITEN, "svd": Stage.SVD, "recover": Stage.RECOVER,
+            "evaluate": Stage.EVALUATE, "save": Stage.UPLOAD, "upload": Stage.UPLOAD}
+
+
+def default_compress(*args: Any, **kwargs: Any) -> dict:
+    from core.pipeline import compress  # torch is imported only where a job runs
+
+    return compress(*args, **kwargs)
+
+
+def _jsonable(value: Any) -> Any:
+    """What a JSON column and strict JSON can hold: NaN/inf become null, the exotic a string."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    try:
+        f = float(value)  # numpy / torch scalars
+    except (TypeError, ValueError):
+        return str(value)
+    return f if math.isfinite(f) else None
+
+
+class JobMonitor:
+    """Collects the pipeline's events and writes them from a background thread.
+
+    The compute thread only appends to a buffer; every `interval` seconds the monitor
+    writes the buffered events, the current stage/progress/per-stage timings, renews the
+    job's lease and reads back its status, all in one short transaction. So progress is
+    throttled to one write per interval, the lease stays fresh during long silent stages,
+    and `should_cancel()` is a memory read that the layer loop can call freely.
+    """
+
+    def __init__(self, db: Database, job_id: str, settings: Settings, attempt: int,
+                 stopping: threading.Event | None = None) -> None:
+        self.db, self.job_id, self.settings, self.attempt = db, job_id, settings, attempt
+        self._stopping = stopping or threading.Event()
+        self.interval = settings.progress_interval_s
+        self._lock = threading.Lock()
+        self._events: list[dict[str, Any]] = []
+        self._stages: dict[str, dict[str, Any]] = {}
+        self._stage: str | None = None
+        self._progress = 0.0
+        self._dirty = False
+        self._last_progress_event = 0.0
+        self._started: dict[str, float] = {}
+        self._cancel = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"monitor-{job_id}", daemon=True)
+
+    # --- called by the pipeline (compute thread) ---------------------------------------
+    def __call__(self, event: dict[str, Any]) -> None:
+        kind = str(event.get("type", "log"))
+        stage = STAGE_OF.get(event.get("stage") or "", None)
+        stage_name = stage.value if stage else None
+        now = utcnow()
+        with self._lock:
+            if kind == "stage_started" and stage_name:
+                self._start_stage(stage_name, now)
+            elif kind == "stage_finished" and stage_name:
+                self._finish_stage(stage_name, now, event.get("seconds"))
+            elif kind == "progress" and stage_name:
+                self._stage, self._progress = stage_name, float(event.get("fraction") or 0.0)
+                self._stages.setdefault(stage_name, {"status": "running"})["progress"] = self._progress
+                self._dirty = True
+                if time.monotonic() - self._last_progress_event < self.interval and self._progress < 1.0:
+                    return  # coalesced: the job row still shows the latest fraction
+                self._last_progress_event = time.monotonic()
+            data = {k: v for k, v in event.items() if k not in ("type", "stage", "message")}
+            message = str(event.get("message") or "")
+            if event.get("stage") == "save" and not message:
+                message = "writing the artifact"
+            self._events.append({"type": kind, "stage": stage_name, "message": message,
+                                 "level": str(event.get("level", "info")), "data": _jsonable(data) or None,
+                                 "created_at": now})
+            self._dirty = True
+
+    def should_cancel(self) -> bool:
+        """True when the job was cancelled or taken away, or when the worker is shutting down."""
+        return self._cancel.is_set() or self._stopping.is_set()
+
+    @property
+    def current_stage(self) -> str | None:
+        return self._stage
+
+    def _start_stage(self, name: str, now) -> None:  # noqa: ANN001
+        info = self._stages.setdefault(name, {"status": "running", "started_at": now.isoformat(), "seconds": 0.0})
+        info.setdefault("started_at", now.isoformat())
+        info.setdefault("seconds", 0.0)
+        info["status"], info["finished_at"] = "running", None
+        self._started[name] = time.monotonic()
+        self._stage, self._progress = name, 0.0
+
+    def _finish_stage(self, name: str, now, seconds: Any) -> None:  # noqa: ANN001
+        info = self._stages.setdefault(name, {"started_at": now.isoformat(), "seconds": 0.0})
+        began = self._started.pop(name, None)
+        if isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds >= 0:
+            elapsed = float(seconds)  # core timed the stage itself (its stages overlap: trust it)
+        else:
+            elapsed = time.monotonic() - began if began is not None else 0.0
+        info["seconds"] = float(info.get("seconds") or 0.0) + elapsed
+        info.update(status="completed", finished_at=now.isoformat(), progress=1.0)
+        if self._stage == name:
+            self._progress = 1.0
+
+    # --- the monitor thread ---------------------------------------------------------
+    def start(self) -> "JobMonitor":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.flush()
+            except Exception:  # noqa: BLE001 - a failed heartbeat is retried next tick
+                log.exception("job %s: progress write failed", self.job_id)
+
+    def flush(self, session=None) -> None:  # noqa: ANN001
+        """Write buffered state; inside `session` (no commit) or in a transaction of its own."""
+        with self._lock:
+            events, self._events = self._events, []
+            values = {"stage": self._stage, "progress": self._progress,
+                      "stages": json.loads(json.dumps(self._stages))}
+            dirty, self._dirty = self._dirty, False
+        if session is not None:
+            self._write(session, events, values, dirty)
+            return
+        try:
+            with self.db.begin() as s:
+                self._write(s, events, values, dirty)
+        except Exception:
+            with self._lock:  # keep what was not written for the next try
+                self._events[:0] = events
+                self._dirty = self._dirty or dirty
+            raise
+
+    def _write(self, session, events: list[dict], values: dict, dirty: bool) -> None:  # noqa: ANN001
+        """Renew the lease (and write progress) if the job is still this attempt's, then log."""
+        now = utcnow()
+        values = values if dirty else {}
+        session.execute(update(Job).where(Job.id == self.job_id, Job.attempt == self.attempt,
+                                          Job.status.in_([s.value for s in ACTIVE]))
+                        .values(updated_at=now, lease_expires_at=now + timedelta(seconds=self.settings.lease_s),
+                                **values), execution_options={"synchronize_session": False})
+        row = session.execute(select(Job.status, Job.attempt).where(Job.id == self.job_id)).one()
+        if row.attempt != self.attempt or row.status not in {s.value for s in ACTIVE}:
+            self._cancel.set()  # no longer ours (requeued or ended): stop, and write nothing more
+            return
+        if row.status != JobStatus.RUNNING.value:
+            self._cancel.set()  # a cancel was requested: stop at the next boundary
+        session.add_all(JobEvent(job_id=self.job_id, **e) for e in events)
+
+
+@dataclass
+class Uploaded:
+    name: str
+    key: str
+    bytes: int
+    sha256: str
+    content_type: str
+
+
+class JobRunner:
+    def __init__(self, db: Database, storage: Storage, settings: Settings,
+                 compress: CompressFn = default_compress, worker_id: str | None = None) -> None:
+        self.db, self.storage, self.settings, self.compress = db, storage, settings, compress
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
+        # Set when the worker shuts down: the running job stops at its next boundary and goes
+        # back to the queue (the next worker's start-up sweep sends it again).
+        self.stopping = threading.Event()
+
+    def run(self, job_id: str) -> str:
+        """Run the job if it is ours to run; return its final status (or `skipped`)."""
+        claimed = self._claim(job_id)
+        if claimed is None:
+            return "skipped"
+        request, attempt = claimed
+        work = self.settings.work_dir / job_id
+        shutil.rmtree(work, ignore_errors=True)
+        out_dir = work / "out"
+        monitor = JobMonitor(self.db, job_id, self.settings, attempt, self.stopping).start()
+        uploaded: list[Uploaded] = []
+        try:
+            config = build_config(request, self._inputs(job_id, request, work / "inputs"), self.settings)
+            report = self.compress(config, out_dir, progress=monitor, should_cancel=monitor.should_cancel)
+            uploaded = self._upload(job_id, out_dir, monitor)
+            return self._finish(job_id, monitor, uploaded, _jsonable(report))
+        except Cancelled:
+            return self._end(job_id, monitor, JobStatus.CANCELLED, None)
+        except UserError as e:
+            return self._fail(job_id, monitor, "invalid_input", str(e))
+        except NumericalError as e:
+            return self._fail(job_id, monitor, "numerical_error", str(e))
+        except StorageError as e:
+            log.exception("job %s: storage failed", job_id)
+            return self._fail(job_id, monitor, "storage_error", str(e))
+        except Exception as e:  # noqa: BLE001 - any other failure is ours: keep the message, log the trace
+            log.exception("job %s failed", job_id)
+            return self._fail(job_id, monitor, "internal_error", f"{type(e).__name__}: {e}")
+        finally:
+            monitor.stop()
+            shutil.rmtree(work, ignore_errors=True)
+
+    # --- steps -----------------------------------------------------------------------
+    def _claim(self, job_id: str) -> tuple[dict[str, Any], int] | None:
+        """Move the job to running if it is queued (or its previous worker's lease ran out)."""
+        with self.db.begin() as s:
+            job = s.get(Job, job_id)
+            if job is None:
+                log.warning("job %s: no such job, message dropped", job_id)
+                return None
+            if job.status == JobStatus.RUNNING and job.lease_expires_at and job.lease_expires_at <= utcnow():
+                if job.attempt >= self.settings.max_attempts:
+                    transition(s, job, JobStatus.FAILED, error=JobError(
+                        "worker_lost", f"the worker running this job was lost {job.attempt} times", job.stage))
+                    return None
+                transition(s, job, JobStatus.QUEUED, message="requeued: its worker was lost")
+            if job.status != JobStatus.QUEUED:
+                log.info("job %s is %s: nothing to run", job_id, job.status)
+                return None
+            transition(s, job, JobStatus.RUNNING, worker_id=self.worker_id, lease_s=self.settings.lease_s,
+                       message=f"running on {self.worker_id} (attempt {job.attempt + 1})")
+            return dict(job.request), job.attempt
+
+    def _inputs(self, job_id: str, request: dict[str, Any], folder: Path) -> dict[str, Path]:
+        """Copy the uploaded files the request names into the scratch folder."""
+        file_ids = {d["file_id"] for d in _data_specs(request) if d.get("source") == "file"}
+        paths: dict[str, Path] = {}
+        if not file_ids:
+            return paths
+        folder.mkdir(parents=True, exist_ok=True)
+        with self.db.begin(write=False) as s:
+            owner = s.scalar(select(Job.owner_id).where(Job.id == job_id))
+            files = {f.id: f for f in s.scalars(select(File).where(File.id.in_(file_ids), File.owner_id == owner))}
+        for file_id in sorted(file_ids):
+            if file_id not in files:
+                raise UserError(f"file {file_id} no longer exists")
+            paths[file_id] = folder / f"{file_id}.txt"
+            self.storage.download_to(files[file_id].storage_key, paths[file_id])
+        return paths
+
+    def _upload(self, job_id: str, out_dir: Path, monitor: JobMonitor) -> list[Uploaded]:
+        files = sorted(p for p in out_dir.rglob("*") if p.is_file())
+        expected = _manifest_hashes(out_dir)
+        total = sum(p.stat().st_size for p in files) or 1
+        done = 0
+        monitor({"type": "stage_started", "stage": "upload", "message": f"{len(files)} files"})
+        uploaded: list[Uploaded] = []
+        prefix = artifact_prefix(job_id, monitor.attempt)
+        try:
+            for p in files:
+                if monitor.should_cancel():
+                    raise Cancelled("cancelled during upload")
+                name = p.relative_to(out_dir).as_posix()
+                size, digest = p.stat().st_size, _sha256(p)
+                if name in expected and expected[name] != digest:
+                    raise RuntimeError(f"{name}: sha256 differs from the artifact manifest")
+                ctype = _content_type(name)
+                self.storage.put_file(f"{prefix}/{name}", p, content_type=ctype, move=True)
+                uploaded.append(Uploaded(name, f"{prefix}/{name}", size, digest, ctype))
+                done += size
+                monitor({"type": "progress", "stage": "upload", "fraction": done / total, "message": name})
+        except BaseException:
+            self.delete_artifacts(job_id, monitor.attempt)
+            raise
+        monitor({"type": "stage_finished", "stage": "upload",
+                 "message": f"{len(uploaded)} files, {done} bytes"})
+        return uploaded
+
+    def _finish(self, job_id: str, monitor: JobMonitor, uploaded: list[Uploaded], report: dict | None) -> str:
+        monitor.stop()
+        with self.db.begin() as s:
+            job = s.get(Job, job_id)
+            if not self._still_ours(job, monitor):
+                self.delete_artifacts(job_id, monitor.attempt)
+                return job.status
+            monitor.flush(s)
+            s.refresh(job)  # the flush wrote stages and progress behind the ORM's back
+            if job.status == JobStatus.RUNNING:
+                for u in uploaded:
+                    s.add(Artifact(id=new_id("art"), job_id=job_id, name=u.name, bytes=u.bytes, sha256=u.sha256,
+                                   content_type=u.content_type, storage_key=u.key))
+                job.report = report
+                transition(s, job, JobStatus.SUCCEEDED, message=f"succeeded: {len(uploaded)} artifacts")
+                return JobStatus.SUCCEEDED.value
+        # a cancel arrived while uploading: the artifacts go, the job ends cancelled
+        self.delete_artifacts(job_id, monitor.attempt)
+        return self._end(job_id, monitor, JobStatus.CANCELLED, None)
+
+    def _fail(self, job_id: str, monitor: JobMonitor, code: str, message: str) -> str:
+        return self._end(job_id, monitor, JobStatus.FAILED, JobError(code, message, monitor.current_stage))
+
+    def _end(self, job_id: str, monitor: JobMonitor, to: JobStatus, error: JobError | None) -> str:
+        """Fail or cancel: remove partial artifacts, then record the end (retrying a lost race)."""
+        monitor.stop()
+        self.delete_artifacts(job_id, monitor.attempt)
+        for _ in range(5):
+            with self.db.begin() as s:
+                job = s.get(Job, job_id)
+                if not self._still_ours(job, monitor):
+                    return job.status  # requeued or ended elsewhere (e.g. by a reaper)
+                monitor.flush(s)
+                s.refresh(job)
+                target = to
+                if to is JobStatus.CANCELLED and job.status == JobStatus.RUNNING:
+                    if self.stopping.is_set():  # the worker is shutting down: run it again later
+                        transition(s, job, JobStatus.QUEUED, message="requeued: the worker shut down")
+                        return JobStatus.QUEUED.value
+                    target = JobStatus.FAILED  # Cancelled without a cancel request: an internal error
+                    error = JobError("internal_error", "the pipeline stopped without a cancel request",
+                                     monitor.current_stage)
+                if error is not None:
+                    add_event(s, job_id, "error", stage=error.stage, level="error",
+                              message=error.message, data={"code": error.code})
+                try:
+                    transition(s, job, target, error=error)
+                except StaleTransition:
+                    s.rollback()
+                    continue
+                return target.value
+        raise RuntimeError(f"job {job_id}: could not record its end")
+
+    def _still_ours(self, job: Job, monitor: JobMonitor) -> bool:
+        """False once a reaper requeued or ended the job: a stale worker must not touch it."""
+        return (job.status in (JobStatus.RUNNING, JobStatus.CANCELLING) and job.attempt == monitor.attempt
+                and job.worker_id == self.worker_id)
+
+    def delete_artifacts(self, job_id: str, attempt: int | None = None) -> None:
+        """Remove one attempt's uploads (or, without `attempt`, everything of the job)."""
+        try:
+            self.storage.delete_prefix(artifact_prefix(job_id, attempt))
+        except StorageError:
+            log.exception("job %s: could not delete partial artifacts", job_id)
+
+
+def _data_specs(request: dict[str, Any]) -> list[dict[str, Any]]:
+    specs = [request.get("calibration") or {}, request.get("evaluation") or {}]
+    adapter = request.get("adapter") or {}
+    if adapter.get("data"):
+        specs.append(adapter["data"])
+    return specs
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _manifest_hashes(out_dir: Path) -> dict[str, str]:
+    try:
+        files = json.loads((out_dir / "svdforge.json").read_text()).get("files", {})
+        return {name: meta["sha256"] for name, meta in files.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def _content_type(name: str) -> str:
+    if name.endswith(".json"):
+        return "application/json"
+    if name.endswith(".safetensors"):
+        return "application/octet-stream"
+    return mimetypes.guess_type(name)[0] or "application/octet-stream"
