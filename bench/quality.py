@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "wikitext-2"
 DEFAULT_ROWS = [f"{m}:{r}" for r in (0.2, 0.4) for m in ("svd", "svd-llm", "asvd", "fwsvd")]
-COLUMNS = ["method", "ratio", "allocation", "recover", "ppl", "teacher_kl", "top10_recall", "agreement",
+COLUMNS = ["method", "ratio", "allocation", "recover", "mode", "ppl", "teacher_kl", "top10_recall", "agreement",
            "compress_s", "peak_rss_bytes", "tokens_per_s", "speedup", "linears_reduction", "eval_tokens"]
 
 
@@ -35,8 +35,11 @@ def parse_row(spec: str) -> dict:
     parts = spec.split(":")
     method, ratio = parts[0], float(parts[1])
     allocation = parts[2] if len(parts) > 2 else "uniform"
-    recover = parts[3] if len(parts) > 3 else "none"
-    return {"method": method, "ratio": ratio, "allocation": allocation, "recover": recover}
+    recover = parts[3] if len(parts) > 3 else "none"   # none | update | lora | adalora | lora+update ...
+    row = {"method": method, "ratio": ratio, "allocation": allocation, "recover": recover}
+    if len(parts) > 4:
+        row["mode"] = parts[4]
+    return row
 
 
 def config_for(row: dict, args) -> dict:
@@ -45,11 +48,15 @@ def config_for(row: dict, args) -> dict:
     ev = {"data": {"source": "file", "path": str(args.eval_file)}, "seq_len": args.seq_len,
           "max_tokens": args.eval_max_tokens or None, "throughput_runs": args.throughput_runs,
           "throughput_seq_len": 512}
-    rec = {"type": row["recover"], "data": dict(calib, samples=args.train_samples, seed=1)}
+    rtype, _, plus = row["recover"].partition("+")
+    rec = {"type": rtype, "update": plus == "update",
+           "data": dict(calib, samples=args.train_samples, seq_len=args.train_seq_len, seed=1),
+           "batch_size": args.train_batch, "lr": args.train_lr, "autocast": args.train_autocast}
     if args.train_steps:
         rec["max_steps"] = args.train_steps
     return {"model": args.model, "ratio": row["ratio"], "method": row["method"], "allocation": row["allocation"],
-            "calibration": calib, "evaluation": ev, "recover": rec, "calibration_mode": args.mode}
+            "calibration": calib, "evaluation": ev, "recover": rec,
+            "calibration_mode": row.get("mode", args.mode)}
 
 
 def run_one(config_json: str) -> None:
@@ -70,11 +77,11 @@ def row_from_report(row: dict, r: dict) -> tuple[dict, dict]:
                compress_s=t["calibrate"] + t["decompose"] + t["recover"], load_s=t["load"],
                peak_rss_bytes=r["peak_rss_bytes"], tokens_per_s=r["throughput"]["compressed"]["tokens_per_s"],
                speedup=r["throughput"].get("speedup"), linears_reduction=r["params"]["linears_reduction"],
-               params_reduction=r["params"]["reduction"], calibration_mode=r["calibration_mode"],
+               params_reduction=r["params"]["reduction"], mode=r["calibration_mode"],
                threads=r["threads"])
     if r.get("recover", {}).get("type", "none") != "none":
         out["recover_info"] = {k: v for k, v in r["recover"].items() if k not in ("loss_curve", "ranks")}
-    dense = dict(method="dense", ratio=None, allocation=None, recover=None, ppl=d["ppl"], teacher_kl=0.0,
+    dense = dict(method="dense", ratio=None, allocation=None, recover=None, mode=None, ppl=d["ppl"], teacher_kl=0.0,
                  top10_recall=1.0, agreement=100.0, eval_tokens=d["tokens"], compress_s=None,
                  peak_rss_bytes=None, tokens_per_s=r["throughput"]["dense"]["tokens_per_s"], speedup=1.0,
                  linears_reduction=0.0)
@@ -101,12 +108,13 @@ def table(rows: list[dict]) -> str:
 
 
 def key(r: dict) -> tuple:
-    return (r["method"], r["ratio"], r["allocation"], r["recover"], r["eval_tokens"])
+    return (r["method"], r["ratio"], r["allocation"], r["recover"], r.get("mode"), r["eval_tokens"])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", nargs="*", default=DEFAULT_ROWS, help="method:ratio[:allocation[:recover]]")
+    ap.add_argument("--rows", nargs="*", default=DEFAULT_ROWS,
+                    help="method:ratio[:allocation[:recover[:mode]]], e.g. svd-llm:0.4:global:lora:sequential")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--calib-file", type=Path, default=SHARED / "valid.txt")
     ap.add_argument("--eval-file", type=Path, default=SHARED / "test.txt")
@@ -116,7 +124,11 @@ def main() -> None:
     ap.add_argument("--throughput-runs", type=int, default=7)
     ap.add_argument("--mode", default="sequential")
     ap.add_argument("--train-samples", type=int, default=256)
-    ap.add_argument("--train-steps", type=int, default=None)
+    ap.add_argument("--train-steps", type=int, default=40, help="optimizer steps of lora/adalora rows")
+    ap.add_argument("--train-batch", type=int, default=2)
+    ap.add_argument("--train-seq-len", type=int, default=256)
+    ap.add_argument("--train-lr", type=float, default=5e-4)
+    ap.add_argument("--train-autocast", default="bfloat16")
     ap.add_argument("--out", type=Path, default=ROOT / "docs")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
