@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export SVDFORGE_CACHE ?= $(CURDIR)/.cache/svdforge
 
-.PHONY: install test test-fast run bench lint clean
+.PHONY: install test test-fast run bench lint clean client
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
@@ -32,3 +32,8 @@ bench: install
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache
+
+# Regenerate clients/openapi.json and the OpenAPI Python client clients/python/ from the app
+# (no server); tests/service/test_client_sync.py fails when the committed copy differs.
+client: install
+	$(VENV)/bin/python clients/generate.py

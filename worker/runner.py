@@ -21,7 +21,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from persistence.settings import Settings
 from persistence.state import ACTIVE, JobError, JobStatus, Stage, StaleTransition, transition
 from persistence.storage import Storage, StorageError
 from worker.config import build_config
+from worker.figures import link_figures, render_job_figures
 
 log = logging.getLogger("svdforge.worker")
 
@@ -210,6 +211,7 @@ class Uploaded:
     bytes: int
     sha256: str
     content_type: str
+    id: str = field(default_factory=lambda: new_id("art"))  # the Artifact row's id (the report links figures)
 
 
 class JobRunner:
@@ -235,7 +237,9 @@ class JobRunner:
         try:
             config = build_config(request, self._inputs(job_id, request, work / "inputs"), self.settings)
             report = self.compress(config, out_dir, progress=monitor, should_cancel=monitor.should_cancel)
+            figures, figures_error = render_job_figures(report or {}, out_dir)
             uploaded = self._upload(job_id, out_dir, monitor)
+            report = link_figures(report, job_id, figures, figures_error, uploaded)
             return self._finish(job_id, monitor, uploaded, _jsonable(report))
         except Cancelled:
             return self._end(job_id, monitor, JobStatus.CANCELLED, None)
@@ -330,7 +334,7 @@ class JobRunner:
             s.refresh(job)  # the flush wrote stages and progress behind the ORM's back
             if job.status == JobStatus.RUNNING:
                 for u in uploaded:
-                    s.add(Artifact(id=new_id("art"), job_id=job_id, name=u.name, bytes=u.bytes, sha256=u.sha256,
+                    s.add(Artifact(id=u.id, job_id=job_id, name=u.name, bytes=u.bytes, sha256=u.sha256,
                                    content_type=u.content_type, storage_key=u.key))
                 job.report = report
                 transition(s, job, JobStatus.SUCCEEDED, message=f"succeeded: {len(uploaded)} artifacts")

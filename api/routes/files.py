@@ -64,7 +64,7 @@ def _spool(upload: UploadFile, folder: Path, max_bytes: int) -> tuple[Path, int,
              description="Use the returned id as `{\"source\": \"file\", \"file_id\": ...}` in a job's calibration, "
                          "adapter.data or evaluation. Files over the server's limit get a 413.")
 def upload_file(file: Annotated[UploadFile, File(description="UTF-8 text, not empty.",
-                                                 json_schema_extra={"minLength": 1})],
+                                                 json_schema_extra={"minLength": 1, "format": "binary"})],
                 purpose: Annotated[Literal["calibration", "training", "evaluation"], Form()],
                 request: Request, response: Response, session: SessionDep, key: CurrentKey, settings: SettingsDep,
                 storage: StorageDep) -> FileOut:

@@ -1,0 +1,101 @@
+"""Contains all the data models used in inputs/outputs"""
+
+from .ada_lora_adapter import AdaLoraAdapter
+from .ada_lora_adapter_objective import AdaLoraAdapterObjective
+from .artifact_list import ArtifactList
+from .artifact_out import ArtifactOut
+from .body_upload_file import BodyUploadFile
+from .body_upload_file_purpose import BodyUploadFilePurpose
+from .builtin_data import BuiltinData
+from .builtin_evaluation import BuiltinEvaluation
+from .field_issue import FieldIssue
+from .file_data import FileData
+from .file_deleted import FileDeleted
+from .file_evaluation import FileEvaluation
+from .file_list import FileList
+from .file_out import FileOut
+from .file_out_purpose import FileOutPurpose
+from .health import Health
+from .hf_data import HfData
+from .hf_evaluation import HfEvaluation
+from .job_create import JobCreate
+from .job_create_allocation import JobCreateAllocation
+from .job_create_metadata import JobCreateMetadata
+from .job_create_method import JobCreateMethod
+from .job_create_targets import JobCreateTargets
+from .job_error_out import JobErrorOut
+from .job_event_list import JobEventList
+from .job_event_out import JobEventOut
+from .job_event_out_data_type_0 import JobEventOutDataType0
+from .job_list import JobList
+from .job_out import JobOut
+from .job_out_metadata import JobOutMetadata
+from .job_report import JobReport
+from .job_report_metrics_type_0 import JobReportMetricsType0
+from .job_report_params_type_0 import JobReportParamsType0
+from .job_report_ranks_type_0 import JobReportRanksType0
+from .job_report_timings_s_type_0 import JobReportTimingsSType0
+from .job_status import JobStatus
+from .lora_adapter import LoraAdapter
+from .lora_adapter_objective import LoraAdapterObjective
+from .no_adapter import NoAdapter
+from .problem import Problem
+from .readiness import Readiness
+from .readiness_checks import ReadinessChecks
+from .readiness_status import ReadinessStatus
+from .stage import Stage
+from .stage_out import StageOut
+from .stage_out_status import StageOutStatus
+from .update_adapter import UpdateAdapter
+from .update_adapter_objective import UpdateAdapterObjective
+
+__all__ = (
+    "AdaLoraAdapter",
+    "AdaLoraAdapterObjective",
+    "ArtifactList",
+    "ArtifactOut",
+    "BodyUploadFile",
+    "BodyUploadFilePurpose",
+    "BuiltinData",
+    "BuiltinEvaluation",
+    "FieldIssue",
+    "FileData",
+    "FileDeleted",
+    "FileEvaluation",
+    "FileList",
+    "FileOut",
+    "FileOutPurpose",
+    "Health",
+    "HfData",
+    "HfEvaluation",
+    "JobCreate",
+    "JobCreateAllocation",
+    "JobCreateMetadata",
+    "JobCreateMethod",
+    "JobCreateTargets",
+    "JobErrorOut",
+    "JobEventList",
+    "JobEventOut",
+    "JobEventOutDataType0",
+    "JobList",
+    "JobOut",
+    "JobOutMetadata",
+    "JobReport",
+    "JobReportMetricsType0",
+    "JobReportParamsType0",
+    "JobReportRanksType0",
+    "JobReportTimingsSType0",
+    "JobStatus",
+    "LoraAdapter",
+    "LoraAdapterObjective",
+    "NoAdapter",
+    "Problem",
+    "Readiness",
+    "ReadinessChecks",
+    "ReadinessStatus",
+    "Stage",
+    "StageOut",
+    "StageOutStatus",
+    "UpdateAdapter",
+    "UpdateAdapterObjective",
+)

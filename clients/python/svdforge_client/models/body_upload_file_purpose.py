@@ -1,0 +1,10 @@
+from enum import StrEnum
+
+
+class BodyUploadFilePurpose(StrEnum):
+    CALIBRATION = "calibration"
+    EVALUATION = "evaluation"
+    TRAINING = "training"
+
+    def __str__(self) -> str:
+        return str(self.value)

@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal, TypeVar, cast
+
+from attrs import define as _attrs_define
+
+from ..types import UNSET, Unset
+
+T = TypeVar("T", bound="FileEvaluation")
+
+
+@_attrs_define
+class FileEvaluation:
+    """
+    Attributes:
+        source (Literal['file']):
+        file_id (str): An id returned by upload_file.
+        enabled (bool | Unset): Measure perplexity and fidelity against the dense model. Default: True.
+        seq_len (int | Unset): Tokens per window. Default: 256.
+        max_tokens (int | None | Unset): Evaluation tokens (null: the whole text). Default: 4096.
+        batch_size (int | Unset):  Default: 1.
+        throughput (bool | Unset): Also time dense vs compressed forward passes. Default: True.
+    """
+
+    source: Literal["file"]
+    file_id: str
+    enabled: bool | Unset = True
+    seq_len: int | Unset = 256
+    max_tokens: int | None | Unset = 4096
+    batch_size: int | Unset = 1
+    throughput: bool | Unset = True
+
+    def to_dict(self) -> dict[str, Any]:
+        source = self.source
+
+        file_id = self.file_id
+
+        enabled = self.enabled
+
+        seq_len = self.seq_len
+
+        max_tokens: int | None | Unset
+        if isinstance(self.max_tokens, Unset):
+            max_tokens = UNSET
+        else:
+            max_tokens = self.max_tokens
+
+        batch_size = self.batch_size
+
+        throughput = self.throughput
+
+        field_dict: dict[str, Any] = {}
+
+        field_dict.update(
+            {
+                "source": source,
+                "file_id": file_id,
+            }
+        )
+        if enabled is not UNSET:
+            field_dict["enabled"] = enabled
+        if seq_len is not UNSET:
+            field_dict["seq_len"] = seq_len
+        if max_tokens is not UNSET:
+            field_dict["max_tokens"] = max_tokens
+        if batch_size is not UNSET:
+            field_dict["batch_size"] = batch_size
+        if throughput is not UNSET:
+            field_dict["throughput"] = throughput
+
+        return field_dict
+
+    @classmethod
+    def from_dict(cls: type[T], src_dict: Mapping[str, Any]) -> T:
+        d = dict(src_dict)
+        source = cast(Literal["file"], d.pop("source"))
+        if source != "file":
+            raise ValueError(f"source must match const 'file', got '{source}'")
+
+        file_id = d.pop("file_id")
+
+        enabled = d.pop("enabled", UNSET)
+
+        seq_len = d.pop("seq_len", UNSET)
+
+        def _parse_max_tokens(data: object) -> int | None | Unset:
+            if data is None:
+                return data
+            if isinstance(data, Unset):
+                return data
+            return cast(int | None | Unset, data)
+
+        max_tokens = _parse_max_tokens(d.pop("max_tokens", UNSET))
+
+        batch_size = d.pop("batch_size", UNSET)
+
+        throughput = d.pop("throughput", UNSET)
+
+        file_evaluation = cls(
+            source=source,
+            file_id=file_id,
+            enabled=enabled,
+            seq_len=seq_len,
+            max_tokens=max_tokens,
+            batch_size=batch_size,
+            throughput=throughput,
+        )
+
+        return file_evaluation

@@ -1,0 +1,148 @@
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal, TypeVar, cast
+
+from attrs import define as _attrs_define
+
+from ..types import UNSET, Unset
+
+T = TypeVar("T", bound="HfEvaluation")
+
+
+@_attrs_define
+class HfEvaluation:
+    """
+    Attributes:
+        source (Literal['hf']):
+        dataset (str):
+        enabled (bool | Unset): Measure perplexity and fidelity against the dense model. Default: True.
+        seq_len (int | Unset): Tokens per window. Default: 256.
+        max_tokens (int | None | Unset): Evaluation tokens (null: the whole text). Default: 4096.
+        batch_size (int | Unset):  Default: 1.
+        throughput (bool | Unset): Also time dense vs compressed forward passes. Default: True.
+        config (None | str | Unset):
+        split (str | Unset):  Default: 'test'.
+        text_field (str | Unset):  Default: 'text'.
+    """
+
+    source: Literal["hf"]
+    dataset: str
+    enabled: bool | Unset = True
+    seq_len: int | Unset = 256
+    max_tokens: int | None | Unset = 4096
+    batch_size: int | Unset = 1
+    throughput: bool | Unset = True
+    config: None | str | Unset = UNSET
+    split: str | Unset = "test"
+    text_field: str | Unset = "text"
+
+    def to_dict(self) -> dict[str, Any]:
+        source = self.source
+
+        dataset = self.dataset
+
+        enabled = self.enabled
+
+        seq_len = self.seq_len
+
+        max_tokens: int | None | Unset
+        if isinstance(self.max_tokens, Unset):
+            max_tokens = UNSET
+        else:
+            max_tokens = self.max_tokens
+
+        batch_size = self.batch_size
+
+        throughput = self.throughput
+
+        config: None | str | Unset
+        if isinstance(self.config, Unset):
+            config = UNSET
+        else:
+            config = self.config
+
+        split = self.split
+
+        text_field = self.text_field
+
+        field_dict: dict[str, Any] = {}
+
+        field_dict.update(
+            {
+                "source": source,
+                "dataset": dataset,
+            }
+        )
+        if enabled is not UNSET:
+            field_dict["enabled"] = enabled
+        if seq_len is not UNSET:
+            field_dict["seq_len"] = seq_len
+        if max_tokens is not UNSET:
+            field_dict["max_tokens"] = max_tokens
+        if batch_size is not UNSET:
+            field_dict["batch_size"] = batch_size
+        if throughput is not UNSET:
+            field_dict["throughput"] = throughput
+        if config is not UNSET:
+            field_dict["config"] = config
+        if split is not UNSET:
+            field_dict["split"] = split
+        if text_field is not UNSET:
+            field_dict["text_field"] = text_field
+
+        return field_dict
+
+    @classmethod
+    def from_dict(cls: type[T], src_dict: Mapping[str, Any]) -> T:
+        d = dict(src_dict)
+        source = cast(Literal["hf"], d.pop("source"))
+        if source != "hf":
+            raise ValueError(f"source must match const 'hf', got '{source}'")
+
+        dataset = d.pop("dataset")
+
+        enabled = d.pop("enabled", UNSET)
+
+        seq_len = d.pop("seq_len", UNSET)
+
+        def _parse_max_tokens(data: object) -> int | None | Unset:
+            if data is None:
+                return data
+            if isinstance(data, Unset):
+                return data
+            return cast(int | None | Unset, data)
+
+        max_tokens = _parse_max_tokens(d.pop("max_tokens", UNSET))
+
+        batch_size = d.pop("batch_size", UNSET)
+
+        throughput = d.pop("throughput", UNSET)
+
+        def _parse_config(data: object) -> None | str | Unset:
+            if data is None:
+                return data
+            if isinstance(data, Unset):
+                return data
+            return cast(None | str | Unset, data)
+
+        config = _parse_config(d.pop("config", UNSET))
+
+        split = d.pop("split", UNSET)
+
+        text_field = d.pop("text_field", UNSET)
+
+        hf_evaluation = cls(
+            source=source,
+            dataset=dataset,
+            enabled=enabled,
+            seq_len=seq_len,
+            max_tokens=max_tokens,
+            batch_size=batch_size,
+            throughput=throughput,
+            config=config,
+            split=split,
+            text_field=text_field,
+        )
+
+        return hf_evaluation

@@ -1,0 +1,291 @@
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from attrs import define as _attrs_define
+
+from ..models.job_create_allocation import JobCreateAllocation
+from ..models.job_create_method import JobCreateMethod
+from ..models.job_create_targets import JobCreateTargets
+from ..types import UNSET, Unset
+
+if TYPE_CHECKING:
+    from ..models.ada_lora_adapter import AdaLoraAdapter
+    from ..models.builtin_data import BuiltinData
+    from ..models.builtin_evaluation import BuiltinEvaluation
+    from ..models.file_data import FileData
+    from ..models.file_evaluation import FileEvaluation
+    from ..models.hf_data import HfData
+    from ..models.hf_evaluation import HfEvaluation
+    from ..models.job_create_metadata import JobCreateMetadata
+    from ..models.lora_adapter import LoraAdapter
+    from ..models.no_adapter import NoAdapter
+    from ..models.update_adapter import UpdateAdapter
+
+
+T = TypeVar("T", bound="JobCreate")
+
+
+@_attrs_define
+class JobCreate:
+    """A compression job. Only `model` and `ratio` are required.
+
+    Attributes:
+        model (str): The `smollm2-135m` alias, a Hugging Face hub id (`org/name`), or an absolute path to a model folder
+            or .gguf file inside the server's allowed model root.
+        ratio (float): Fraction of the parameters of each compressed linear to remove.
+        method (JobCreateMethod | Unset):  Default: JobCreateMethod.SVD_LLM.
+        allocation (JobCreateAllocation | Unset):  Default: JobCreateAllocation.UNIFORM.
+        targets (JobCreateTargets | Unset):  Default: JobCreateTargets.ALL.
+        adapter (AdaLoraAdapter | LoraAdapter | NoAdapter | Unset | UpdateAdapter): Recovery after compression.
+        calibration (BuiltinData | FileData | HfData | Unset):
+        evaluation (BuiltinEvaluation | FileEvaluation | HfEvaluation | Unset):
+        metadata (JobCreateMetadata | Unset):
+    """
+
+    model: str
+    ratio: float
+    method: JobCreateMethod | Unset = JobCreateMethod.SVD_LLM
+    allocation: JobCreateAllocation | Unset = JobCreateAllocation.UNIFORM
+    targets: JobCreateTargets | Unset = JobCreateTargets.ALL
+    adapter: AdaLoraAdapter | LoraAdapter | NoAdapter | Unset | UpdateAdapter = UNSET
+    calibration: BuiltinData | FileData | HfData | Unset = UNSET
+    evaluation: BuiltinEvaluation | FileEvaluation | HfEvaluation | Unset = UNSET
+    metadata: JobCreateMetadata | Unset = UNSET
+
+    def to_dict(self) -> dict[str, Any]:
+        from ..models.builtin_data import BuiltinData  # noqa: PLC0415
+        from ..models.builtin_evaluation import BuiltinEvaluation  # noqa: PLC0415
+        from ..models.file_data import FileData  # noqa: PLC0415
+        from ..models.file_evaluation import FileEvaluation  # noqa: PLC0415
+        from ..models.lora_adapter import LoraAdapter  # noqa: PLC0415
+        from ..models.no_adapter import NoAdapter  # noqa: PLC0415
+        from ..models.update_adapter import UpdateAdapter  # noqa: PLC0415
+
+        model = self.model
+
+        ratio = self.ratio
+
+        method: str | Unset = UNSET
+        if not isinstance(self.method, Unset):
+            method = self.method.value
+
+        allocation: str | Unset = UNSET
+        if not isinstance(self.allocation, Unset):
+            allocation = self.allocation.value
+
+        targets: str | Unset = UNSET
+        if not isinstance(self.targets, Unset):
+            targets = self.targets.value
+
+        adapter: dict[str, Any] | Unset
+        if isinstance(self.adapter, Unset):
+            adapter = UNSET
+        elif isinstance(self.adapter, NoAdapter):
+            adapter = self.adapter.to_dict()
+        elif isinstance(self.adapter, UpdateAdapter):
+            adapter = self.adapter.to_dict()
+        elif isinstance(self.adapter, LoraAdapter):
+            adapter = self.adapter.to_dict()
+        else:
+            adapter = self.adapter.to_dict()
+
+        calibration: dict[str, Any] | Unset
+        if isinstance(self.calibration, Unset):
+            calibration = UNSET
+        elif isinstance(self.calibration, BuiltinData):
+            calibration = self.calibration.to_dict()
+        elif isinstance(self.calibration, FileData):
+            calibration = self.calibration.to_dict()
+        else:
+            calibration = self.calibration.to_dict()
+
+        evaluation: dict[str, Any] | Unset
+        if isinstance(self.evaluation, Unset):
+            evaluation = UNSET
+        elif isinstance(self.evaluation, BuiltinEvaluation):
+            evaluation = self.evaluation.to_dict()
+        elif isinstance(self.evaluation, FileEvaluation):
+            evaluation = self.evaluation.to_dict()
+        else:
+            evaluation = self.evaluation.to_dict()
+
+        metadata: dict[str, Any] | Unset = UNSET
+        if not isinstance(self.metadata, Unset):
+            metadata = self.metadata.to_dict()
+
+        field_dict: dict[str, Any] = {}
+
+        field_dict.update(
+            {
+                "model": model,
+                "ratio": ratio,
+            }
+        )
+        if method is not UNSET:
+            field_dict["method"] = method
+        if allocation is not UNSET:
+            field_dict["allocation"] = allocation
+        if targets is not UNSET:
+            field_dict["targets"] = targets
+        if adapter is not UNSET:
+            field_dict["adapter"] = adapter
+        if calibration is not UNSET:
+            field_dict["calibration"] = calibration
+        if evaluation is not UNSET:
+            field_dict["evaluation"] = evaluation
+        if metadata is not UNSET:
+            field_dict["metadata"] = metadata
+
+        return field_dict
+
+    @classmethod
+    def from_dict(cls: type[T], src_dict: Mapping[str, Any]) -> T:
+        from ..models.ada_lora_adapter import AdaLoraAdapter  # noqa: PLC0415
+        from ..models.builtin_data import BuiltinData  # noqa: PLC0415
+        from ..models.builtin_evaluation import BuiltinEvaluation  # noqa: PLC0415
+        from ..models.file_data import FileData  # noqa: PLC0415
+        from ..models.file_evaluation import FileEvaluation  # noqa: PLC0415
+        from ..models.hf_data import HfData  # noqa: PLC0415
+        from ..models.hf_evaluation import HfEvaluation  # noqa: PLC0415
+        from ..models.job_create_metadata import JobCreateMetadata  # noqa: PLC0415
+        from ..models.lora_adapter import LoraAdapter  # noqa: PLC0415
+        from ..models.no_adapter import NoAdapter  # noqa: PLC0415
+        from ..models.update_adapter import UpdateAdapter  # noqa: PLC0415
+
+        d = dict(src_dict)
+        model = d.pop("model")
+
+        ratio = d.pop("ratio")
+
+        _method = d.pop("method", UNSET)
+        method: JobCreateMethod | Unset
+        if isinstance(_method, Unset):
+            method = UNSET
+        else:
+            method = JobCreateMethod(_method)
+
+        _allocation = d.pop("allocation", UNSET)
+        allocation: JobCreateAllocation | Unset
+        if isinstance(_allocation, Unset):
+            allocation = UNSET
+        else:
+            allocation = JobCreateAllocation(_allocation)
+
+        _targets = d.pop("targets", UNSET)
+        targets: JobCreateTargets | Unset
+        if isinstance(_targets, Unset):
+            targets = UNSET
+        else:
+            targets = JobCreateTargets(_targets)
+
+        def _parse_adapter(data: object) -> AdaLoraAdapter | LoraAdapter | NoAdapter | Unset | UpdateAdapter:
+            if isinstance(data, Unset):
+                return data
+            try:
+                if not isinstance(data, dict):
+                    raise TypeError()
+                adapter_type_0 = NoAdapter.from_dict(data)
+
+                return adapter_type_0
+            except (TypeError, ValueError, AttributeError, KeyError):
+                pass
+            try:
+                if not isinstance(data, dict):
+                    raise TypeError()
+                adapter_type_1 = UpdateAdapter.from_dict(data)
+
+                return adapter_type_1
+            except (TypeError, ValueError, AttributeError, KeyError):
+                pass
+            try:
+                if not isinstance(data, dict):
+                    raise TypeError()
+                adapter_type_2 = LoraAdapter.from_dict(data)
+
+                return adapter_type_2
+            except (TypeError, ValueError, AttributeError, KeyError):
+                pass
+            if not isinstance(data, dict):
+                raise TypeError()
+            adapter_type_3 = AdaLoraAdapter.from_dict(data)
+
+            return adapter_type_3
+
+        adapter = _parse_adapter(d.pop("adapter", UNSET))
+
+        def _parse_calibration(data: object) -> BuiltinData | FileData | HfData | Unset:
+            if isinstance(data, Unset):
+                return data
+            try:
+                if not isinstance(data, dict):
+                    raise TypeError()
+                calibration_type_0 = BuiltinData.from_dict(data)
+
+                return calibration_type_0
+            except (TypeError, ValueError, AttributeError, KeyError):
+                pass
+            try:
+                if not isinstance(data, dict):
+                    raise TypeError()
+                calibration_type_1 = FileData.from_dict(data)
+
+                return calibration_type_1
+            except (TypeError, ValueError, AttributeError, KeyError):
+                pass
+            if not isinstance(data, dict):
+                raise TypeError()
+            calibration_type_2 = HfData.from_dict(data)
+
+            return calibration_type_2
+
+        calibration = _parse_calibration(d.pop("calibration", UNSET))
+
+        def _parse_evaluation(data: object) -> BuiltinEvaluation | FileEvaluation | HfEvaluation | Unset:
+            if isinstance(data, Unset):
+                return data
+            try:
+                if not isinstance(data, dict):
+                    raise TypeError()
+                evaluation_type_0 = BuiltinEvaluation.from_dict(data)
+
+                return evaluation_type_0
+            except (TypeError, ValueError, AttributeError, KeyError):
+                pass
+            try:
+                if not isinstance(data, dict):
+                    raise TypeError()
+                evaluation_type_1 = FileEvaluation.from_dict(data)
+
+                return evaluation_type_1
+            except (TypeError, ValueError, AttributeError, KeyError):
+                pass
+            if not isinstance(data, dict):
+                raise TypeError()
+            evaluation_type_2 = HfEvaluation.from_dict(data)
+
+            return evaluation_type_2
+
+        evaluation = _parse_evaluation(d.pop("evaluation", UNSET))
+
+        _metadata = d.pop("metadata", UNSET)
+        metadata: JobCreateMetadata | Unset
+        if isinstance(_metadata, Unset):
+            metadata = UNSET
+        else:
+            metadata = JobCreateMetadata.from_dict(_metadata)
+
+        job_create = cls(
+            model=model,
+            ratio=ratio,
+            method=method,
+            allocation=allocation,
+            targets=targets,
+            adapter=adapter,
+            calibration=calibration,
+            evaluation=evaluation,
+            metadata=metadata,
+        )
+
+        return job_create

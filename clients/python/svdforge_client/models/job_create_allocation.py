@@ -1,0 +1,9 @@
+from enum import StrEnum
+
+
+class JobCreateAllocation(StrEnum):
+    GLOBAL = "global"
+    UNIFORM = "uniform"
+
+    def __str__(self) -> str:
+        return str(self.value)
