@@ -29,6 +29,15 @@ from core.stats_cache import DEFAULT_MAX_BYTES, StatsCache, stats_key
 
 
 def peak_rss_bytes() -> int:
+    """This process's peak resident memory. VmHWM where Linux has it: `ru_maxrss` includes the
+    parent's RSS at fork time (carried over exec), which overstates a worker's own peak."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
