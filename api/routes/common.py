@@ -31,6 +31,12 @@ def page(rows: list[Any], limit: int) -> tuple[list[Any], bool]:
     return rows[:limit], len(rows) > limit
 
 
+def list_response(cls, data: list[Any], has_more: bool):
+    """A cursor-paginated list object: the items plus the ids a client pages with."""
+    return cls(data=data, has_more=has_more, first_id=data[0].id if data else None,
+               last_id=data[-1].id if data else None)
+
+
 def job_out(job: Job) -> JobOut:
     error = None
     if job.error_code:

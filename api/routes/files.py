@@ -15,7 +15,7 @@ from sqlalchemy import select
 from api.deps import CurrentKey, SessionDep, SettingsDep, StorageDep
 from api.limits import too_large
 from api.problems import ProblemError, field_error
-from api.routes.common import After, Limit, file_out, page, problems
+from api.routes.common import After, Limit, file_out, list_response, page, problems
 from api.schemas import FileDeleted, FileList, FileOut
 from persistence.ids import new_id
 from persistence.models import File as FileRow
@@ -104,8 +104,7 @@ def list_files(session: SessionDep, key: CurrentKey, after: After = None, limit:
         q = q.where(FileRow.id < after)
     rows, more = page(list(session.scalars(q.order_by(FileRow.id.desc()).limit(limit + 1))), limit)
     data = [file_out(f) for f in rows]
-    return FileList(data=data, has_more=more, first_id=data[0].id if data else None,
-                    last_id=data[-1].id if data else None)
+    return list_response(FileList, data, more)
 
 
 @router.get("/{file_id}", operation_id="get_file", response_model=FileOut, responses=problems(401, 404, 422),

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from api.deps import CeleryDep, CurrentKey, SessionDep, SettingsDep, StorageDep
 from api.problems import ProblemError, field_error
-from api.routes.common import After, Limit, artifact_out, event_out, job_out, page, problems
+from api.routes.common import After, Limit, artifact_out, event_out, job_out, list_response, page, problems
 from api.schemas import ArtifactList, ArtifactOut, JobCreate, JobEventList, JobList, JobOut, JobReport
 from persistence import jobs as jobs_repo
 from persistence.modelref import ModelRefError, check_model_ref
@@ -121,8 +121,7 @@ def list_jobs(session: SessionDep, key: CurrentKey, after: After = None, limit: 
         q = q.where(Job.id < after)
     rows, more = page(list(session.scalars(q.order_by(Job.id.desc()).limit(limit + 1))), limit)
     data = [job_out(j) for j in rows]
-    return JobList(data=data, has_more=more, first_id=data[0].id if data else None,
-                   last_id=data[-1].id if data else None)
+    return list_response(JobList, data, more)
 
 
 @router.get("/{job_id}", operation_id="get_job", response_model=JobOut, responses=problems(401, 404, 422),
@@ -169,8 +168,7 @@ def list_job_events(job_id: str, session: SessionDep, key: CurrentKey, after: Af
         q = q.where(JobEvent.id > int(m.group(1)))
     rows, more = page(list(session.scalars(q.order_by(JobEvent.id).limit(limit + 1))), limit)
     data = [event_out(e) for e in rows]
-    return JobEventList(data=data, has_more=more, first_id=data[0].id if data else None,
-                        last_id=data[-1].id if data else None)
+    return list_response(JobEventList, data, more)
 
 
 @router.get("/{job_id}/report", operation_id="get_job_report", response_model=JobReport,
@@ -202,8 +200,7 @@ def list_job_artifacts(job_id: str, request: Request, session: SessionDep, key: 
         q = q.where(Artifact.id > after)
     rows, more = page(list(session.scalars(q.order_by(Artifact.id).limit(limit + 1))), limit)
     data = [artifact_out(a, request, storage, settings) for a in rows]
-    return ArtifactList(data=data, has_more=more, first_id=data[0].id if data else None,
-                        last_id=data[-1].id if data else None)
+    return list_response(ArtifactList, data, more)
 
 
 @router.get("/{job_id}/artifacts/{artifact_id}", operation_id="get_job_artifact", response_model=ArtifactOut,
