@@ -3,7 +3,10 @@
 The API checks this before accepting a job (422 on `model`), and the worker checks it
 again before loading (the root may have changed while the job waited). A path must
 resolve, symlinks followed, inside `SVDFORGE_MODEL_ROOT`, so `..` or a link cannot reach
-the rest of the disk. Kept free of torch so that the API does not import it.
+the rest of the disk. A hub id (model or dataset) must not name a path that exists
+relative to the process's working folder: transformers and datasets load such a folder
+instead of asking the hub, which would bypass the root. Kept free of torch so that the
+API does not import it.
 """
 from __future__ import annotations
 
@@ -33,9 +36,19 @@ def check_model_ref(model: str, settings: Settings) -> str:
     if HUB_ID.match(model) and ".." not in model:
         if not settings.allow_hub_models:
             raise ModelRefError("hub models are disabled on this server; use an alias or a local path")
-        return model
+        return check_hub_name(model)
     raise ModelRefError(f"{model!r} is not an alias ({', '.join(sorted(ALIASES))}), a hub id like org/name, "
                         "or an absolute path")
+
+
+def check_hub_name(name: str) -> str:
+    """A hub id (`org/name` or `name`) that cannot be read as a local path; returns it unchanged."""
+    if any(part in ("", ".", "..") for part in name.split("/")):
+        raise ModelRefError(f"{name!r} is not a valid hub id")
+    if Path(name).exists() or Path(name).is_symlink():
+        raise ModelRefError(f"{name!r} names a path relative to the server's working folder; "
+                            "local models and data must be absolute paths inside the allowed root")
+    return name
 
 
 def _check_path(model: str, settings: Settings) -> str:

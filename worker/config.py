@@ -10,7 +10,7 @@ from typing import Any
 
 from core.config import CompressConfig, DataSpec, EvalConfig, RecoverConfig
 from core.errors import UserError
-from persistence.modelref import ModelRefError, check_model_ref
+from persistence.modelref import ModelRefError, check_hub_name, check_model_ref
 from persistence.settings import Settings
 
 
@@ -23,6 +23,10 @@ def data_spec(spec: dict[str, Any], files: dict[str, Path], split: str | None) -
     if source == "file":
         return DataSpec(source="file", path=str(files[spec["file_id"]]), **common)
     if source == "hf":
+        try:
+            check_hub_name(spec["dataset"])
+        except ModelRefError as e:
+            raise UserError(f"dataset: {e}") from None
         return DataSpec(source="hf", dataset=spec["dataset"], config=spec.get("config"), split=spec.get("split"),
                         text_field=spec.get("text_field", "text"), **common)
     raise UserError(f"unknown data source {source!r}")

@@ -17,7 +17,7 @@ from api.problems import ProblemError, field_error
 from api.routes.common import After, Limit, artifact_out, event_out, job_out, list_response, page, problems
 from api.schemas import ArtifactList, ArtifactOut, JobCreate, JobEventList, JobList, JobOut, JobReport
 from persistence import jobs as jobs_repo
-from persistence.modelref import ModelRefError, check_model_ref
+from persistence.modelref import ModelRefError, check_hub_name, check_model_ref
 from persistence.models import ApiKey, Artifact, File, Job, JobEvent, utcnow
 from persistence.settings import Settings
 from persistence.state import TERMINAL, JobStatus, StaleTransition, transition
@@ -48,6 +48,11 @@ def _validate_references(body: JobCreate, session: Session, key: ApiKey, setting
     if getattr(body.adapter, "data", None) is not None:
         refs.append(("adapter.data", body.adapter.data))
     for field, spec in refs:
+        if spec.source == "hf":
+            try:
+                check_hub_name(spec.dataset)
+            except ModelRefError as e:
+                raise field_error(f"{field}.dataset", str(e)) from None
         if spec.source == "file":
             f = session.get(File, spec.file_id)
             if f is None or f.owner_id != key.id:
