@@ -5,8 +5,10 @@ again before loading (the root may have changed while the job waited). A path mu
 resolve, symlinks followed, inside `SVDFORGE_MODEL_ROOT`, so `..` or a link cannot reach
 the rest of the disk. A hub id (model or dataset) must not name a path that exists
 relative to the process's working folder: transformers and datasets load such a folder
-instead of asking the hub, which would bypass the root. Kept free of torch so that the
-API does not import it.
+instead of asking the hub, which would bypass the root. Pickle checkpoints are refused
+unless `SVDFORGE_ALLOW_PICKLE` is set (remote code is refused by the loader itself unless
+`SVDFORGE_TRUST_REMOTE_CODE` is set: telling needs transformers). Kept free of torch so
+that the API does not import it.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from persistence.settings import Settings
 
 ALIASES = frozenset({"smollm2-135m"})  # core.models.ALIASES (a test keeps the two equal)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")  # core.models refuses the same ones
 
 
 class ModelRefError(ValueError):
@@ -51,6 +54,12 @@ def check_hub_name(name: str) -> str:
     return name
 
 
+def _pickle_only(folder: Path) -> bool:
+    names = [p.name for p in folder.iterdir()]
+    has_safetensors = any(n.endswith(".safetensors") or n == "model.safetensors.index.json" for n in names)
+    return not has_safetensors and any(n.endswith(PICKLE_SUFFIXES) for n in names)
+
+
 def _check_path(model: str, settings: Settings) -> str:
     if settings.model_root is None:
         raise ModelRefError("local model paths are disabled on this server (set SVDFORGE_MODEL_ROOT)")
@@ -63,4 +72,8 @@ def _check_path(model: str, settings: Settings) -> str:
         raise ModelRefError("the path is outside the allowed model root")
     if not resolved.exists():
         raise ModelRefError("no such model folder or file under the allowed model root")
+    if not settings.allow_pickle and (resolved.suffix in PICKLE_SUFFIXES if resolved.is_file()
+                                      else resolved.is_dir() and _pickle_only(resolved)):
+        raise ModelRefError("pickle weights (.bin/.pt) can run code when loaded and are refused on this server "
+                            "(convert to safetensors, or an operator sets SVDFORGE_ALLOW_PICKLE)")
     return str(resolved)

@@ -35,6 +35,9 @@ class Settings(BaseSettings):
 
     model_root: Path | None = None  # local model paths must resolve inside this folder
     allow_hub_models: bool = True
+    # Both run code chosen by the checkpoint's author inside the worker: off unless an operator opts in.
+    allow_pickle: bool = False  # .bin/.pt/.pth/.ckpt weights (torch.load)
+    trust_remote_code: bool = False  # a model folder's or hub repo's own Python modules
     max_upload_bytes: int = Field(100 * MiB, ge=1)
 
     progress_interval_s: float = Field(1.0, gt=0.0)  # worker flushes progress, renews its lease, reads cancel

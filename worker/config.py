@@ -62,4 +62,5 @@ def build_config(request: dict[str, Any], files: dict[str, Path], settings: Sett
         recover=recover_config(request.get("adapter") or {}, files),
         evaluation=eval_config(request.get("evaluation") or {}, files),
         device=settings.device,
+        allow_pickle=settings.allow_pickle, trust_remote_code=settings.trust_remote_code,
     )
