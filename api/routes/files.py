@@ -27,8 +27,9 @@ CHUNK = 1024 * 1024
 
 
 def _safe_filename(name: str | None) -> str:
+    """The client's name, kept as a label only (storage keys are ours): no folders, no `.`/`..`."""
     base = re.sub(r"[\x00-\x1f\x7f\"\\/]", "_", os.path.basename(name or "")).strip()
-    return base[:255] or "upload.txt"
+    return base[:255] if base.strip(".") else "upload.txt"
 
 
 def _spool(upload: UploadFile, folder: Path, max_bytes: int) -> tuple[Path, int, str]:
