@@ -1,4 +1,4 @@
-"""`svdforge serve | worker | migrate | keys ...`: running the service from the shell.
+"""`svdforge serve | worker | migrate | check | keys ...`: running the service from the shell.
 
 Settings come from `SVDFORGE_*` variables; `--data-dir` is a shortcut for SVDFORGE_DATA_DIR.
 """
@@ -55,6 +55,48 @@ def migrate(data_dir: DataDir = None) -> None:
     db = Database(settings)
     mig.upgrade(db)
     typer.echo(f"database at the latest revision: {settings.database_url.split('://', 1)[0]}")
+
+
+@app.command()
+def check(data_dir: DataDir = None) -> None:
+    """Check that the database is migrated and the broker and storage answer; exit 1 if not.
+
+    The containers' healthchecks run it: it needs no HTTP server, so it fits the worker too
+    (whose one Celery process is busy while a job runs and cannot answer a ping).
+    """
+    from persistence import migrate as mig
+    from persistence.db import Database
+    from persistence.storage import make_storage
+    from worker.app import make_celery
+
+    settings = _settings(data_dir)
+
+    def database() -> None:
+        db = Database(settings)
+        try:
+            missing = mig.pending(db)
+        finally:
+            db.dispose()
+        if missing:
+            raise RuntimeError(f"not migrated: {len(missing)} revision(s) pending (run `svdforge migrate`)")
+
+    def broker() -> None:
+        if settings.is_filesystem_broker and not settings.queue_dir.is_dir():
+            raise RuntimeError(f"queue folder {settings.queue_dir} is missing")
+        with make_celery(settings).connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=3)
+
+    failed = False
+    for name, fn in (("database", database), ("broker", broker), ("storage", make_storage(settings).check)):
+        try:
+            fn()
+            typer.echo(f"{name}: ok")
+        except Exception as e:  # noqa: BLE001 - report every check on one line each
+            failed = True
+            typer.echo(f"{name}: failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}",
+                       err=True)
+    if failed:
+        raise SystemExit(1)  # (typer.Exit's code is dropped: the CLI runs with standalone_mode=False)
 
 
 keys = typer.Typer(help="API keys (stored hashed; a key is shown once, when it is created).", no_args_is_help=True)

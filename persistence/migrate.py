@@ -29,3 +29,17 @@ def upgrade(db: Database, revision: str = "head") -> None:
     with db.write_engine.begin() as conn:
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
+
+
+def pending(db: Database) -> list[str]:
+    """Revisions the database still lacks (empty: at the latest one). Reads, never writes."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory.from_config(alembic_config(db.settings.database_url))
+    with db.write_engine.connect() as conn:
+        current = set(MigrationContext.configure(conn).get_current_heads())
+    if current >= set(script.get_heads()):
+        return []
+    have = {r.revision for c in current for r in script.iterate_revisions(c, "base")}
+    return [r.revision for r in script.walk_revisions() if r.revision not in have][::-1]
