@@ -15,6 +15,7 @@ from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
+from api.limits import UNAUTHORIZED
 from api.problems import ProblemError, field_error
 from persistence.db import Database
 from persistence.keys import find_key
@@ -80,8 +81,7 @@ def get_current_key(request: Request, session: SessionDep,
         with request.app.state.db.session() as own:
             key = find_key(own, credentials.credentials)
     if key is None:
-        raise ProblemError(401, "unauthorized", "a valid API key is required (Authorization: Bearer <key>)",
-                           headers={"WWW-Authenticate": "Bearer"})
+        raise ProblemError(401, "unauthorized", UNAUTHORIZED, headers={"WWW-Authenticate": "Bearer"})
     return key
 
 

@@ -1,16 +1,23 @@
-"""Request body limits that answer 413 as problem+json before the body is parsed.
+"""Request body guards that answer as problem+json before the body is parsed.
 
 Starlette would otherwise spool a whole multipart upload to disk before the route could
-look at its size. A declared Content-Length over the limit is refused at once; a chunked
-body is counted as it arrives and refused when it passes the limit.
+look at its size. A declared Content-Length over the limit is refused at once (413); a
+chunked body is counted as it arrives and refused when it passes the limit. And FastAPI
+reads the body before it runs the dependency that checks the API key, so a request that
+sends a body without a valid key is refused (401) here, before any of it is read.
 """
 from __future__ import annotations
 
 import json
 
+import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.problems import PROBLEM_JSON, ProblemError
+from persistence.keys import find_key
+
+NO_BODY = ("GET", "HEAD", "OPTIONS")
+UNAUTHORIZED = "a valid API key is required (Authorization: Bearer <key>)"  # also what api.deps answers
 
 
 class BodyLimitMiddleware:
@@ -21,13 +28,14 @@ class BodyLimitMiddleware:
         return self.limits.get(path.rstrip("/"), self.default_limit)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+        if scope["type"] != "http" or scope["method"] in NO_BODY:
             await self.app(scope, receive, send)
             return
         limit = self._limit(scope["path"])
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
-            await _send_413(scope, send, limit)
+            await send_problem(scope, send, 413, "content_too_large", "Content Too Large",
+                               f"the request body is larger than {limit} bytes", limit_bytes=limit)
             return
         seen = 0
 
@@ -48,11 +56,49 @@ def too_large(limit: int) -> ProblemError:
                         limit_bytes=limit)
 
 
-async def _send_413(scope: Scope, send: Send, limit: int) -> None:
-    body = json.dumps({"type": "urn:svdforge:problem:content_too_large", "title": "Content Too Large",
-                       "status": 413, "detail": f"the request body is larger than {limit} bytes",
-                       "instance": scope["path"], "code": "content_too_large", "limit_bytes": limit}).encode()
-    await send({"type": "http.response.start", "status": 413,
+class KeyBeforeBodyMiddleware:
+    """Requests under `prefix` that carry a body need a valid key before the body is read.
+
+    One indexed lookup in a worker thread (the route's own dependency looks again: that one
+    decides, this one only keeps anonymous bodies from being read, parsed or spooled).
+    """
+
+    def __init__(self, app: ASGIApp, prefix: str = "/v1/") -> None:
+        self.app, self.prefix = app, prefix
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in NO_BODY or not scope["path"].startswith(self.prefix):
+            await self.app(scope, receive, send)
+            return
+        token = bearer_token(scope)
+        db = scope["app"].state.db
+        if token is None or not await anyio.to_thread.run_sync(_known_key, db, token):
+            await send_problem(scope, send, 401, "unauthorized", "Unauthorized", UNAUTHORIZED,
+                               headers=[(b"www-authenticate", b"Bearer")])
+            return
+        await self.app(scope, receive, send)
+
+
+def bearer_token(scope: Scope) -> str | None:
+    """The credentials of `Authorization: Bearer <token>` (as FastAPI's HTTPBearer reads them)."""
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").strip().partition(" ")
+            return token.strip() or None if scheme.lower() == "bearer" else None
+    return None
+
+
+def _known_key(db, token: str) -> bool:  # noqa: ANN001
+    with db.session() as s:
+        return find_key(s, token) is not None
+
+
+async def send_problem(scope: Scope, send: Send, status: int, code: str, title: str, detail: str, *,
+                       headers: tuple[tuple[bytes, bytes], ...] = (), **extensions: object) -> None:
+    """A problem+json response from middleware (the app's handlers are not reached)."""
+    body = json.dumps({"type": f"urn:svdforge:problem:{code}", "title": title, "status": status, "detail": detail,
+                       "instance": scope["path"], "code": code, **extensions}).encode()
+    await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", PROBLEM_JSON.encode()), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
+                            (b"connection", b"close"), *headers]})
     await send({"type": "http.response.body", "body": body})

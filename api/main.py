@@ -12,7 +12,7 @@ from fastapi import Depends, FastAPI
 
 from api import openapi, problems
 from api.deps import reject_unknown_query
-from api.limits import BodyLimitMiddleware
+from api.limits import BodyLimitMiddleware, KeyBeforeBodyMiddleware
 from api.routes import files, health, jobs
 from persistence.db import Database
 from persistence.settings import Settings, get_settings
@@ -45,6 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.storage = make_storage(settings)
     app.state.celery = make_celery(settings)
     problems.install(app)
+    app.add_middleware(KeyBeforeBodyMiddleware)  # inner: runs after the size check, which needs no database
     app.add_middleware(BodyLimitMiddleware, default_limit=1024 * 1024,
                        limits={"/v1/files": settings.max_upload_bytes + 64 * 1024})
     strict_query = [Depends(reject_unknown_query)]

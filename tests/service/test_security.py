@@ -226,6 +226,26 @@ def test_declared_length_over_the_limit_reads_nothing(small_limit, tokens):
     assert (status, body["code"], read) == (413, "content_too_large", 0)
 
 
+@pytest.mark.parametrize("authorization", [None, b"Bearer svdf_" + b"A" * 43, b"Basic abc", b"Bearer"])
+@pytest.mark.parametrize("path", ["/v1/files", "/v1/jobs"])
+def test_anonymous_bodies_are_refused_before_they_are_read(app, tokens, authorization, path):
+    """FastAPI parses a body (spooling an upload to disk) before the key is checked: a request
+    without a valid key is answered 401 before its body is read."""
+    headers = [(b"content-type", b"multipart/form-data; boundary=b" if path == "/v1/files" else b"application/json")]
+    if authorization is not None:
+        headers.append((b"authorization", authorization))
+    status, body, read = _asgi_post(app, path, headers, iter([b"x" * 1000] * 60), 60_000)
+    assert (status, body["code"], read) == (401, "unauthorized", 0)
+
+
+def test_a_revoked_key_cannot_send_a_body(app, db, tokens):
+    with db.begin() as s:
+        revoke_key(s, s.scalar(select(ApiKey).where(ApiKey.name == "alice")).id)
+    headers = [(b"authorization", f"Bearer {tokens['alice']}".encode()), (b"content-type", b"application/json")]
+    status, _, read = _asgi_post(app, "/v1/jobs", headers, iter([b"{}"]), 2)
+    assert (status, read) == (401, 0)
+
+
 def test_job_bodies_have_their_own_small_limit(app, tokens):
     headers = [(b"authorization", f"Bearer {tokens['alice']}".encode()), (b"content-type", b"application/json")]
     big = (b'{"model": "smollm2-135m", "ratio": 0.4, "metadata": {"a": "' + b"x" * (4 * 1024 * 1024) + b'"}}')
