@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
+from core.config import UPDATE_MIX
 from persistence.state import JobStatus, Stage
 
 Seed = Annotated[int, Field(ge=0, le=2**31 - 1, description="Random seed for sampling the text.")]
@@ -119,7 +120,15 @@ class NoAdapter(Strict):
     type: Literal["none"] = "none"
 
 
+UpdateMix = Annotated[float, Field(ge=0, le=1, description=(
+    "Closed-form update: weight of the dense model's output W X in the least-squares target "
+    "(the rest is the dense weight on the compressed-path inputs, W X'). 0 changes nothing, "
+    "1 fits the dense output exactly (overfits on SmolLM2); the default was picked by benchmark."))]
+
+
 class _Training(Strict):
+    update: bool = Field(False, description="Apply the closed-form update during calibration, before training.")
+    update_mix: UpdateMix = UPDATE_MIX
     epochs: Annotated[int, Field(ge=1, le=100)] = 1
     max_steps: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
     lr: Annotated[float, Field(gt=0, lt=1)] = 1e-4
@@ -129,10 +138,12 @@ class _Training(Strict):
                              description="Training text (defaults to 32 builtin windows).")
 
 
-class UpdateAdapter(_Training):
-    """Fine-tune the low-rank factors themselves."""
+class UpdateAdapter(Strict):
+    """SVD-LLM's closed-form least-squares update of W_u given W_v, layer by layer during
+    calibration (sequential mode); no training, no extra parameters."""
 
     type: Literal["update"]
+    mix: UpdateMix = UPDATE_MIX
 
 
 class LoraAdapter(_Training):

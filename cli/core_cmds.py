@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from cli.app import app
-from core.config import CompressConfig, DataSpec, EvalConfig, RecoverConfig
+from core.config import UPDATE_MIX, CompressConfig, DataSpec, EvalConfig, RecoverConfig
 from core.errors import UserError
 
 
@@ -74,6 +74,7 @@ def compress(
     adapter_samples: Annotated[int, typer.Option("--adapter-samples", help="Training windows (same source as calibration, seed+1).")] = 64,
     adapter_seq_len: Annotated[Optional[int], typer.Option("--adapter-seq-len", help="Training window length (default: --seq-len).")] = None,
     adapter_update: Annotated[bool, typer.Option("--adapter-update", help="Also apply the closed-form update before LoRA/AdaLoRA.")] = False,
+    update_mix: Annotated[float, typer.Option("--update-mix", help="Closed-form update: weight of the dense output in its target (0..1).")] = UPDATE_MIX,
     adapter_autocast: Annotated[str, typer.Option("--adapter-autocast", help="none | bfloat16 | float16 training forward")] = "none",
     no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip evaluation.")] = False,
     eval_file: EvalFile = None, eval_hf: EvalHF = None, eval_hf_config: EvalHFConfig = None,
@@ -100,7 +101,7 @@ def compress(
         recover=RecoverConfig(type=adapter, rank=adapter_rank, max_steps=adapter_steps, alpha=adapter_alpha,
                               init_r=init_r, target_r=target_r, objective=adapter_objective, lr=adapter_lr,
                               epochs=adapter_epochs, batch_size=adapter_batch_size, grad_accum=adapter_grad_accum,
-                              update=adapter_update, autocast=adapter_autocast, seed=seed,
+                              update=adapter_update, update_mix=update_mix, autocast=adapter_autocast, seed=seed,
                               data=_data(calib_file, calib_hf, calib_hf_config, calib_split, adapter_samples,
                                          adapter_seq_len or seq_len, seed + 1, "calibration")),
         evaluation=_eval_config(no_eval, eval_file, eval_hf, eval_hf_config, eval_split, eval_seq_len,

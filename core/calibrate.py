@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from core.config import UPDATE_MIX
 from core.errors import NumericalError, UserError
 from core.linalg import saves_params, uniform_rank
 from core.lowrank import LowRankLinear, set_submodule
@@ -324,7 +325,7 @@ def compress_layers(model: nn.Module, ids: torch.Tensor, method: Method, rank_fn
                     device="cpu", fisher: dict[str, torch.Tensor] | None = None,
                     reporter: Reporter | None = None, method_options: dict | None = None,
                     forward_dtype: torch.dtype | None = None, update: bool = False,
-                    layer_io=None, activations=None, stats_cache=None) -> CalibrationResult:
+                    update_mix: float | None = None, layer_io=None, activations=None, stats_cache=None) -> CalibrationResult:
     """Compress the target linears of every decoder layer in place. Returns ranks and timings.
 
     layer_io: where layer l's weights come from and go (`core.streaming.StreamingLayers`:
@@ -342,7 +343,8 @@ def compress_layers(model: nn.Module, ids: torch.Tensor, method: Method, rank_fn
     update: after factorizing each linear, replace W_u by the closed-form least-squares
     update of SVD-LLM (`core.recover.least_squares_update`). It needs a second, dense stream
     of hidden states next to the compressed one (the dense model's own activations), so that
-    the target is what the dense model computes, and therefore sequential mode.
+    the target can include what the dense model computes, and therefore sequential mode.
+    update_mix: the weight of that dense output in the target (default `UPDATE_MIX`).
     """
     if update and mode != "sequential":
         raise UserError("the closed-form update needs calibration_mode 'sequential' "
@@ -355,10 +357,11 @@ def compress_layers(model: nn.Module, ids: torch.Tensor, method: Method, rank_fn
     io = layer_io or InMemoryLayers()
     store = activations or ActivationStore(device)
     needs = method.needs - {"fisher"} | ({"gram"} if update else set())
+    mix = UPDATE_MIX if update_mix is None else update_mix
     cached = stats_cache is not None and stats_cache.complete
     if cached:
         _decompose_cached(model, layers, prefix, io, method, rank_fn, targets, needs, update, fisher,
-                          method_options, stats_cache, rep, res)
+                          method_options, stats_cache, rep, res, mix)
         return res
     t0 = time.perf_counter()
     inputs = capture_layer0_inputs(model, ids, batch_size, device, alloc=store.empty)
@@ -407,7 +410,7 @@ def compress_layers(model: nn.Module, ids: torch.Tensor, method: Method, rank_fn
             stats_cache.save(li, collector, cross, n_layers)
 
         t0 = time.perf_counter()
-        _decompose_layer(model, linears, method, rank_fn, collector, fisher, method_options, res, cross)
+        _decompose_layer(model, linears, method, rank_fn, collector, fisher, method_options, res, cross, mix)
         del collector, cross
         res.timings["decompose"] += time.perf_counter() - t0
         rep.progress("svd", (li + 1) / n_layers, f"layer {li + 1}/{n_layers}", layer=li)
@@ -424,7 +427,7 @@ def compress_layers(model: nn.Module, ids: torch.Tensor, method: Method, rank_fn
 
 
 def _decompose_cached(model, layers, prefix, io, method, rank_fn, targets, needs, update, fisher,
-                      method_options, stats_cache, rep, res) -> None:
+                      method_options, stats_cache, rep, res, mix: float) -> None:
     """compress_layers on a cache hit: each layer from its stored statistics, no forward."""
     n_layers = len(layers)
     for li, layer in enumerate(layers):
@@ -438,7 +441,7 @@ def _decompose_cached(model, layers, prefix, io, method, rank_fn, targets, needs
         if li == 0:
             res.shared_inputs = [v for v in collector.groups().values()]
         t0 = time.perf_counter()
-        _decompose_layer(model, linears, method, rank_fn, collector, fisher, method_options, res, cross)
+        _decompose_layer(model, linears, method, rank_fn, collector, fisher, method_options, res, cross, mix)
         res.timings["decompose"] += time.perf_counter() - t0
         rep.progress("svd", (li + 1) / n_layers, f"layer {li + 1}/{n_layers}", layer=li)
         io.done(li, layer)
@@ -446,7 +449,7 @@ def _decompose_cached(model, layers, prefix, io, method, rank_fn, targets, needs
 
 @torch.no_grad()
 def _decompose_layer(model, linears, method, rank_fn, collector, fisher, method_options, res,
-                     cross: "CrossMoments | None" = None) -> None:
+                     cross: "CrossMoments | None" = None, mix: float = UPDATE_MIX) -> None:
     for name, lin in linears:
         m, n = lin.out_features, lin.in_features
         k = rank_fn(name, m, n)
@@ -464,7 +467,7 @@ def _decompose_layer(model, linears, method, rank_fn, collector, fisher, method_
             from core.recover import least_squares_update  # noqa: PLC0415  (the update's math lives there)
 
             f.u, upd = least_squares_update(lin.weight.detach().to(torch.float64), f.u, f.v,
-                                            stats.gram, cross.moment_for(name))
+                                            stats.gram, cross.moment_for(name), mix)
             entry["update"] = upd
         if not (torch.isfinite(f.u).all() and torch.isfinite(f.v).all()):
             raise NumericalError(f"{name}: non-finite factors")

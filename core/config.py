@@ -108,6 +108,13 @@ class EvalConfig:
         _int_in("throughput_seq_len", self.throughput_seq_len, 1, 1_048_576)
 
 
+# Default weight of the dense model's own output in the update's target (`core.recover.least_squares_update`). Chosen
+# by measurement on SmolLM2 at ratio 0.4 (svd-llm, sequential, 32 x 512 WikiText-2 valid
+# windows, first 4096 test tokens; docs/benchmarks_notes.md): mix 0 (= no update) PPL 99.5,
+# 0.2 -> 70.1, 0.5 -> 95.1, 1.0 -> 511.5.
+UPDATE_MIX = 0.2
+
+
 @dataclass
 class RecoverConfig:
     """SPEC stage 3. `type` none | update | lora | adalora (defaults from seed 000).
@@ -132,6 +139,7 @@ class RecoverConfig:
     data: DataSpec = field(default_factory=lambda: DataSpec(split="calibration", samples=64, seed=1))
     seed: int = 0
     update: bool = False        # also run the closed-form update before lora / adalora
+    update_mix: float = UPDATE_MIX   # weight of the dense output in the update's target
     autocast: str = "none"      # training forward dtype: none (the model's) | bfloat16 | float16
 
     def __post_init__(self) -> None:
@@ -141,6 +149,8 @@ class RecoverConfig:
         _choice("objective", self.objective, OBJECTIVES)
         _choice("autocast", self.autocast, ("none", "bfloat16", "float16"))
         _check(isinstance(self.update, bool), f"update must be true or false, got {self.update!r}")
+        _check(isinstance(self.update_mix, (int, float)) and not isinstance(self.update_mix, bool)
+               and 0 <= self.update_mix <= 1, f"update_mix must be in [0, 1], got {self.update_mix!r}")
         _int_in("rank", self.rank, 1, 4096)
         _int_in("init_r", self.init_r, 1, 4096)
         _int_in("target_r", self.target_r, 1, 4096)

@@ -161,7 +161,7 @@ def compress(config: CompressConfig, out_dir: str | Path | None = None, progress
                           mode=config.calibration_mode, batch_size=config.calibration_batch_size,
                           device=device, fisher=fisher, reporter=rep,
                           method_options={"alpha": config.asvd_alpha},
-                          forward_dtype=fdt, update=update,
+                          forward_dtype=fdt, update=update, update_mix=config.recover.update_mix,
                           layer_io=job.layers if job else None,
                           activations=job.store if job else _activation_store(config, device),
                           stats_cache=cache)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from core.config import CompressConfig, DataSpec, EvalConfig, RecoverConfig
+from core.config import UPDATE_MIX, CompressConfig, DataSpec, EvalConfig, RecoverConfig
 from core.errors import UserError
 from persistence.modelref import ModelRefError, check_hub_name, check_model_ref
 from persistence.settings import Settings
@@ -36,7 +36,10 @@ def recover_config(adapter: dict[str, Any], files: dict[str, Path]) -> RecoverCo
     kind = adapter.get("type", "none")
     if kind == "none":
         return RecoverConfig(type="none")
-    keys = ("epochs", "max_steps", "lr", "batch_size", "objective", "rank", "alpha", "dropout", "init_r", "target_r")
+    if kind == "update":
+        return RecoverConfig(type="update", update_mix=adapter.get("mix", UPDATE_MIX))
+    keys = ("epochs", "max_steps", "lr", "batch_size", "objective", "rank", "alpha", "dropout", "init_r", "target_r",
+            "update", "update_mix")
     options = {k: adapter[k] for k in keys if k in adapter}
     data = adapter.get("data") or {"source": "builtin", "samples": 32, "seed": 1}
     return RecoverConfig(type=kind, data=data_spec(data, files, "calibration"), **options)

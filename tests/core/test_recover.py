@@ -56,13 +56,37 @@ def test_update_is_exact_least_squares():
     Xc = X + 0.3 * torch.randn(n, T, dtype=torch.float64)   # compressed-path inputs
     G, C = Xc @ Xc.T, X @ Xc.T
     f = truncate_right(W, gram_sqrt(G).S, k)
-    new, info = least_squares_update(W, f.u, f.v, G, C)
+    new, info = least_squares_update(W, f.u, f.v, G, C, mix=1.0)
     # reference: solve min ||W X - u (v Xc)||_F directly on the data
     ref = torch.linalg.lstsq((f.v @ Xc).T, (W @ X).T).solution.T
     assert torch.allclose(new, ref, atol=1e-8)
     before = torch.linalg.norm(W @ X - f.u @ f.v @ Xc)
     after = torch.linalg.norm(W @ X - new @ f.v @ Xc)
     assert after < before and info["gain"] > 0
+
+
+def test_update_mix_interpolates_between_the_two_targets():
+    """mix = 1 fits the dense output W X; mix = 0 the dense weight on X' (a no-op here); in
+    between it is the least-squares fit of the mixed target, computed on the data."""
+    torch.manual_seed(2)
+    m, n, k, T = 12, 10, 4, 300
+    W = torch.randn(m, n, dtype=torch.float64)
+    X = torch.randn(n, T, dtype=torch.float64)
+    Xc = X + 0.5 * torch.randn(n, T, dtype=torch.float64)
+    G, C = Xc @ Xc.T, X @ Xc.T
+    f = truncate_right(W, gram_sqrt(G).S, k)
+    full, _ = least_squares_update(W, f.u, f.v, G, C, mix=1.0)
+    none, _ = least_squares_update(W, f.u, f.v, G, C, mix=0.0)
+    half, info = least_squares_update(W, f.u, f.v, G, C, mix=0.3)
+    assert torch.allclose(none, f.u, atol=1e-8)
+    ref = torch.linalg.lstsq((f.v @ Xc).T, (W @ (0.3 * X + 0.7 * Xc)).T).solution.T
+    assert torch.allclose(half, ref, atol=1e-8)
+    assert torch.allclose(half, 0.3 * full + 0.7 * none, atol=1e-8)   # linear in the target
+    assert info["gain"] > 0
+    with pytest.raises(UserError, match="mix"):
+        least_squares_update(W, f.u, f.v, G, C, mix=1.5)
+    with pytest.raises(UserError, match="update_mix"):
+        RecoverConfig(type="update", update_mix=-0.1)
 
 
 def test_update_is_a_no_op_when_whitened_on_the_same_inputs():

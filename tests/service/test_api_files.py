@@ -75,7 +75,7 @@ def test_jobs_can_use_uploaded_files(client, auth):
     assert r.json()["request"]["adapter"]["data"]["file_id"] == file_id
     missing = {**MINIMAL, "evaluation": {"source": "file", "file_id": "file_nope"}}
     assert_problem(client.post("/v1/jobs", json=missing, headers=auth), 422, field="evaluation.file_id")
-    missing = {**MINIMAL, "adapter": {"type": "update", "data": {"source": "file", "file_id": "file_nope"}}}
+    missing = {**MINIMAL, "adapter": {"type": "lora", "data": {"source": "file", "file_id": "file_nope"}}}
     assert_problem(client.post("/v1/jobs", json=missing, headers=auth), 422, field="adapter.data.file_id")
 
 

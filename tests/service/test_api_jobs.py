@@ -83,7 +83,10 @@ def test_create_full_example_request(client, auth):
     ({"adapter": {"type": "lora", "rnak": 4}}, "adapter.rnak"),
     ({"adapter": {"type": "qlora"}}, "adapter"),
     ({"adapter": {"type": "adalora", "init_r": 4, "target_r": 8}}, "adapter"),
-    ({"adapter": {"type": "update", "lr": 2}}, "adapter.lr"),
+    ({"adapter": {"type": "lora", "lr": 2}}, "adapter.lr"),
+    ({"adapter": {"type": "update", "lr": 1e-4}}, "adapter.lr"),   # a closed-form update does not train
+    ({"adapter": {"type": "update", "mix": 1.5}}, "adapter.mix"),
+    ({"adapter": {"type": "lora", "update_mix": -1}}, "adapter.update_mix"),
     ({"calibration": {"source": "builtin", "samples": 0}}, "calibration.samples"),
     ({"calibration": {"source": "builtin", "seq_len": 100000}}, "calibration.seq_len"),
     ({"calibration": {"source": "file"}}, "calibration.file_id"),

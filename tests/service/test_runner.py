@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import select
 
 from api.schemas import JobCreate
-from core.config import CompressConfig
+from core.config import UPDATE_MIX, CompressConfig
 from core.errors import Cancelled, NumericalError, UserError
 from persistence.jobs import create_job
 from persistence.keys import create_key
@@ -304,6 +304,12 @@ def test_build_config_maps_the_request(settings, tmp_path):
             minimal.evaluation.data.split) == (16, 256, 4096, "evaluation")
     with pytest.raises(UserError, match="model"):  # re-checked in the worker
         build_config({**body, "model": "/etc"}, {}, settings)
+    upd = build_config(JobCreate(model="smollm2-135m", ratio=0.4, adapter={"type": "update", "mix": 0.3})
+                       .model_dump(mode="json"), {}, settings)
+    assert (upd.recover.type, upd.recover.update_mix) == ("update", 0.3)
+    both = build_config(JobCreate(model="smollm2-135m", ratio=0.4, adapter={"type": "lora", "update": True})
+                        .model_dump(mode="json"), {}, settings)
+    assert (both.recover.type, both.recover.update, both.recover.update_mix) == ("lora", True, UPDATE_MIX)
 
 
 def test_api_model_aliases_match_core():

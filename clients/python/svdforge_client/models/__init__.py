@@ -47,7 +47,6 @@ from .stage import Stage
 from .stage_out import StageOut
 from .stage_out_status import StageOutStatus
 from .update_adapter import UpdateAdapter
-from .update_adapter_objective import UpdateAdapterObjective
 
 __all__ = (
     "AdaLoraAdapter",
@@ -97,5 +96,4 @@ __all__ = (
     "StageOut",
     "StageOutStatus",
     "UpdateAdapter",
-    "UpdateAdapterObjective",
 )

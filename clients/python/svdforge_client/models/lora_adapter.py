@@ -22,6 +22,10 @@ class LoraAdapter:
     """
     Attributes:
         type_ (Literal['lora']):
+        update (bool | Unset): Apply the closed-form update during calibration, before training. Default: False.
+        update_mix (float | Unset): Closed-form update: weight of the dense model's output W X in the least-squares
+            target (the rest is the dense weight on the compressed-path inputs, W X'). 0 changes nothing, 1 fits the dense
+            output exactly (overfits on SmolLM2); the default was picked by benchmark. Default: 0.2.
         epochs (int | Unset):  Default: 1.
         max_steps (int | None | Unset):
         lr (float | Unset):  Default: 0.0001.
@@ -35,6 +39,8 @@ class LoraAdapter:
     """
 
     type_: Literal["lora"]
+    update: bool | Unset = False
+    update_mix: float | Unset = 0.2
     epochs: int | Unset = 1
     max_steps: int | None | Unset = UNSET
     lr: float | Unset = 0.0001
@@ -50,6 +56,10 @@ class LoraAdapter:
         from ..models.file_data import FileData  # noqa: PLC0415
 
         type_ = self.type_
+
+        update = self.update
+
+        update_mix = self.update_mix
 
         epochs = self.epochs
 
@@ -90,6 +100,10 @@ class LoraAdapter:
                 "type": type_,
             }
         )
+        if update is not UNSET:
+            field_dict["update"] = update
+        if update_mix is not UNSET:
+            field_dict["update_mix"] = update_mix
         if epochs is not UNSET:
             field_dict["epochs"] = epochs
         if max_steps is not UNSET:
@@ -121,6 +135,10 @@ class LoraAdapter:
         type_ = cast(Literal["lora"], d.pop("type"))
         if type_ != "lora":
             raise ValueError(f"type must match const 'lora', got '{type_}'")
+
+        update = d.pop("update", UNSET)
+
+        update_mix = d.pop("update_mix", UNSET)
 
         epochs = d.pop("epochs", UNSET)
 
@@ -179,6 +197,8 @@ class LoraAdapter:
 
         lora_adapter = cls(
             type_=type_,
+            update=update,
+            update_mix=update_mix,
             epochs=epochs,
             max_steps=max_steps,
             lr=lr,
