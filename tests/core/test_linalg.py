@@ -81,3 +81,30 @@ def test_fisher_weighting_prefers_important_rows():
     plain = truncate_right(W, None, 6)
     err = lambda f: float((W - f.u @ f.v)[:4].norm())  # noqa: E731
     assert err(weighted) < 0.5 * err(plain)
+
+
+def test_gram_of_bf16_activations_is_close_and_fp32_is_exact():
+    """Grams of a bf16 calibration forward are multiplied in bf16 (core.calibrate.gram_of):
+    the result stays within bf16 rounding of the exact product, and whitening from it still
+    reaches the exact truncation loss closely; fp32 activations are multiplied in fp32."""
+    from core.calibrate import gram_of
+
+    torch.manual_seed(0)
+    x = torch.randn(2048, 96) * torch.linspace(0.1, 10, 96)   # uneven channel scales
+    xb = x.bfloat16()
+    exact = xb.double().T @ xb.double()
+    g16 = gram_of(xb)
+    assert g16.dtype == torch.bfloat16
+    assert float((g16.double() - exact).norm() / exact.norm()) < 4e-3
+    g32 = gram_of(x)
+    assert g32.dtype == torch.float32
+    ref32 = x.double().T @ x.double()
+    assert float((g32.double() - ref32).norm() / ref32.norm()) < 1e-6
+    W = torch.randn(64, 96, dtype=torch.float64)
+    k = 24
+    loss = [float(torch.linalg.norm((W - f.u @ f.v) @ xb.double().T) ** 2)
+            for f in (truncate_right(W, gram_sqrt(g).S, k) for g in (exact, g16.double()))]
+    assert loss[1] <= loss[0] * 1.01
+    xd = torch.randn(2048, 96).bfloat16()
+    assert float((gram_of(xd, xb).double() - xd.double().T @ xb.double()).norm()) < 4e-3 * float(
+        (xd.double().T @ xb.double()).norm()) + 1.0
