@@ -12,13 +12,30 @@ parameter everywhere.
 Normalisation. Raw sigma_i^2 are in the units of each linear's output, and those differ
 by orders of magnitude between linears (down_proj writes into the residual stream with its
 outlier channels; q/k feed a softmax whose scale RMSNorm gains set; v/o are scaled by
-attention averaging). Comparing raw sigma^2 would hand the ranks to whichever linear has
-the loudest outputs, not to the one that matters most. Dividing each spectrum by its total
-energy sum_j sigma_j^2 = ||W X||_F^2 (the linear's whole output energy on the calibration
-data) makes the loss of dropping sigma_i "the fraction of this linear's output that is
-lost": invariant to any rescaling of the linear's weight or inputs, and the same
-signal-to-noise currency for every linear. The greedy then equalises marginal relative
-loss per parameter, (sigma_i^2 / sum_j sigma_j^2) / (m + n).
+attention averaging), so they must be normalised per linear, and the normaliser decides
+everything. Measured on SmolLM2 at 0.4 (32 x 512 WikiText-2 valid windows, sequential
+compression, PPL on the first 4096 test tokens; uniform: 99.5):
+
+| normaliser of linear l's sigma_i^2          | budget       | PPL   |
+|---------------------------------------------|--------------|-------|
+| its total energy sum_j sigma_j^2 = ||W X||^2 | whole model  | 147.7 |
+| its total energy                             | per kind     | 148.0 |
+| its tail at the uniform rank                 | whole model  | 136.1 |
+| its tail at the uniform rank                 | per kind     |  99.9 |
+
+Total energy fails because a few tokens can own it: in SmolLM2's layer 11 down_proj (where
+the model builds its massive activations) the first singular value carries nearly all of
+the energy, so "fraction of output energy lost" says rank 1 is enough - and the model
+breaks. The tail at the uniform rank, sum_{i >= k_u} sigma_i^2, is what this linear loses
+under `uniform`; dividing by it makes the currency "how much worse than uniform would this
+linear get", which the head of the spectrum cannot distort and which is still invariant to
+any rescaling of the weight or the inputs. Comparing across kinds (q_proj against
+down_proj) in any of these currencies hands the ranks to the wrong kind (both whole-model
+rows above keep every k_proj/v_proj dense and starve the MLP), because equal relative
+output error is not equal harm for a softmax input and for a residual write. So `global`
+keeps each kind's total (q_proj, ..., down_proj across all layers) at what `uniform`
+spends on it and moves ranks between layers within a kind; the whole model's budget is
+the sum. On SmolLM2 this ties with uniform (99.9 vs 99.5) rather than beating it.
 
 Dense fallback. A rank only pays if k (m + n) < m n. Each linear can grow to the largest
 such rank; past it, its only next "item" is to stay dense, which costs the rest of its
@@ -85,19 +102,23 @@ def whitened_spectra(model, ids: torch.Tensor, method, targets: str = "all", bat
     return out
 
 
-def allocate(spectra: dict[str, tuple[int, int, torch.Tensor]], budget: int) -> dict[str, int | None]:
+def allocate(spectra: dict[str, tuple[int, int, torch.Tensor]], budget: int,
+             reference: dict[str, int] | None = None) -> dict[str, int | None]:
     """Greedy ranks under `budget` parameters; None = the linear stays dense (see module doc).
 
-    Every linear starts at rank 1 (rank 0 would delete it). Items are taken from a heap
-    keyed by normalised energy per parameter; within a linear they come in order, so its
-    rank is always a prefix of its spectrum.
+    Each linear's sigma_i^2 are divided by its tail after rank `reference[name]` (by its
+    total energy where no reference is given). Every linear starts at rank 1 (rank 0 would
+    delete it). Items are taken from a heap keyed by normalised energy per parameter;
+    within a linear they come in order, so its rank is always a prefix of its spectrum.
     """
     state: dict[str, list] = {}      # name -> [k, dense]
     heap: list = []
     spent = 0
     for name, (m, n, sigma) in spectra.items():
         e = sigma.pow(2)
-        e = (e / e.sum()) if float(e.sum()) > 0 else torch.zeros_like(e)
+        total = float(e.sum())
+        norm = total if reference is None else max(float(e[reference[name]:].sum()), 1e-12 * total)
+        e = (e / norm) if total > 0 else torch.zeros_like(e)
         k_max = max(1, (m * n - 1) // (m + n))          # largest k with k (m + n) < m n
         state[name] = [1, False, m, n, e.tolist(), k_max]
         spent += m + n
@@ -146,12 +167,17 @@ def global_ranks(model, calib_ids: torch.Tensor, config, device, rep: Reporter |
                                fisher, {"alpha": config.asvd_alpha}, forward_dtype, rep)
     shapes = {name: (m, n) for name, (m, n, _) in spectra.items()}
     budget = sum(uniform_cost(m, n, config.ratio) for m, n in shapes.values())
-    ranks = allocate(spectra, budget)
+    reference = {name: uniform_rank(m, n, config.ratio) for name, (m, n) in shapes.items()}
+    ranks: dict[str, int | None] = {}
+    for kind in sorted({_kind(n) for n in spectra}):
+        group = {n: v for n, v in spectra.items() if _kind(n) == kind}
+        ranks.update(allocate(group, sum(uniform_cost(m, n_, config.ratio) for m, n_, _ in group.values()),
+                              reference))
     uniform = {name: (uniform_rank(m, n, config.ratio) if saves_params(m, n, uniform_rank(m, n, config.ratio))
                       else None) for name, (m, n) in shapes.items()}
     info = {
-        "normalisation": "sigma_i^2 / sum_j sigma_j^2 per linear (fraction of its output energy), "
-                         "per parameter (m + n)",
+        "normalisation": "sigma_i^2 / sum_{j >= k_uniform} sigma_j^2 per linear (its loss relative to "
+                         "uniform's), per parameter (m + n); each kind keeps uniform's budget",
         "budget_params": budget,
         "allocated_params": params_of(ranks, shapes),
         "uniform_params": params_of(uniform, shapes),
@@ -169,6 +195,10 @@ def global_ranks(model, calib_ids: torch.Tensor, config, device, rep: Reporter |
         return ranks[name]
 
     return rank_fn, info
+
+
+def _kind(name: str) -> str:
+    return name.rsplit(".", 1)[-1]
 
 
 def _retained(sigma: torch.Tensor, k: int | None) -> float:

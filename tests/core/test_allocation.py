@@ -106,3 +106,31 @@ def test_pipeline_global_vs_uniform_params(tiny_path):
     info = reports["global"]["allocation_info"]
     assert info["ranks"] and "by_kind" in info
     assert {n: e["rank"] for n, e in reports["global"]["ranks"].items()} == info["ranks"]
+
+
+def test_reference_normalisation_ignores_a_dominant_head():
+    """A linear whose first singular value owns nearly all the energy (massive activations)
+    is starved to rank 1 by total-energy normalisation, not by the tail at the reference."""
+    g = torch.Generator().manual_seed(5)
+    tail = torch.sort(torch.rand(32, generator=g, dtype=torch.float64), descending=True).values
+    spiky = tail.clone()
+    spiky[0] = 1e4
+    plain = torch.exp(-0.1 * torch.arange(32, dtype=torch.float64))
+    spectra = {"spiky": (32, 32, spiky), "plain": (32, 32, plain)}
+    budget = 2 * uniform_cost(32, 32, 0.5)
+    assert allocate(spectra, budget)["spiky"] == 1
+    ranks = allocate(spectra, budget, reference={"spiky": 8, "plain": 8})
+    assert ranks["spiky"] > 4
+
+
+def test_global_keeps_each_kinds_budget(tiny_path):
+    model, _, _ = load_model(str(tiny_path))
+    ids = torch.randint(1, 500, (8, 40), generator=torch.Generator().manual_seed(0))
+    cfg = CompressConfig(model=str(tiny_path), ratio=0.4, allocation="global")
+    _, info = global_ranks(model, ids, cfg, "cpu")
+    shapes = {n: tuple(model.get_submodule(n).weight.shape) for n in info["ranks"]}
+    for kind in {n.rsplit(".", 1)[-1] for n in shapes}:
+        names = [n for n in shapes if n.endswith("." + kind)]
+        got = params_of({n: info["ranks"][n] for n in names}, shapes)
+        cap = sum(uniform_cost(*shapes[n], 0.4) for n in names)
+        assert got <= cap, kind
