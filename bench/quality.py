@@ -48,15 +48,18 @@ def config_for(row: dict, args) -> dict:
     ev = {"data": {"source": "file", "path": str(args.eval_file)}, "seq_len": args.seq_len,
           "max_tokens": args.eval_max_tokens or None, "throughput_runs": args.throughput_runs,
           "throughput_seq_len": 512}
-    rtype, _, plus = row["recover"].partition("+")
+    spec, _, objective = row["recover"].partition("@")   # lora@ntp: this row's training objective
+    rtype, _, plus = spec.partition("+")
     rec = {"type": rtype, "update": plus == "update",
            "data": dict(calib, samples=args.train_samples, seq_len=args.train_seq_len, seed=1),
-           "batch_size": args.train_batch, "lr": args.train_lr, "autocast": args.train_autocast}
+           "batch_size": args.train_batch, "lr": args.train_lr, "autocast": args.train_autocast,
+           "objective": objective or args.train_objective, "update_mix": args.update_mix}
     if args.train_steps:
         rec["max_steps"] = args.train_steps
     return {"model": args.model, "ratio": row["ratio"], "method": row["method"], "allocation": row["allocation"],
             "calibration": calib, "evaluation": ev, "recover": rec,
-            "calibration_mode": row.get("mode", args.mode)}
+            "calibration_mode": row.get("mode", args.mode),
+            "stats_cache": False}   # every row calibrates: its compress_s is a real calibration
 
 
 def run_one(config_json: str) -> None:
@@ -114,7 +117,8 @@ def key(r: dict) -> tuple:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", nargs="*", default=DEFAULT_ROWS,
-                    help="method:ratio[:allocation[:recover[:mode]]], e.g. svd-llm:0.4:global:lora:sequential")
+                    help="method:ratio[:allocation[:recover[:mode]]], e.g. svd-llm:0.4:global:lora:sequential; "
+                         "recover lora+update runs the closed-form update first, lora@ntp sets the objective")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--calib-file", type=Path, default=SHARED / "valid.txt")
     ap.add_argument("--eval-file", type=Path, default=SHARED / "test.txt")
@@ -129,6 +133,8 @@ def main() -> None:
     ap.add_argument("--train-seq-len", type=int, default=256)
     ap.add_argument("--train-lr", type=float, default=5e-4)
     ap.add_argument("--train-autocast", default="bfloat16")
+    ap.add_argument("--train-objective", default="kl", help="ntp | kl | both")
+    ap.add_argument("--update-mix", type=float, default=0.2, help="closed-form update's target mix")
     ap.add_argument("--out", type=Path, default=ROOT / "docs")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -110,8 +110,8 @@ class EvalConfig:
 
 # Default weight of the dense model's own output in the update's target (`core.recover.least_squares_update`). Chosen
 # by measurement on SmolLM2 at ratio 0.4 (svd-llm, sequential, 32 x 512 WikiText-2 valid
-# windows, first 4096 test tokens; docs/benchmarks_notes.md): mix 0 (= no update) PPL 99.5,
-# 0.2 -> 70.1, 0.5 -> 95.1, 1.0 -> 511.5.
+# windows, first 4096 test tokens): mix 0 (= no update) PPL 99.5,
+# 0.05 -> 84.4, 0.1 -> 76.3, 0.2 -> 70.1, 0.3 -> 70.8, 0.5 -> 95.1, 1.0 -> 511.5.
 UPDATE_MIX = 0.2
 
 
