@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from api.main import create_app
 from core.config import CompressConfig, SweepConfig
 from persistence.keys import create_key
+from persistence.models import Job
 from persistence.storage import make_storage
 from worker.config import build_config
 from worker.runner import JobRunner
@@ -41,16 +42,22 @@ def test_ratio_or_ratios_validation(client, auth, settings, body, field, needle)
     assert queued_messages(settings) == []
 
 
-def test_a_sweep_request_is_accepted_and_maps_to_a_parallel_sweep(client, auth, settings):
+def test_a_sweep_request_is_accepted_and_maps_to_a_parallel_sweep(client, auth, settings, db):
     r = client.post("/v1/jobs", json={"model": "smollm2-135m", "ratios": [0.6, 0.2, 0.4]}, headers=auth)
     assert r.status_code == 201, r.text
     request = r.json()["request"]
     assert request["ratios"] == [0.6, 0.2, 0.4] and request["ratio"] is None
-    cfg = build_config(request, {}, settings)
+    with db.session() as s:   # stored without the unused field: single-ratio requests hash as before
+        stored = s.get(Job, r.json()["id"]).request
+        assert "ratio" not in stored and stored["ratios"] == [0.6, 0.2, 0.4]
+    cfg = build_config(stored, {}, settings)
     assert isinstance(cfg, SweepConfig) and cfg.ratios == [0.2, 0.4, 0.6]
     assert cfg.config.calibration_mode == "parallel"
-    single = build_config(client.post("/v1/jobs", json={"model": "smollm2-135m", "ratio": 0.4},
-                                      headers=auth).json()["request"], {}, settings)
+    job_id = client.post("/v1/jobs", json={"model": "smollm2-135m", "ratio": 0.4}, headers=auth).json()["id"]
+    with db.session() as s:
+        stored = s.get(Job, job_id).request
+        assert "ratios" not in stored and stored["ratio"] == 0.4
+    single = build_config(stored, {}, settings)
     assert isinstance(single, CompressConfig) and single.calibration_mode == "sequential"
 
 
