@@ -240,9 +240,11 @@ def sweep(config: CompressConfig, ratios, out_dir: str | Path | None = None, pro
     distillation teacher), tokenizing the calibration windows, the calibration forward
     passes and their per-layer statistics (and the Fisher information for `fwsvd`, the
     spectra pass for `allocation="global"`), and for every linear the method's decomposition
-    of its scaled weight (Cholesky whitening + eigendecomposition of `W S`, which does not
-    depend on the rank): each ratio only truncates it at its own rank. The statistics come
-    from the stats cache when it holds them (the same key as a single-ratio parallel job).
+    of its scaled weight (for svd-llm: the whitening of its input Gram and the
+    eigendecomposition of `W S`, which do not depend on the rank): each ratio only truncates
+    it at its own rank. The statistics come from the stats cache when it holds them (the same
+    key as a single-ratio parallel job). Memory: the dense model, every ratio's factors
+    (sum of (1 - r) of the compressed linears' weights) and one compressed copy at a time.
 
     Then, per ratio: the compressed model (a copy of the dense one with that ratio's
     factors), LoRA/AdaLoRA recovery if asked, its own artifact folder `out_dir/ratio-0.40/`
