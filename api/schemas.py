@@ -10,7 +10,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from core.config import UPDATE_MIX
 from persistence.state import JobStatus, Stage
@@ -182,14 +183,23 @@ MetadataKey = Annotated[str, Field(min_length=1, max_length=64)]
 MetadataValue = Annotated[str, Field(max_length=512)]
 
 
+Ratio = Annotated[float, Field(gt=0, lt=1)]
+
+
 class JobCreate(Strict):
-    """A compression job. Only `model` and `ratio` are required."""
+    """A compression job. Only `model` and `ratio` (or `ratios`, for a sweep) are required."""
 
     model: str = Field(min_length=1, max_length=500, examples=["smollm2-135m"], description=(
         "The `smollm2-135m` alias, a Hugging Face hub id (`org/name`), or an absolute path to a model "
         "folder or .gguf file inside the server's allowed model root."))
-    ratio: float = Field(gt=0, lt=1, examples=[0.4],
-                         description="Fraction of the parameters of each compressed linear to remove.")
+    ratio: Ratio | None = Field(None, examples=[0.4], description=(
+        "Fraction of the parameters of each compressed linear to remove. Give this or `ratios`."))
+    ratios: Annotated[list[Ratio], Field(min_length=2, max_length=8)] | None = Field(
+        None, examples=[[0.2, 0.4, 0.6]], description=(
+            "A sweep: 2 to 8 distinct ratios compressed from one calibration (parallel-mode statistics, "
+            "computed once and shared, with each linear's decomposition). Each ratio gets its own artifact "
+            "folder (`ratio-0.40/model.safetensors`, ...) and metrics under the report's `sweep.ratios`; "
+            "`ppl_vs_ratio.png` compares them. Give this or `ratio`. Not with adapter `update`."))
     method: Literal["svd", "svd-llm", "asvd", "fwsvd"] = "svd-llm"
     allocation: Literal["uniform", "global"] = "uniform"
     targets: Literal["all", "attention", "mlp"] = "all"
@@ -200,6 +210,7 @@ class JobCreate(Strict):
 
     model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [
         {"model": "smollm2-135m", "ratio": 0.4},
+        {"model": "smollm2-135m", "ratios": [0.2, 0.4, 0.6]},
         {"model": "smollm2-135m", "ratio": 0.4, "method": "svd-llm", "allocation": "uniform",
          "adapter": {"type": "lora", "rank": 8}, "calibration": {"source": "builtin", "samples": 64, "seq_len": 512},
          "evaluation": {"source": "builtin", "max_tokens": 16384}, "metadata": {"team": "search"}},
@@ -211,6 +222,30 @@ class JobCreate(Strict):
         if v != v.strip() or any(ord(c) < 32 for c in v):
             raise ValueError("must not contain control characters or surrounding spaces")
         return v
+
+    @field_validator("ratios")
+    @classmethod
+    def _distinct(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and len({round(r, 4) for r in v}) != len(v):
+            raise ValueError("must be distinct (to 4 decimals)")
+        return v
+
+    @model_validator(mode="after")
+    def _one_ratio_field(self) -> "JobCreate":
+        if self.ratio is None and self.ratios is None:
+            _field_error("ratio", "give `ratio` (one compression) or `ratios` (a sweep)", self.ratio)
+        if self.ratio is not None and self.ratios is not None:
+            _field_error("ratios", "give either `ratio` or `ratios`, not both", self.ratios)
+        if self.ratios is not None and self.adapter.type == "update":
+            _field_error("adapter.type", "the `update` adapter needs sequential calibration, which depends on "
+                         "the ratio: a sweep (`ratios`) cannot share it; submit one job per ratio", "update")
+        return self
+
+
+def _field_error(field: str, message: str, value: Any) -> None:
+    """A validation error located at `field` (a model validator's own errors have no location)."""
+    raise ValidationError.from_exception_data("JobCreate", [InitErrorDetails(
+        type=PydanticCustomError("value_error", message), loc=tuple(field.split(".")), input=value)])
 
 
 # --- responses -------------------------------------------------------------------------

@@ -46,12 +46,13 @@ ZeroShot = Annotated[Optional[str], typer.Option("--zero-shot", help="lm-eval ta
 @app.command()
 def compress(
     model: Annotated[str, typer.Argument(help="HF folder, .gguf file, hub id, or alias smollm2-135m.")],
-    ratio: Annotated[float, typer.Option("--ratio", help="Fraction of parameters removed per linear, in (0, 1).")],
     out: Annotated[Path, typer.Option("--out", help="Output folder (must be empty or absent).")],
+    ratio: Annotated[Optional[float], typer.Option("--ratio", help="Fraction of parameters removed per linear, in (0, 1).")] = None,
+    ratios: Annotated[Optional[str], typer.Option("--ratios", help="A sweep: 2-8 ratios, comma separated (e.g. 0.2,0.4,0.6), from one parallel calibration; one artifact per ratio in OUT/ratio-0.40/ ...")] = None,
     method: Annotated[str, typer.Option("--method", help="svd | svd-llm | asvd | fwsvd")] = "svd-llm",
     allocation: Annotated[str, typer.Option("--allocation", help="uniform | global")] = "uniform",
     targets: Annotated[str, typer.Option("--targets", help="all | attention | mlp | re:<regex>")] = "all",
-    mode: Annotated[str, typer.Option("--mode", help="sequential | parallel calibration")] = "sequential",
+    mode: Annotated[Optional[str], typer.Option("--mode", help="sequential | parallel calibration (default: sequential; parallel for --ratios, the only mode a sweep can share)")] = None,
     calib_file: Annotated[Optional[Path], typer.Option("--calib-file", help="Calibration text file.")] = None,
     calib_hf: Annotated[Optional[str], typer.Option("--calib-hf", help="Calibration HF dataset id.")] = None,
     calib_hf_config: Annotated[Optional[str], typer.Option("--calib-hf-config")] = None,
@@ -89,13 +90,21 @@ def compress(
     no_stats_cache: Annotated[bool, typer.Option("--no-stats-cache", help="Neither reuse nor store calibration statistics.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
-    """Compress MODEL and write the artifact plus OUT/report.json."""
-    from core.pipeline import compress as run, default_threads
+    """Compress MODEL and write the artifact plus OUT/report.json (--ratios: one artifact per ratio)."""
+    from core.config import check_ratios
+    from core.pipeline import compress as run, default_threads, sweep
     from core.progress import TqdmBars
 
+    if (ratio is None) == (ratios is None):
+        raise UserError("give either --ratio (one compression) or --ratios (a sweep), not both or neither")
+    sweep_ratios = check_ratios(ratios, "--ratios") if ratios is not None else None
+    if sweep_ratios is not None and mode == "sequential":
+        raise UserError("--ratios shares one calibration between the ratios, which is exact only with --mode "
+                        "parallel (sequential statistics depend on the ratio); run one --ratio at a time instead")
+    mode = mode or ("parallel" if sweep_ratios is not None else "sequential")
     config = CompressConfig(
-        model=model, ratio=ratio, method=method, allocation=allocation, targets=targets,
-        calibration_mode=mode, calibration_batch_size=batch_size,
+        model=model, ratio=ratio if ratio is not None else sweep_ratios[0], method=method, allocation=allocation,
+        targets=targets, calibration_mode=mode, calibration_batch_size=batch_size,
         calibration=_data(calib_file, calib_hf, calib_hf_config, calib_split, calib_samples, seq_len, seed,
                           "calibration"),
         recover=RecoverConfig(type=adapter, rank=adapter_rank, max_steps=adapter_steps, alpha=adapter_alpha,
@@ -113,11 +122,21 @@ def compress(
     default_threads()
     bars = TqdmBars(not quiet)
     try:
-        report = run(config, out, progress=bars)
+        report = run(config, out, progress=bars) if sweep_ratios is None else sweep(config, sweep_ratios, out, bars)
     finally:
         bars.close()
-    typer.echo(json.dumps(_summary(report), indent=2))
-    typer.echo(f"artifact: {out}  report: {out / 'report.json'}")
+    if sweep_ratios is None:
+        typer.echo(json.dumps(_summary(report), indent=2))
+        typer.echo(f"artifact: {out}  report: {out / 'report.json'}")
+        return
+    typer.echo(json.dumps({"model": report["model"], "method": report["method"],
+                           "calibration_mode": report["calibration_mode"],
+                           "ratios": [_summary(e) | {"artifact": str(out / e["artifact"])}
+                                      for e in report["sweep"]["ratios"]],
+                           "time_s": {k: {n: round(v, 2) for n, v in d.items()} if isinstance(d, dict) else d
+                                      for k, d in report["sweep"]["time_s"].items() if k != "estimate"}},
+                          indent=2))
+    typer.echo(f"artifacts: {out}/ratio-*  report: {out / 'report.json'}  figure: {out / 'ppl_vs_ratio.png'}")
 
 
 @app.command()

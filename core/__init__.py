@@ -2,22 +2,24 @@
 
 The library imports nothing of the service (api/, worker/, persistence/).
 
-    from core import CompressConfig, DataSpec, compress, load_artifact
+    from core import CompressConfig, DataSpec, compress, load_artifact, sweep
     result = compress(CompressConfig(model="smollm2-135m", ratio=0.4), out_dir="out")
     model, tokenizer = load_artifact("out")
+    # several ratios from one (parallel) calibration: out-sweep/ratio-0.20/, ratio-0.40/, ...
+    sweep(CompressConfig(model="smollm2-135m", ratio=0.4, calibration_mode="parallel"), [0.2, 0.4, 0.6], "out-sweep")
 """
-from core.config import CompressConfig, DataSpec, EvalConfig, RecoverConfig
+from core.config import CompressConfig, DataSpec, EvalConfig, RecoverConfig, SweepConfig
 from core.errors import Cancelled, NumericalError, UserError
 
 __all__ = [
-    "CompressConfig", "DataSpec", "EvalConfig", "RecoverConfig",
+    "CompressConfig", "DataSpec", "EvalConfig", "RecoverConfig", "SweepConfig",
     "Cancelled", "NumericalError", "UserError",
-    "compress", "evaluate_artifact", "load_artifact", "load_model",
+    "compress", "sweep", "evaluate_artifact", "load_artifact", "load_model",
 ]
 
 
 def __getattr__(name):  # lazy: importing `core` must not import torch/transformers
-    if name in ("compress", "evaluate_artifact"):
+    if name in ("compress", "sweep", "evaluate_artifact"):
         from core import pipeline
         return getattr(pipeline, name)
     if name == "load_artifact":

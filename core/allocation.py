@@ -157,23 +157,34 @@ def params_of(ranks: dict[str, int | None], shapes: dict[str, tuple[int, int]]) 
 def global_ranks(model, calib_ids: torch.Tensor, config, device, rep: Reporter | None = None,
                  fisher: dict | None = None, forward_dtype: torch.dtype | None = None):
     """The pipeline's hook: (rank_fn, allocation_info) for `config.allocation == "global"`."""
-    rep = rep or Reporter()
     t0 = time.perf_counter()
+    spectra = global_spectra(model, calib_ids, config, device, rep, fisher, forward_dtype)
+    return allocate_ratio(spectra, config.ratio, time.perf_counter() - t0)
+
+
+def global_spectra(model, calib_ids: torch.Tensor, config, device, rep: Reporter | None = None,
+                   fisher: dict | None = None, forward_dtype: torch.dtype | None = None):
+    """name -> (m, n, spectrum) for every ratio's allocation (one dense pass; a sweep shares it)."""
+    rep = rep or Reporter()
     method = get_method(config.method)
     if "fisher" in method.needs and fisher is None:
         raise UserError(f"global allocation with method {config.method!r} needs its Fisher information")
     rep.log("global allocation: one dense calibration pass for the spectra", "whiten")
-    spectra = whitened_spectra(model, calib_ids, method, config.targets, config.calibration_batch_size, device,
-                               fisher, {"alpha": config.asvd_alpha}, forward_dtype, rep)
+    return whitened_spectra(model, calib_ids, method, config.targets, config.calibration_batch_size, device,
+                            fisher, {"alpha": config.asvd_alpha}, forward_dtype, rep)
+
+
+def allocate_ratio(spectra: dict[str, tuple[int, int, torch.Tensor]], ratio: float, seconds: float = 0.0):
+    """(rank_fn, allocation_info) spending what `uniform` at `ratio` would spend."""
+    t0 = time.perf_counter()
     shapes = {name: (m, n) for name, (m, n, _) in spectra.items()}
-    budget = sum(uniform_cost(m, n, config.ratio) for m, n in shapes.values())
-    reference = {name: uniform_rank(m, n, config.ratio) for name, (m, n) in shapes.items()}
+    budget = sum(uniform_cost(m, n, ratio) for m, n in shapes.values())
+    reference = {name: uniform_rank(m, n, ratio) for name, (m, n) in shapes.items()}
     ranks: dict[str, int | None] = {}
     for kind in sorted({_kind(n) for n in spectra}):
         group = {n: v for n, v in spectra.items() if _kind(n) == kind}
-        ranks.update(allocate(group, sum(uniform_cost(m, n_, config.ratio) for m, n_, _ in group.values()),
-                              reference))
-    uniform = {name: (uniform_rank(m, n, config.ratio) if saves_params(m, n, uniform_rank(m, n, config.ratio))
+        ranks.update(allocate(group, sum(uniform_cost(m, n_, ratio) for m, n_, _ in group.values()), reference))
+    uniform = {name: (uniform_rank(m, n, ratio) if saves_params(m, n, uniform_rank(m, n, ratio))
                       else None) for name, (m, n) in shapes.items()}
     info = {
         "normalisation": "sigma_i^2 / sum_{j >= k_uniform} sigma_j^2 per linear (its loss relative to "
@@ -186,7 +197,7 @@ def global_ranks(model, calib_ids: torch.Tensor, config, device, rep: Reporter |
         "uniform_ranks": uniform,
         "retained_energy": {n: _retained(spectra[n][2], k) for n, k in ranks.items()},
         "by_kind": _by_kind(ranks, uniform),
-        "seconds": time.perf_counter() - t0,
+        "seconds": seconds + time.perf_counter() - t0,
     }
 
     def rank_fn(name: str, m: int, n: int) -> int | None:

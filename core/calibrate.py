@@ -295,6 +295,17 @@ class CalibrationResult:
     shared_inputs: list[list[str]] = field(default_factory=list)
 
 
+@dataclass
+class SweepTarget:
+    """One ratio of a sweep (`compress_layers(..., sweep=[...])`): its rank function, and what
+    the layer loop builds for it: the `LowRankLinear` of every compressed linear (by full
+    name, not yet in any model), the ranks, and the time spent truncating for it alone."""
+
+    rank_fn: RankFn
+    result: CalibrationResult = field(default_factory=CalibrationResult)
+    modules: dict[str, nn.Module] = field(default_factory=dict)
+
+
 def collect_fisher(model: nn.Module, ids: torch.Tensor, names: list[str], device) -> dict[str, torch.Tensor]:
     """Squared gradients of the LM loss w.r.t. each named weight, one window at a time."""
     params = {n: model.get_submodule(n).weight for n in names}
@@ -341,8 +352,16 @@ def compress_layers(model: nn.Module, ids: torch.Tensor, method: Method, rank_fn
                     device="cpu", fisher: dict[str, torch.Tensor] | None = None,
                     reporter: Reporter | None = None, method_options: dict | None = None,
                     forward_dtype: torch.dtype | None = None, update: bool = False,
-                    update_mix: float | None = None, layer_io=None, activations=None, stats_cache=None) -> CalibrationResult:
+                    update_mix: float | None = None, layer_io=None, activations=None, stats_cache=None,
+                    sweep: list[SweepTarget] | None = None) -> CalibrationResult:
     """Compress the target linears of every decoder layer in place. Returns ranks and timings.
+
+    sweep: several ratios from one calibration. The model stays dense; for every target
+    linear the method's decomposition of the scaled weight (whitening + eigendecomposition)
+    is computed once and truncated at each `SweepTarget`'s rank, whose modules, ranks and
+    per-target truncation time it receives (`rank_fn` is unused). Needs `parallel` mode:
+    only then do the statistics not depend on the ratio. The result's timings add
+    `decompose_shared`, the part of `decompose` that one ratio alone would also have spent.
 
     layer_io: where layer l's weights come from and go (`core.streaming.StreamingLayers`:
     read from the checkpoint's shards before, written to the output shards and dropped
@@ -365,10 +384,15 @@ def compress_layers(model: nn.Module, ids: torch.Tensor, method: Method, rank_fn
     if update and mode != "sequential":
         raise UserError("the closed-form update needs calibration_mode 'sequential' "
                         "(it is defined on the activations of the already compressed layers)")
+    if sweep is not None and mode != "parallel":
+        raise UserError("a sweep shares one calibration between its ratios, which is exact only in "
+                        "calibration_mode 'parallel' (sequential statistics depend on the ratio)")
     from core.streaming import ActivationStore, InMemoryLayers  # noqa: PLC0415
 
     rep = reporter or Reporter()
     res = CalibrationResult()
+    if sweep is not None:
+        res.timings["decompose_shared"] = 0.0
     layers, prefix = decoder_layers(model)
     io = layer_io or InMemoryLayers()
     store = activations or ActivationStore(device)
@@ -377,7 +401,8 @@ def compress_layers(model: nn.Module, ids: torch.Tensor, method: Method, rank_fn
     cached = stats_cache is not None and stats_cache.complete
     if cached:
         _decompose_cached(model, layers, prefix, io, method, rank_fn, targets, needs, update, fisher,
-                          method_options, stats_cache, rep, res, mix)
+                          method_options, stats_cache, rep, res, mix, sweep)
+        _share_inputs(res, sweep)
         return res
     t0 = time.perf_counter()
     inputs = capture_layer0_inputs(model, ids, batch_size, device, alloc=store.empty)
@@ -426,7 +451,7 @@ def compress_layers(model: nn.Module, ids: torch.Tensor, method: Method, rank_fn
             stats_cache.save(li, collector, cross, n_layers)
 
         t0 = time.perf_counter()
-        _decompose_layer(model, linears, method, rank_fn, collector, fisher, method_options, res, cross, mix)
+        _decompose_layer(model, linears, method, rank_fn, collector, fisher, method_options, res, cross, mix, sweep)
         del collector, cross
         res.timings["decompose"] += time.perf_counter() - t0
         rep.progress("svd", (li + 1) / n_layers, f"layer {li + 1}/{n_layers}", layer=li)
@@ -439,11 +464,17 @@ def compress_layers(model: nn.Module, ids: torch.Tensor, method: Method, rank_fn
         res.timings["calibrate"] += time.perf_counter() - t0
     if stats_cache is not None:
         stats_cache.commit(n_layers)
+    _share_inputs(res, sweep)
     return res
 
 
+def _share_inputs(res: CalibrationResult, sweep: list[SweepTarget] | None) -> None:
+    for t in sweep or ():
+        t.result.shared_inputs = res.shared_inputs
+
+
 def _decompose_cached(model, layers, prefix, io, method, rank_fn, targets, needs, update, fisher,
-                      method_options, stats_cache, rep, res, mix: float) -> None:
+                      method_options, stats_cache, rep, res, mix: float, sweep=None) -> None:
     """compress_layers on a cache hit: each layer from its stored statistics, no forward."""
     n_layers = len(layers)
     for li, layer in enumerate(layers):
@@ -457,23 +488,50 @@ def _decompose_cached(model, layers, prefix, io, method, rank_fn, targets, needs
         if li == 0:
             res.shared_inputs = [v for v in collector.groups().values()]
         t0 = time.perf_counter()
-        _decompose_layer(model, linears, method, rank_fn, collector, fisher, method_options, res, cross, mix)
+        _decompose_layer(model, linears, method, rank_fn, collector, fisher, method_options, res, cross, mix, sweep)
         res.timings["decompose"] += time.perf_counter() - t0
         rep.progress("svd", (li + 1) / n_layers, f"layer {li + 1}/{n_layers}", layer=li)
         io.done(li, layer)
 
 
+def _plan(name: str, lin: nn.Linear, rank_fn: RankFn) -> tuple[int | None, dict]:
+    """The rank of one linear (None: it stays dense) and its report entry so far."""
+    m, n = lin.out_features, lin.in_features
+    k = rank_fn(name, m, n)
+    entry = {"shape": [m, n], "params_dense": m * n + (m if lin.bias is not None else 0)}
+    if k is None or not saves_params(m, n, k):
+        entry.update(rank=None, dense_reason=f"rank {k} would save no parameters" if k else "kept dense",
+                     params=entry["params_dense"])
+        return None, entry
+    return k, entry
+
+
+def _build(name: str, lin: nn.Linear, k: int, f, entry: dict) -> LowRankLinear:
+    """The LowRankLinear of factors `f`; completes the linear's report entry."""
+    if not (torch.isfinite(f.u).all() and torch.isfinite(f.v).all()):
+        raise NumericalError(f"{name}: non-finite factors")
+    m, n = lin.out_features, lin.in_features
+    new = LowRankLinear.from_factors(f.u, f.v, lin.bias, dtype=lin.weight.dtype, device=lin.weight.device)
+    entry.update(rank=k, params=k * (m + n) + (m if lin.bias is not None else 0),
+                 path=f.info.get("path"), retained_energy=f.info["retained_energy"],
+                 truncation_loss=f.info["truncation_loss"])
+    for key in ("jitter", "clamped_eigenvalues"):
+        if key in f.info:
+            entry[key] = f.info[key]
+    return new
+
+
 @torch.no_grad()
 def _decompose_layer(model, linears, method, rank_fn, collector, fisher, method_options, res,
-                     cross: "CrossMoments | None" = None, mix: float = UPDATE_MIX) -> None:
+                     cross: "CrossMoments | None" = None, mix: float = UPDATE_MIX,
+                     sweep: list[SweepTarget] | None = None) -> None:
+    if sweep is not None:
+        _decompose_sweep(linears, method, collector, fisher, method_options, res, sweep)
+        return
     for name, lin in linears:
-        m, n = lin.out_features, lin.in_features
-        k = rank_fn(name, m, n)
-        entry = {"shape": [m, n], "params_dense": m * n + (m if lin.bias is not None else 0)}
-        if k is None or not saves_params(m, n, k):
-            entry.update(rank=None, dense_reason=f"rank {k} would save no parameters" if k else "kept dense",
-                         params=entry["params_dense"])
-            res.ranks[name] = entry
+        k, entry = _plan(name, lin, rank_fn)
+        res.ranks[name] = entry
+        if k is None:
             continue
         stats = collector.stats_for(name)
         stats.cache.update(method_options or {})
@@ -485,14 +543,31 @@ def _decompose_layer(model, linears, method, rank_fn, collector, fisher, method_
             f.u, upd = least_squares_update(lin.weight.detach().to(torch.float64), f.u, f.v,
                                             stats.gram, cross.moment_for(name), mix)
             entry["update"] = upd
-        if not (torch.isfinite(f.u).all() and torch.isfinite(f.v).all()):
-            raise NumericalError(f"{name}: non-finite factors")
-        new = LowRankLinear.from_factors(f.u, f.v, lin.bias, dtype=lin.weight.dtype, device=lin.weight.device)
-        set_submodule(model, name, new)
-        entry.update(rank=k, params=k * (m + n) + (m if lin.bias is not None else 0),
-                     path=f.info.get("path"), retained_energy=f.info["retained_energy"],
-                     truncation_loss=f.info["truncation_loss"])
-        for key in ("jitter", "clamped_eigenvalues"):
-            if key in f.info:
-                entry[key] = f.info[key]
-        res.ranks[name] = entry
+        set_submodule(model, name, _build(name, lin, k, f, entry))
+
+
+@torch.no_grad()
+def _decompose_sweep(linears, method, collector, fisher, method_options, res, sweep: list[SweepTarget]) -> None:
+    """One `method.prepare` per linear (the whitening and the eigendecomposition of the scaled
+    weight), truncated at every target's rank. The model is not changed."""
+    for name, lin in linears:
+        plans = [(t, *_plan(name, lin, t.rank_fn)) for t in sweep]
+        for t, _, entry in plans:
+            t.result.ranks[name] = entry
+        if all(k is None for _, k, _ in plans):
+            continue
+        t0 = time.perf_counter()
+        stats = collector.stats_for(name)
+        stats.cache.update(method_options or {})
+        prepared = method.prepare(lin.weight.detach().to(torch.float64), stats,
+                                  None if fisher is None else fisher.get(name))
+        res.timings["decompose_shared"] += time.perf_counter() - t0
+        for t, k, entry in plans:
+            if k is None:
+                continue
+            t0 = time.perf_counter()
+            f = prepared.factors(k)
+            f.info.update(prepared.info)
+            t.modules[name] = _build(name, lin, k, f, entry)
+            t.result.timings["decompose"] += time.perf_counter() - t0
+        del prepared

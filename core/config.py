@@ -51,6 +51,21 @@ def check_ratio(ratio: Any, name: str = "ratio") -> float:
     return r
 
 
+MAX_SWEEP_RATIOS = 8
+
+
+def check_ratios(ratios: Any, name: str = "ratios") -> list[float]:
+    """A sweep's ratios: 2 to 8 values in (0, 1), distinct to 4 decimals; returned ascending."""
+    if isinstance(ratios, str):
+        ratios = [r for r in ratios.split(",") if r.strip()]
+    _check(isinstance(ratios, (list, tuple)), f"{name} must be a list of numbers in (0, 1), got {ratios!r}")
+    _check(2 <= len(ratios) <= MAX_SWEEP_RATIOS,
+           f"{name} must hold 2 to {MAX_SWEEP_RATIOS} values (one ratio is `ratio`), got {len(ratios)}")
+    out = [check_ratio(r, name) for r in ratios]
+    _check(len({round(r, 4) for r in out}) == len(out), f"{name} must be distinct (to 4 decimals), got {out}")
+    return sorted(out)
+
+
 @dataclass
 class DataSpec:
     """Where text comes from and how it is cut into token windows.
@@ -244,3 +259,19 @@ class CompressConfig:
             return cls(**d)
         except TypeError as e:  # unknown nested field
             raise UserError(str(e)) from None
+
+
+@dataclass
+class SweepConfig:
+    """Several ratios of one compression (`core.pipeline.sweep`): `config` at each of `ratios`.
+
+    `config.ratio` is ignored. Sweeps need `calibration_mode="parallel"` (the statistics are
+    shared between the ratios, which is exact only when they come from the dense model).
+    """
+
+    config: CompressConfig
+    ratios: list[float]
+
+    def __post_init__(self) -> None:
+        self.ratios = check_ratios(self.ratios)
+

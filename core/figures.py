@@ -8,7 +8,10 @@
 * `metrics.png`: dense vs compressed perplexity, teacher KL, top-10 recall and ARR (the
   dense model against itself is the reference: KL 0, top-10 1, ARR 100 %);
 * `loss.png`: the recovery training loss curve (`report["recover"]["loss_curve"]`,
-  `[[step, loss], ...]`), for jobs that trained an adapter.
+  `[[step, loss], ...]`), for jobs that trained an adapter;
+* for a sweep report (`report["sweep"]["ratios"]`, `core.pipeline.sweep`): `ppl_vs_ratio.png`,
+  perplexity and teacher KL of every ratio against the dense model, and each ratio's own
+  figures above in its artifact folder (`ratio-0.40/ranks.png`, ...).
 
 Matplotlib's object API on the Agg canvas: no pyplot, no display, no global state, so it
 is safe in a worker thread. Imports nothing of the service.
@@ -21,7 +24,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-FIGURES = ("ranks", "metrics", "loss")
+FIGURES = ("ranks", "metrics", "loss", "ppl_vs_ratio")
 _LAYER = re.compile(r"\.(\d+)\.")
 
 
@@ -145,11 +148,77 @@ def loss_figure(report: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def ppl_vs_ratio_figure(report: dict[str, Any], path: Path) -> bool:
+    """A sweep's perplexity (and teacher KL) by ratio; False without two measured ratios."""
+    points = []
+    dense_ppl = None
+    for e in (report.get("sweep") or {}).get("ratios") or []:
+        if not isinstance(e, dict):
+            continue
+        metrics = e.get("metrics") or {}
+        comp = metrics.get("compressed") or {}
+        r, ppl = _finite(e.get("ratio")), _finite(comp.get("ppl"))
+        if r is None or ppl is None:
+            continue
+        points.append((r, ppl, _finite(comp.get("teacher_kl"))))
+        dense_ppl = dense_ppl or _finite((metrics.get("dense") or {}).get("ppl"))
+    if len(points) < 2:
+        return False
+    points.sort()
+    fig = _new_figure(11, 4.2)
+    ax_ppl, ax_kl = fig.subplots(1, 2)
+    xs = [p[0] for p in points]
+    ax_ppl.plot(xs, [p[1] for p in points], marker="o", label="compressed")
+    for x, y, _ in points:
+        ax_ppl.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+    if dense_ppl is not None:
+        ax_ppl.axhline(dense_ppl, color="#4c72b0", linestyle="--", label=f"dense ({dense_ppl:.1f})")
+    values = [p[1] for p in points] + ([dense_ppl] if dense_ppl is not None else [])
+    log = max(values) > 3 * min(values) > 0    # a log axis only where the range asks for one
+    if log:
+        ax_ppl.set_yscale("log")
+    ax_ppl.set_xlabel("ratio (fraction of each compressed linear's parameters removed)")
+    ax_ppl.set_ylabel("perplexity" + (" (log scale" if log else " (") + ", lower is better)")
+    ax_ppl.set_title("Perplexity by ratio")
+    ax_ppl.legend(fontsize=8)
+    ax_ppl.grid(alpha=0.3, which="both")
+    kl = [(p[0], p[2]) for p in points if p[2] is not None]
+    if kl:
+        ax_kl.plot([k[0] for k in kl], [k[1] for k in kl], marker="s", color="#dd8452")
+    ax_kl.set_xlabel("ratio")
+    ax_kl.set_ylabel("teacher KL (nats/token)")
+    ax_kl.set_title("KL to the dense model by ratio" if kl else "KL to the dense model: not measured")
+    ax_kl.grid(alpha=0.3)
+    for ax in (ax_ppl, ax_kl):
+        ax.set_xticks(xs)
+    fig.suptitle(f"Sweep: {len(points)} ratios from one calibration ({_title(report)}, "
+                 f"{report.get('calibration_mode', '')} statistics)")
+    _save(fig, path)
+    return True
+
+
+_DRAW = (("ranks", ranks_figure), ("metrics", metrics_figure), ("loss", loss_figure))
+
+
 def render_figures(report: dict[str, Any], out_dir: str | Path) -> dict[str, str]:
-    """Write the figures the report has data for into `out_dir`; return {figure: file name}."""
+    """Write the figures the report has data for into `out_dir`; return {figure: file name}.
+
+    A sweep report also gets `ppl_vs_ratio`, and each ratio's figures go into its artifact
+    folder under the keys `<folder>/<figure>` (e.g. `ratio-0.40/ranks`)."""
     out_dir = Path(out_dir)
     written = {}
-    for name, draw in (("ranks", ranks_figure), ("metrics", metrics_figure), ("loss", loss_figure)):
+    for name, draw in _DRAW:
         if draw(report, out_dir / f"{name}.png"):
             written[name] = f"{name}.png"
+    sweep = report.get("sweep")
+    if isinstance(sweep, dict):
+        if ppl_vs_ratio_figure(report, out_dir / "ppl_vs_ratio.png"):
+            written["ppl_vs_ratio"] = "ppl_vs_ratio.png"
+        for entry in sweep.get("ratios") or []:
+            folder = entry.get("artifact") if isinstance(entry, dict) else None
+            if not isinstance(folder, str) or not re.fullmatch(r"ratio-[0-9.]+", folder):
+                continue
+            for name, draw in _DRAW:
+                if draw(entry, out_dir / folder / f"{name}.png"):
+                    written[f"{folder}/{name}"] = f"{folder}/{name}.png"
     return written

@@ -95,43 +95,95 @@ def _split(P: torch.Tensor, sigma_k: torch.Tensor, W: torch.Tensor) -> tuple[tor
     return P * d, (P.T @ W) / d[:, None]
 
 
+class Truncation:
+    """One decomposition of a scaled weight, truncated at any rank by `factors(k)`.
+
+    The expensive part (the scaled weight's eigendecomposition or SVD) happens once, on
+    construction; each `factors(k)` only slices it. A sweep over several ratios builds one
+    per linear and truncates it at every ratio's rank; a single compression calls
+    `factors` once. Both paths run the same operations, so their factors are identical.
+    """
+
+    sigma: torch.Tensor       # full spectrum of the scaled weight, descending
+    info: dict                # what every truncation reports (the method's scaling path, ...)
+
+    def factors(self, k: int) -> Factors:
+        raise NotImplementedError
+
+
+class RightTruncation(Truncation):
+    """Rank-k factors minimising ||(W - u v) S||_F (S=None: plain SVD, Eckart-Young)."""
+
+    def __init__(self, W: torch.Tensor, S: torch.Tensor | None):
+        self.W = W.to(torch.float64)
+        A = self.W if S is None else self.W @ S.to(torch.float64)
+        if not torch.isfinite(A).all():
+            raise NumericalError("non-finite values in the scaled weight")
+        self.left = LeftSingular(A)
+        self.sigma = self.left.sigma
+        self.info = {}
+
+    def factors(self, k: int) -> Factors:
+        P, sigma = self.left.top(k)
+        u, v = _split(P, sigma[:k], self.W)
+        return Factors(u, v, sigma, _energy(sigma, k))
+
+
 def truncate_right(W: torch.Tensor, S: torch.Tensor | None, k: int) -> Factors:
     """Rank-k factors minimising ||(W - u v) S||_F (S=None: plain SVD, Eckart-Young)."""
-    W = W.to(torch.float64)
-    A = W if S is None else W @ S.to(torch.float64)
-    if not torch.isfinite(A).all():
-        raise NumericalError("non-finite values in the scaled weight")
-    P, sigma = top_left_singular(A, k)
-    u, v = _split(P, sigma[:k], W)
-    return Factors(u, v, sigma, _energy(sigma, k))
+    return RightTruncation(W, S).factors(k)
 
 
-def top_left_singular(A: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k left singular vectors of A (m x n) and its full spectrum, descending.
+class LeftSingular:
+    """Left singular vectors of A (m x n) and its full spectrum, descending, for any top k.
 
     Uses eigh of the smaller Gram side (3x faster than an SVD here); squaring costs no
     accuracy for the kept directions, whose sigma is far above sqrt(eps) sigma_1. When the
-    kept spectrum reaches the noise floor (rank-deficient data), falls back to the SVD.
+    kept spectrum reaches the noise floor (rank-deficient data), falls back to the SVD
+    (computed once, on first need).
     """
-    m, n = A.shape
-    if m <= n:
-        evals, vecs = torch.linalg.eigh(A @ A.T)
-        sigma = evals.flip(0).clamp_min(0).sqrt()
-        return vecs.flip(1)[:, :k], sigma
-    evals, vecs = torch.linalg.eigh(A.T @ A)
-    sigma = evals.flip(0).clamp_min(0).sqrt()
-    if sigma[k - 1] > 1e-6 * sigma[0]:
-        return (A @ vecs.flip(1)[:, :k]) / sigma[:k], sigma
-    U, sigma, _ = torch.linalg.svd(A, full_matrices=False)
-    return U[:, :k], sigma
+
+    def __init__(self, A: torch.Tensor):
+        self.A = A
+        m, n = A.shape
+        self.wide = m <= n
+        evals, vecs = torch.linalg.eigh(A @ A.T if self.wide else A.T @ A)
+        self.sigma = evals.flip(0).clamp_min(0).sqrt()
+        self.vecs = vecs.flip(1)
+        self._svd: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def top(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.wide:
+            return self.vecs[:, :k], self.sigma
+        if self.sigma[k - 1] > 1e-6 * self.sigma[0]:
+            return (self.A @ self.vecs[:, :k]) / self.sigma[:k], self.sigma
+        if self._svd is None:
+            U, sigma, _ = torch.linalg.svd(self.A, full_matrices=False)
+            self._svd = (U, sigma)
+        return self._svd[0][:, :k], self._svd[1]
+
+
+def top_left_singular(A: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k left singular vectors of A (m x n) and its full spectrum, descending."""
+    return LeftSingular(A).top(k)
+
+
+class LeftTruncation(Truncation):
+    """Rank-k factors minimising ||diag(d) (W - u v)||_F (row weighting, FWSVD)."""
+
+    def __init__(self, W: torch.Tensor, d: torch.Tensor):
+        W = W.to(torch.float64)
+        self.d = d.to(torch.float64)
+        self.U, self.sigma, self.Vh = torch.linalg.svd(self.d[:, None] * W, full_matrices=False)
+        self.info = {}
+
+    def factors(self, k: int) -> Factors:
+        root = self.sigma[:k].sqrt()
+        u = (self.U[:, :k] * root) / self.d[:, None]
+        v = root[:, None] * self.Vh[:k]
+        return Factors(u, v, self.sigma, _energy(self.sigma, k))
 
 
 def truncate_left(W: torch.Tensor, d: torch.Tensor, k: int) -> Factors:
     """Rank-k factors minimising ||diag(d) (W - u v)||_F (row weighting, FWSVD)."""
-    W = W.to(torch.float64)
-    d = d.to(torch.float64)
-    U, sigma, Vh = torch.linalg.svd(d[:, None] * W, full_matrices=False)
-    root = sigma[:k].sqrt()
-    u = (U[:, :k] * root) / d[:, None]
-    v = root[:, None] * Vh[:k]
-    return Factors(u, v, sigma, _energy(sigma, k))
+    return LeftTruncation(W, d).factors(k)

@@ -5,6 +5,8 @@ the service worker all call.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import os
 import resource
@@ -17,8 +19,9 @@ import torch
 from core import data as data_mod
 from core import streaming
 from core.artifact import package_versions, read_manifest, save_model, write_manifest
-from core.calibrate import collect_fisher, compress_layers, decoder_layers, select_linears, uniform_ranks
-from core.config import CompressConfig, EvalConfig
+from core.calibrate import (SweepTarget, collect_fisher, compress_layers, decoder_layers, select_linears,
+                            uniform_ranks)
+from core.config import CompressConfig, EvalConfig, check_ratios
 from core.errors import UserError
 from core.evaluate import compare, count_params, flops_per_token, matmul_params, throughput, zero_shot
 from core.methods import get_method
@@ -148,14 +151,7 @@ def compress(config: CompressConfig, out_dir: str | Path | None = None, progress
 
     update = config.recover.type == "update" or config.recover.update
     fdt = calibration_dtype(config, device)
-    cache, cache_off = None, {"status": "off", "reason": "stats_cache is false"}
-    if config.stats_cache and not Path(source).exists():
-        cache_off["reason"] = "the model is not a local folder or file: its revision cannot be keyed"
-    elif config.stats_cache:
-        cache = StatsCache(models_cache_dir(), stats_key(config, source if gguf_file is None else
-                                                         str(Path(source) / gguf_file), calib.ids,
-                                                         method.needs - {"fisher"}, fdt, device, update),
-                           int(os.environ.get("SVDFORGE_STATS_CACHE_MAX_BYTES", DEFAULT_MAX_BYTES)))
+    cache, cache_off = _stats_cache(config, source, gguf_file, calib.ids, method, fdt, device, update)
     rep.stage_started("svd")
     res = compress_layers(model, calib.ids, method, rank_fn, targets=config.targets,
                           mode=config.calibration_mode, batch_size=config.calibration_batch_size,
@@ -179,40 +175,12 @@ def compress(config: CompressConfig, out_dir: str | Path | None = None, progress
         rep.stage_finished("recover")
     t_recover = time.perf_counter() - t0
 
-    compressed_params = count_params(model)
-    compressed_linear_params = sum(e["params"] for e in res.ranks.values())
-    report: dict = {
-        "model": config.model,
-        "source": source,
-        "architecture": type(model).__name__,
-        "method": config.method,
-        "target_ratio": config.ratio,
-        "allocation": config.allocation,
-        "targets": config.targets,
-        "calibration_mode": config.calibration_mode,
-        "recover": recover_report or {"type": "none"},
-        "calibration": calib.spec,
-        "config": config.to_dict(),
-        "device": device,
-        "dtype": config.dtype,
-        "params": {
-            "dense": dense_params,
-            "compressed": compressed_params,
-            "reduction": 1 - compressed_params / dense_params,
-            "linears_dense": dense_linear_params,
-            "linears_compressed": compressed_linear_params,
-            "linears_reduction": 1 - compressed_linear_params / dense_linear_params,
-            "linears_kept_dense": sorted(n for n, e in res.ranks.items() if e["rank"] is None),
-        },
-        "flops_per_token": {"dense": dense_flops,
-                            "compressed": flops_per_token(model, config.evaluation.seq_len),
-                            "context": config.evaluation.seq_len},
-        "shared_inputs": res.shared_inputs,
-        "streaming": job.report(stream_reason) if job else {"enabled": False, "reason": stream_reason},
-        "calibration_cache": cache.report() if cache else cache_off,
-        "whitening_paths": _count_paths(res.ranks),
-        "ranks": res.ranks,
-    }
+    report = _compressed_report(config, source, model, device, calib, res, recover_report,
+                                (dense_params, dense_linear_params, dense_flops))
+    report["streaming"] = job.report(stream_reason) if job else {"enabled": False, "reason": stream_reason}
+    report["calibration_cache"] = cache.report() if cache else cache_off
+    report["whitening_paths"] = _count_paths(res.ranks)
+    report["ranks"] = res.ranks
     if allocation_info:
         report["allocation_info"] = allocation_info
 
@@ -250,12 +218,316 @@ def compress(config: CompressConfig, out_dir: str | Path | None = None, progress
     report["versions"] = package_versions()
     report["threads"] = torch.get_num_threads()
     if out is not None:
-        (out / "report.json").write_text(json.dumps(report, indent=2))
-        write_manifest(out, {k: report[k] for k in (
-            "model", "source", "architecture", "method", "target_ratio", "allocation", "targets",
-            "calibration_mode", "calibration", "recover", "params", "versions", "ranks")}
-            | {"metrics": report.get("metrics")})
+        _write_report_and_manifest(out, report)
     return report
+
+
+def ratio_dirs(ratios: list[float]) -> list[str]:
+    """Folder names of a sweep's artifacts: `ratio-0.40`, with more decimals only if needed."""
+    for digits in (2, 3, 4):
+        names = [f"ratio-{r:.{digits}f}" for r in ratios]
+        if len(set(names)) == len(names):
+            return names
+    raise UserError(f"ratios must be distinct to 4 decimals, got {ratios}")
+
+
+def sweep(config: CompressConfig, ratios, out_dir: str | Path | None = None, progress=None,
+          should_cancel=None, figures: bool = True) -> dict:
+    """Compress one model at several ratios from one calibration; returns the sweep report.
+
+    What is done once and shared by every ratio: loading the model (it stays dense in
+    memory: every ratio's compressed model is built from it, and it is the evaluation and
+    distillation teacher), tokenizing the calibration windows, the calibration forward
+    passes and their per-layer statistics (and the Fisher information for `fwsvd`, the
+    spectra pass for `allocation="global"`), and for every linear the method's decomposition
+    of its scaled weight (for svd-llm: the whitening of its input Gram and the
+    eigendecomposition of `W S`, which do not depend on the rank): each ratio only truncates
+    it at its own rank. The statistics come from the stats cache when it holds them (the same
+    key as a single-ratio parallel job). Memory: the dense model, every ratio's factors
+    (sum of (1 - r) of the compressed linears' weights) and one compressed copy at a time.
+
+    Then, per ratio: the compressed model (a copy of the dense one with that ratio's
+    factors), LoRA/AdaLoRA recovery if asked, its own artifact folder `out_dir/ratio-0.40/`
+    (model.safetensors, svdforge.json with every sha256, report.json: the same as a
+    single-ratio job's), and its evaluation against the dense model.
+
+    Mode. Shared statistics are exact only in `calibration_mode="parallel"` (every layer
+    calibrated on the dense model's activations); in `sequential` mode layer l's statistics
+    depend on the ratio of the layers before it, so a sweep refuses it (run one `compress`
+    per ratio instead), and likewise the closed-form update (`recover.type="update"` or
+    `recover.update`, defined on sequential activations) and streaming (a sweep holds the
+    dense model in memory). Each ratio's artifact equals `compress` of the same config at
+    that ratio in parallel mode (tested to 1e-5 on the logits). `config.ratio` is ignored.
+
+    out_dir gets `report.json` (the sweep report: `sweep.ratios[i]` per ratio, and
+    `sweep.time_s`: time spent vs. an estimate of what independent jobs would spend, from
+    the times measured here) and, with `figures`, `ppl_vs_ratio.png` plus each ratio's
+    `ranks.png` / `metrics.png` (`core.figures`).
+    """
+    ratios = check_ratios(ratios)
+    rep = Reporter(progress, should_cancel)
+    t_start = time.perf_counter()
+    if config.calibration_mode != "parallel":
+        raise UserError("a sweep shares one calibration between its ratios, which is exact only with "
+                        "calibration_mode 'parallel' (sequential statistics depend on the ratio); "
+                        "use parallel mode, or run one compression per ratio")
+    if config.recover.type == "update" or config.recover.update:
+        raise UserError("the closed-form update needs sequential calibration, which depends on the ratio "
+                        "and cannot be shared by a sweep; run one compression per ratio")
+    if config.streaming == "on":
+        raise UserError("a sweep keeps the dense model in memory (the source of every ratio and the "
+                        "evaluation teacher), so it cannot stream; use streaming 'auto' or 'off'")
+    torch.manual_seed(config.seed)
+    device = pick_device(config.device)
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None and out.exists() and any(out.iterdir()):
+        raise UserError(f"output folder {out} is not empty")
+    data_mod.check_source(config.calibration)
+    if config.evaluation.enabled:
+        data_mod.check_source(config.evaluation.data)
+    if config.recover.type in ("lora", "adalora"):
+        data_mod.check_source(config.recover.data)
+    configs = [dataclasses.replace(config, ratio=r) for r in ratios]
+    names_out = ratio_dirs(ratios)
+
+    rep.stage_started("whiten", "loading model")
+    t0 = time.perf_counter()
+    source, gguf_file = resolve_source(config.model, config.allow_pickle)
+    stream, stream_reason = streaming.decide(config, source, gguf_file)
+    if stream:
+        raise UserError(f"this model would have to stream ({stream_reason}), which a sweep cannot do: it keeps "
+                        "the dense model in memory; run one compression per ratio")
+    model, tok, source = load_model(config.model, config.dtype, device, config.allow_pickle,
+                                    config.trust_remote_code)
+    t_load = time.perf_counter() - t0
+    names = _target_names(model, config.targets)
+    if not names:
+        raise UserError(f"targets {config.targets!r} selects no linear of this model")
+    dense = (count_params(model), sum(model.get_submodule(n).weight.numel() for n in names),
+             flops_per_token(model, config.evaluation.seq_len))
+    calib = data_mod.calibration_windows(tok, config.calibration)
+    method = get_method(config.method)
+
+    t0 = time.perf_counter()
+    fisher = None
+    if "fisher" in method.needs:
+        rep.log("estimating Fisher information (once for every ratio)", "whiten")
+        fisher = collect_fisher(model, calib.ids[: config.fisher_samples], names, device)
+    fdt = calibration_dtype(config, device)
+    allocation_infos: list[dict | None] = [None] * len(ratios)
+    if config.allocation == "uniform":
+        rank_fns = [uniform_ranks(r) for r in ratios]
+    else:
+        from core.allocation import allocate_ratio, global_spectra  # noqa: PLC0415
+
+        spectra = global_spectra(model, calib.ids, config, device, rep, fisher, fdt)
+        t_spectra = time.perf_counter() - t0
+        pairs = [allocate_ratio(spectra, r, t_spectra) for r in ratios]
+        rank_fns, allocation_infos = [p[0] for p in pairs], [p[1] for p in pairs]
+        del spectra
+    t_pre = time.perf_counter() - t0   # Fisher information and global spectra: once for every ratio
+
+    cache, cache_off = _stats_cache(config, source, gguf_file, calib.ids, method, fdt, device, False)
+    targets = [SweepTarget(fn) for fn in rank_fns]
+    rep.stage_started("svd")
+    res = compress_layers(model, calib.ids, method, None, targets=config.targets, mode="parallel",
+                          batch_size=config.calibration_batch_size, device=device, fisher=fisher, reporter=rep,
+                          method_options={"alpha": config.asvd_alpha}, forward_dtype=fdt,
+                          activations=_activation_store(config, device), stats_cache=cache, sweep=targets)
+    del fisher
+    t_calibrate = res.timings["calibrate"] + t_pre
+    rep.stage_finished("whiten", t_calibrate)
+    rep.stage_finished("svd", res.timings["decompose"])
+
+    entries = []
+    for i, (r, cfg, target, name) in enumerate(zip(ratios, configs, targets, names_out)):
+        rep.check_cancel()
+        rep.log(f"ratio {r:g} ({i + 1}/{len(ratios)}): {name}", "svd")
+        t_ratio = {"decompose": target.result.timings["decompose"], "recover": 0.0, "save": 0.0, "evaluate": 0.0}
+        student = _student(model, target.modules)
+        target.modules.clear()
+        recover_report = None
+        if cfg.recover.type != "none":
+            from core.recover import recover  # noqa: PLC0415
+
+            t0 = time.perf_counter()
+            rep.stage_started("recover", f"ratio {r:g}")
+            torch.manual_seed(config.seed)
+            recover_report = recover(student, tok, cfg, calib, device, rep, teacher=model)
+            rep.stage_finished("recover")
+            t_ratio["recover"] = time.perf_counter() - t0
+        report = _compressed_report(cfg, source, student, device, calib, target.result, recover_report, dense)
+        report["whitening_paths"] = _count_paths(target.result.ranks)
+        report["ranks"] = target.result.ranks
+        if allocation_infos[i]:
+            report["allocation_info"] = allocation_infos[i]
+        report["sweep_of"] = {"ratios": ratios, "index": i}
+        folder = out / name if out is not None else None
+        if folder is not None:
+            rep.stage_started("save", f"ratio {r:g}")
+            t0 = time.perf_counter()
+            save_model(student, tok, folder)
+            t_ratio["save"] = time.perf_counter() - t0
+            rep.stage_finished("save")
+            report["bytes"] = {"dense": dense[0] * torch.finfo(model.dtype).bits // 8,
+                               "compressed": _safetensors_bytes(folder)}
+        if config.evaluation.enabled:
+            rep.check_cancel()
+            t0 = time.perf_counter()
+            report.update(evaluate_models(model, student, tok, config.evaluation, device, rep))
+            t_ratio["evaluate"] = time.perf_counter() - t0
+        del student
+        report["timings_s"] = t_ratio
+        report["versions"] = package_versions()
+        if folder is not None:
+            _write_report_and_manifest(folder, report)
+        entries.append({"ratio": r, "artifact": name, **{k: v for k, v in report.items()
+                                                         if k not in ("config", "sweep_of", "versions")}})
+    del model
+
+    out_report = _sweep_report(config, ratios, source, device, calib, res, entries, t_load, t_calibrate,
+                               cache.report() if cache else cache_off)
+    out_report["timings_s"]["total"] = time.perf_counter() - t_start
+    out_report["peak_rss_bytes"] = peak_rss_bytes()
+    out_report["versions"] = package_versions()
+    out_report["threads"] = torch.get_num_threads()
+    if out is not None:
+        if figures:
+            from core.figures import render_figures  # noqa: PLC0415
+
+            out_report["figures"] = render_figures(out_report, out)
+        (out / "report.json").write_text(json.dumps(out_report, indent=2))
+    return out_report
+
+
+def _student(dense, modules: dict):
+    """A copy of `dense` with `modules` (by full name) in place of their linears. The copy's
+    memo maps each replaced linear to its new module, so the dense weights of the compressed
+    linears are never copied; everything else (embeddings, norms, head) is."""
+    memo = {id(dense.get_submodule(name)): mod for name, mod in modules.items()}
+    return copy.deepcopy(dense, memo)
+
+
+def _sweep_report(config: CompressConfig, ratios: list[float], source: str, device: str, calib, res,
+                  entries: list[dict], t_load: float, t_calibrate: float, cache_report: dict) -> dict:
+    """The sweep's report, with the time the shared work saved.
+
+    Spent is measured. What independent single-ratio jobs would spend on the same work is an
+    estimate from the same measurements: each would load the model (and again its teacher to
+    evaluate), calibrate, and decompose every linear (the shared part `decompose_shared` plus
+    its own truncation); per-ratio work (truncation, recovery, saving, evaluation) is the same
+    either way and appears on both sides."""
+    n = len(ratios)
+    shared = res.timings["decompose_shared"]
+    per_ratio = [e["timings_s"]["decompose"] for e in entries]
+    spent_cd = t_calibrate + res.timings["decompose"]
+    indep_cd = n * (t_calibrate + shared) + sum(per_ratio)
+    teacher_loads = n if config.evaluation.enabled else 0
+    rest = sum(e["timings_s"][k] for e in entries for k in ("recover", "save", "evaluate"))
+    spent = t_load + spent_cd + rest
+    indep = (n + teacher_loads) * t_load + indep_cd + rest
+    cfg = config.to_dict()
+    cfg["ratio"] = None
+    return {
+        "model": config.model,
+        "source": source,
+        "method": config.method,
+        "target_ratios": ratios,
+        "allocation": config.allocation,
+        "targets": config.targets,
+        "calibration_mode": "parallel",
+        "calibration": calib.spec,
+        "config": cfg | {"ratios": ratios},
+        "device": device,
+        "dtype": config.dtype,
+        "calibration_cache": cache_report,
+        "shared_inputs": res.shared_inputs,
+        "sweep": {
+            "ratios": entries,
+            "shared": ["model load (and evaluation teacher)", "calibration windows",
+                       "calibration statistics (parallel mode: they depend on the dense model only)",
+                       "per-linear whitening and eigendecomposition of the scaled weight"]
+                      + (["Fisher information"] if "fisher" in get_method(config.method).needs else [])
+                      + (["global allocation spectra"] if config.allocation == "global" else []),
+            "time_s": {
+                "spent": {"load": t_load, "calibrate": t_calibrate, "decompose": res.timings["decompose"],
+                          "decompose_shared": shared, "calibrate_decompose": spent_cd, "total": spent},
+                "independent_estimate": {"load": (n + teacher_loads) * t_load, "calibrate": n * t_calibrate,
+                                         "decompose": n * shared + sum(per_ratio),
+                                         "calibrate_decompose": indep_cd, "total": indep},
+                "saved": {"calibrate_decompose": indep_cd - spent_cd, "total": indep - spent},
+                "ratio_calibrate_decompose": spent_cd / indep_cd if indep_cd > 0 else None,
+                "estimate": "independent jobs: each ratio loads the model (and its evaluation teacher), "
+                            "calibrates (measured once here) and decomposes (the shared part measured "
+                            "here plus its own truncation); recovery, saving and evaluation are per "
+                            "ratio on both sides",
+            },
+        },
+        "timings_s": {"load": t_load, "calibrate": t_calibrate, "decompose": res.timings["decompose"],
+                      "decompose_shared": shared,
+                      "recover": sum(e["timings_s"]["recover"] for e in entries),
+                      "save": sum(e["timings_s"]["save"] for e in entries),
+                      "evaluate": sum(e["timings_s"]["evaluate"] for e in entries)},
+    }
+
+
+MANIFEST_KEYS = ("model", "source", "architecture", "method", "target_ratio", "allocation", "targets",
+                 "calibration_mode", "calibration", "recover", "params", "versions", "ranks")
+
+
+def _write_report_and_manifest(out: Path, report: dict) -> None:
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    write_manifest(out, {k: report[k] for k in MANIFEST_KEYS} | {"metrics": report.get("metrics")})
+
+
+def _stats_cache(config: CompressConfig, source: str, gguf_file: str | None, calib_ids, method, fdt,
+                 device: str, update: bool):
+    """(StatsCache or None, the report's entry when there is none)."""
+    cache_off = {"status": "off", "reason": "stats_cache is false"}
+    if config.stats_cache and not Path(source).exists():
+        cache_off["reason"] = "the model is not a local folder or file: its revision cannot be keyed"
+    elif config.stats_cache:
+        return StatsCache(models_cache_dir(), stats_key(config, source if gguf_file is None else
+                                                        str(Path(source) / gguf_file), calib_ids,
+                                                        method.needs - {"fisher"}, fdt, device, update),
+                          int(os.environ.get("SVDFORGE_STATS_CACHE_MAX_BYTES", DEFAULT_MAX_BYTES))), None
+    return None, cache_off
+
+
+def _compressed_report(config: CompressConfig, source: str, model, device: str, calib, res,
+                       recover_report: dict | None, dense: tuple[int, int, int]) -> dict:
+    """The report's description of one compressed model (what, from which data, how big)."""
+    dense_params, dense_linear_params, dense_flops = dense
+    compressed_params = count_params(model)
+    compressed_linear_params = sum(e["params"] for e in res.ranks.values())
+    return {
+        "model": config.model,
+        "source": source,
+        "architecture": type(model).__name__,
+        "method": config.method,
+        "target_ratio": config.ratio,
+        "allocation": config.allocation,
+        "targets": config.targets,
+        "calibration_mode": config.calibration_mode,
+        "recover": recover_report or {"type": "none"},
+        "calibration": calib.spec,
+        "config": config.to_dict(),
+        "device": device,
+        "dtype": config.dtype,
+        "params": {
+            "dense": dense_params,
+            "compressed": compressed_params,
+            "reduction": 1 - compressed_params / dense_params,
+            "linears_dense": dense_linear_params,
+            "linears_compressed": compressed_linear_params,
+            "linears_reduction": 1 - compressed_linear_params / dense_linear_params,
+            "linears_kept_dense": sorted(n for n, e in res.ranks.items() if e["rank"] is None),
+        },
+        "flops_per_token": {"dense": dense_flops,
+                            "compressed": flops_per_token(model, config.evaluation.seq_len),
+                            "context": config.evaluation.seq_len},
+        "shared_inputs": res.shared_inputs,
+    }
 
 
 def _activation_store(config: CompressConfig, device: str):

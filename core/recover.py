@@ -312,12 +312,14 @@ def recover_with_adapters(model: nn.Module, ids: torch.Tensor, rc, device, rep: 
     return out
 
 
-def recover(model, tok, config, calib, device, rep: Reporter | None = None, calibration=None) -> dict:
+def recover(model, tok, config, calib, device, rep: Reporter | None = None, calibration=None,
+            teacher: nn.Module | None = None) -> dict:
     """The pipeline's recover stage; returns the report's `recover` entry.
 
     `update` already ran inside the layer loop (`calibration` is its `CalibrationResult`);
     `lora` / `adalora` train on `config.recover.data` (same sources as calibration) and,
-    for a KL objective, load the dense teacher once and free it afterwards.
+    for a KL objective, load the dense teacher once and free it afterwards (unless the
+    caller holds it already and passes it as `teacher`: a sweep does).
     """
     from core import data as data_mod  # noqa: PLC0415
     from core.models import load_model  # noqa: PLC0415
@@ -332,8 +334,9 @@ def recover(model, tok, config, calib, device, rep: Reporter | None = None, cali
     if rc.type in ("none", "update"):
         return out or {"type": rc.type}
     win = data_mod.calibration_windows(tok, rc.data)
-    teacher = None
-    if rc.objective in ("kl", "both"):
+    if rc.objective not in ("kl", "both"):
+        teacher = None
+    elif teacher is None:
         rep.log("loading the dense teacher for distillation", "recover")
         teacher, _, _ = load_model(config.model, config.dtype, device, config.allow_pickle, config.trust_remote_code)
         for p in teacher.parameters():

@@ -1,4 +1,5 @@
-"""Turn a stored job request (the API's validated JSON) into core's `CompressConfig`.
+"""Turn a stored job request (the API's validated JSON) into core's `CompressConfig`
+(or, for a sweep, a `SweepConfig`).
 
 The request was validated when it was accepted; core validates again on construction and
 raises `UserError`, which fails the job with `invalid_input` rather than crashing.
@@ -8,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from core.config import UPDATE_MIX, CompressConfig, DataSpec, EvalConfig, RecoverConfig
+from core.config import UPDATE_MIX, CompressConfig, DataSpec, EvalConfig, RecoverConfig, SweepConfig
 from core.errors import UserError
 from persistence.modelref import ModelRefError, check_hub_name, check_model_ref
 from persistence.settings import Settings
@@ -53,17 +54,23 @@ def eval_config(evaluation: dict[str, Any], files: dict[str, Path]) -> EvalConfi
                       batch_size=evaluation.get("batch_size", 1), throughput=evaluation.get("throughput", True))
 
 
-def build_config(request: dict[str, Any], files: dict[str, Path], settings: Settings) -> CompressConfig:
+def build_config(request: dict[str, Any], files: dict[str, Path], settings: Settings) -> CompressConfig | SweepConfig:
+    """A CompressConfig, or for a request with `ratios` a SweepConfig: the same settings in
+    `parallel` calibration mode (the only mode whose statistics a sweep can share)."""
     try:
         model = check_model_ref(request["model"], settings)
     except ModelRefError as e:
         raise UserError(f"model: {e}") from None
-    return CompressConfig(
-        model=model, ratio=request["ratio"], method=request.get("method", "svd-llm"),
+    ratios = request.get("ratios")
+    config = CompressConfig(
+        model=model, ratio=request["ratio"] if ratios is None else min(ratios),
+        method=request.get("method", "svd-llm"),
         allocation=request.get("allocation", "uniform"), targets=request.get("targets", "all"),
         calibration=data_spec(request.get("calibration") or {}, files, "calibration"),
+        calibration_mode="sequential" if ratios is None else "parallel",
         recover=recover_config(request.get("adapter") or {}, files),
         evaluation=eval_config(request.get("evaluation") or {}, files),
         device=settings.device,
         allow_pickle=settings.allow_pickle, trust_remote_code=settings.trust_remote_code,
     )
+    return config if ratios is None else SweepConfig(config, ratios)

@@ -27,8 +27,11 @@ def render_job_figures(report: dict[str, Any], out_dir: Path) -> tuple[dict[str,
         return render_figures(report, out_dir), None
     except Exception as e:  # noqa: BLE001 - figures are a courtesy: never lose a finished job to them
         log.exception("figures could not be drawn")
-        for name in ("ranks", "metrics", "loss"):
-            (Path(out_dir) / f"{name}.png").unlink(missing_ok=True)
+        from core.figures import FIGURES
+
+        for name in FIGURES:  # a sweep's per-ratio figures are in its artifact folders
+            for png in Path(out_dir).rglob(f"{name}.png"):
+                png.unlink(missing_ok=True)
         return {}, f"{type(e).__name__}: {e}"
 
 

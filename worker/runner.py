@@ -47,10 +47,13 @@ STAGE_OF = {"whiten": Stage.WHITEN, "svd": Stage.SVD, "recover": Stage.RECOVER,
             "evaluate": Stage.EVALUATE, "save": Stage.UPLOAD, "upload": Stage.UPLOAD}
 
 
-def default_compress(*args: Any, **kwargs: Any) -> dict:
-    from core.pipeline import compress  # torch is imported only where a job runs
+def default_compress(config: Any, *args: Any, **kwargs: Any) -> dict:
+    from core.config import SweepConfig  # torch is imported only where a job runs
+    from core.pipeline import compress, sweep
 
-    return compress(*args, **kwargs)
+    if isinstance(config, SweepConfig):  # figures: drawn below with the job's other figures
+        return sweep(config.config, config.ratios, *args, figures=False, **kwargs)
+    return compress(config, *args, **kwargs)
 
 
 def _jsonable(value: Any) -> Any:
@@ -406,11 +409,17 @@ def _sha256(path: Path) -> str:
 
 
 def _manifest_hashes(out_dir: Path) -> dict[str, str]:
-    try:
-        files = json.loads((out_dir / "svdforge.json").read_text()).get("files", {})
-        return {name: meta["sha256"] for name, meta in files.items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return {}
+    """sha256 by artifact name from the manifest (and a sweep's per-ratio manifests, one level down)."""
+    out: dict[str, str] = {}
+    for manifest in [out_dir / "svdforge.json", *sorted(out_dir.glob("*/svdforge.json"))]:
+        prefix = manifest.parent.relative_to(out_dir).as_posix()
+        try:
+            files = json.loads(manifest.read_text()).get("files", {})
+            out.update({name if prefix == "." else f"{prefix}/{name}": meta["sha256"]
+                        for name, meta in files.items()})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+    return out
 
 
 def _content_type(name: str) -> str:

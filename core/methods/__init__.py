@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from core.linalg import Factors
+from core.linalg import Factors, Truncation
 
 
 @dataclass
@@ -35,8 +35,17 @@ class Method:
     name: str = ""
     needs: frozenset[str] = frozenset()
 
-    def factorize(self, W: torch.Tensor, k: int, stats: InputStats, fisher: torch.Tensor | None) -> Factors:
+    def prepare(self, W: torch.Tensor, stats: InputStats, fisher: torch.Tensor | None) -> Truncation:
+        """The decomposition of the scaled weight, before truncation: `.factors(k)` for any k.
+
+        A sweep prepares each linear once and truncates it at every ratio's rank."""
         raise NotImplementedError
+
+    def factorize(self, W: torch.Tensor, k: int, stats: InputStats, fisher: torch.Tensor | None) -> Factors:
+        t = self.prepare(W, stats, fisher)
+        f = t.factors(k)
+        f.info.update(t.info)
+        return f
 
     def spectrum(self, W: torch.Tensor, stats: InputStats, fisher: torch.Tensor | None) -> torch.Tensor:
         """Singular values of the scaled weight: sum of squares past k is the truncation loss."""

@@ -5,7 +5,7 @@ S = diag(s), s_j = mean_t |x_tj|^alpha (alpha 0.5 by default). Factors minimise
 W_v = Sigma^(1/2) V^T S^-1. Unlike ASVD's code, a failing SVD raises instead of
 silently replacing the layer by a random one.
 """
-from core.linalg import truncate_right
+from core.linalg import RightTruncation
 from core.methods import Method, register
 
 
@@ -15,9 +15,9 @@ class ASVD(Method):
     needs = frozenset({"abs_mean"})
     alpha = 0.5
 
-    def factorize(self, W, k, stats, fisher):
+    def prepare(self, W, stats, fisher):
         s = stats.abs_mean.to(W.device).double()
         s = s.clamp_min(float(s.max()) * 1e-6 + 1e-12).pow(stats.cache.get("alpha", self.alpha))
-        f = truncate_right(W, s.diag(), k)
-        f.info["path"] = "diag"
-        return f
+        t = RightTruncation(W, s.diag())
+        t.info["path"] = "diag"
+        return t

@@ -6,7 +6,7 @@ output unit): I_i = sum_j F_ij, and the factors minimise ||diag(sqrt(I)) (W - W_
 (`truncate_left`). Rows with zero importance get a small floor so they stay finite.
 """
 from core.errors import NumericalError
-from core.linalg import truncate_left
+from core.linalg import LeftTruncation
 from core.methods import Method, register
 
 
@@ -15,11 +15,11 @@ class FWSVD(Method):
     name = "fwsvd"
     needs = frozenset({"fisher"})
 
-    def factorize(self, W, k, stats, fisher):
+    def prepare(self, W, stats, fisher):
         if fisher is None:
             raise NumericalError("fwsvd needs Fisher information for every compressed linear")
         row = fisher.to(W.device).double().sum(dim=1)
         d = row.clamp_min(float(row.max()) * 1e-8 + 1e-30).sqrt()
-        f = truncate_left(W, d, k)
-        f.info["path"] = "fisher"
-        return f
+        t = LeftTruncation(W, d)
+        t.info["path"] = "fisher"
+        return t

@@ -1,5 +1,5 @@
 """Plain truncated SVD of W (data-free baseline): W ~ U_k Sigma_k V_k^T."""
-from core.linalg import truncate_right
+from core.linalg import RightTruncation
 from core.methods import Method, register
 
 
@@ -8,7 +8,7 @@ class PlainSVD(Method):
     name = "svd"
     needs = frozenset()
 
-    def factorize(self, W, k, stats, fisher):
-        f = truncate_right(W, None, k)
-        f.info["path"] = "none"
-        return f
+    def prepare(self, W, stats, fisher):
+        t = RightTruncation(W, None)
+        t.info["path"] = "none"
+        return t

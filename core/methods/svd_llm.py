@@ -6,7 +6,7 @@ read it. The factors come from the top-k left singular vectors of W S without ev
 inverting S (`core.linalg.truncate_right`), so the calibration loss of a linear is exactly
 sum_{i>k} sigma_i^2 of its whitened spectrum.
 """
-from core.linalg import gram_sqrt, truncate_right
+from core.linalg import RightTruncation, gram_sqrt
 from core.methods import Method, register
 
 
@@ -20,11 +20,11 @@ class SVDLLM(Method):
             stats.cache["sqrt"] = gram_sqrt(stats.gram)
         return stats.cache["sqrt"]
 
-    def factorize(self, W, k, stats, fisher):
+    def prepare(self, W, stats, fisher):
         sq = self.whitening(stats)
-        f = truncate_right(W, sq.S.to(W.device), k)
-        f.info["path"] = sq.path
+        t = RightTruncation(W, sq.S.to(W.device))
+        t.info["path"] = sq.path
         if sq.jitter:
-            f.info["jitter"] = sq.jitter
-        f.info.update(sq.info)
-        return f
+            t.info["jitter"] = sq.jitter
+        t.info.update(sq.info)
+        return t

@@ -63,3 +63,33 @@ def test_out_must_be_empty(tiny_llama, tmp_path):
 def test_evaluate_rejects_non_artifact(tmp_path):
     p = run("evaluate", tmp_path)
     assert p.returncode == 2 and "not an svdforge artifact" in p.stderr
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--ratios", "0.2,0.4", "--mode", "sequential"], "parallel"),
+    (["--ratio", "0.4", "--ratios", "0.2,0.6"], "--ratios"),
+    ([], "--ratio"),
+    (["--ratios", "0.4"], "2 to 8"),
+    (["--ratios", "0.2,abc"], "--ratios"),
+])
+def test_sweep_arguments_exit_2_with_one_line(tiny_llama, tmp_path, args, needle):
+    p = run("compress", tiny_llama, "--out", tmp_path / "o", *args)
+    assert p.returncode == 2, p.stderr
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in p.stderr
+
+
+def test_compress_a_sweep(tiny_llama, tmp_path):
+    out = tmp_path / "sweep"
+    p = run("compress", tiny_llama, "--ratios", "0.6,0.3", "--out", out, "--calib-samples", 4, "--seq-len", 32,
+            "--eval-max-tokens", 256, "--eval-seq-len", 32, "--throughput-runs", 0, "-q")
+    assert p.returncode == 0, p.stderr
+    summary = json.loads(p.stdout.rsplit("\nartifacts:", 1)[0])
+    assert summary["calibration_mode"] == "parallel"   # the default for --ratios
+    assert [r["target_ratio"] for r in summary["ratios"]] == [0.3, 0.6]
+    assert summary["time_s"]["ratio_calibrate_decompose"] < 1
+    for folder in ("ratio-0.30", "ratio-0.60"):
+        assert (out / folder / "model.safetensors").is_file() and (out / folder / "svdforge.json").is_file()
+    assert (out / "ppl_vs_ratio.png").read_bytes().startswith(b"\x89PNG")
+    report = json.loads((out / "report.json").read_text())
+    assert [e["metrics"]["compressed"]["ppl"] > 1 for e in report["sweep"]["ratios"]] == [True, True]

@@ -108,3 +108,29 @@ def test_gram_of_bf16_activations_is_close_and_fp32_is_exact():
     xd = torch.randn(2048, 96).bfloat16()
     assert float((gram_of(xd, xb).double() - xd.double().T @ xb.double()).norm()) < 4e-3 * float(
         (xd.double().T @ xb.double()).norm()) + 1.0
+
+
+@pytest.mark.parametrize(("shape", "rank_deficient"), [((48, 32), False), ((32, 48), False), ((48, 32), True)])
+def test_one_decomposition_truncated_at_many_ranks_is_each_single_truncation(shape, rank_deficient):
+    """A sweep prepares each linear once (`RightTruncation` / `LeftTruncation`) and truncates it
+    per ratio: the factors are exactly those of a separate truncation at each rank, the SVD
+    fallback of a tall rank-deficient scaled weight included."""
+    from core.linalg import LeftTruncation, RightTruncation
+
+    W, X = _data(*shape)
+    if rank_deficient:   # inputs of rank 6: sigma_k for k > 6 is at the noise floor -> SVD fallback
+        g = torch.Generator().manual_seed(3)
+        X = torch.randn(shape[1], 6, generator=g, dtype=torch.float64) @ torch.randn(6, 300, generator=g,
+                                                                                   dtype=torch.float64)
+    S = X[:, :shape[1]] if rank_deficient else gram_sqrt(X @ X.T).S   # rank-6 scaling: sigma_7.. ~ 0
+    prepared = RightTruncation(W, S)
+    d = torch.linspace(0.5, 2.0, shape[0], dtype=torch.float64)
+    left = LeftTruncation(W, d)
+    for k in (2, 5, 12):
+        a, b = prepared.factors(k), truncate_right(W, S, k)
+        assert torch.equal(a.u, b.u) and torch.equal(a.v, b.v) and torch.equal(a.sigma, b.sigma)
+        assert a.info == b.info
+        a, b = left.factors(k), truncate_left(W, d, k)
+        assert torch.equal(a.u, b.u) and torch.equal(a.v, b.v)
+    if rank_deficient:
+        assert prepared.left._svd is not None   # the fallback ran, once, and was reused

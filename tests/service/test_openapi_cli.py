@@ -42,7 +42,9 @@ def test_errors_are_declared_as_problem_json(client):
 
 def test_schema_documents_the_defaults(client):
     schemas = client.get("/openapi.json").json()["components"]["schemas"]
-    assert schemas["JobCreate"]["required"] == ["model", "ratio"]
+    # `ratio` or `ratios` (a sweep): exactly one, checked by the model (tests/service/test_sweep.py)
+    assert schemas["JobCreate"]["required"] == ["model"]
+    assert {"ratio", "ratios"} <= set(schemas["JobCreate"]["properties"])
     assert schemas["BuiltinData"]["properties"]["samples"]["default"] == 16
     assert schemas["BuiltinEvaluation"]["properties"]["max_tokens"]["default"] == 4096
     assert schemas["JobCreate"]["additionalProperties"] is False

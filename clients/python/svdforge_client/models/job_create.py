@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from attrs import define as _attrs_define
 
@@ -29,12 +29,17 @@ T = TypeVar("T", bound="JobCreate")
 
 @_attrs_define
 class JobCreate:
-    """A compression job. Only `model` and `ratio` are required.
+    """A compression job. Only `model` and `ratio` (or `ratios`, for a sweep) are required.
 
     Attributes:
         model (str): The `smollm2-135m` alias, a Hugging Face hub id (`org/name`), or an absolute path to a model folder
             or .gguf file inside the server's allowed model root.
-        ratio (float): Fraction of the parameters of each compressed linear to remove.
+        ratio (float | None | Unset): Fraction of the parameters of each compressed linear to remove. Give this or
+            `ratios`.
+        ratios (list[float] | None | Unset): A sweep: 2 to 8 distinct ratios compressed from one calibration (parallel-
+            mode statistics, computed once and shared, with each linear's decomposition). Each ratio gets its own artifact
+            folder (`ratio-0.40/model.safetensors`, ...) and metrics under the report's `sweep.ratios`; `ppl_vs_ratio.png`
+            compares them. Give this or `ratio`. Not with adapter `update`.
         method (JobCreateMethod | Unset):  Default: JobCreateMethod.SVD_LLM.
         allocation (JobCreateAllocation | Unset):  Default: JobCreateAllocation.UNIFORM.
         targets (JobCreateTargets | Unset):  Default: JobCreateTargets.ALL.
@@ -45,7 +50,8 @@ class JobCreate:
     """
 
     model: str
-    ratio: float
+    ratio: float | None | Unset = UNSET
+    ratios: list[float] | None | Unset = UNSET
     method: JobCreateMethod | Unset = JobCreateMethod.SVD_LLM
     allocation: JobCreateAllocation | Unset = JobCreateAllocation.UNIFORM
     targets: JobCreateTargets | Unset = JobCreateTargets.ALL
@@ -65,7 +71,20 @@ class JobCreate:
 
         model = self.model
 
-        ratio = self.ratio
+        ratio: float | None | Unset
+        if isinstance(self.ratio, Unset):
+            ratio = UNSET
+        else:
+            ratio = self.ratio
+
+        ratios: list[float] | None | Unset
+        if isinstance(self.ratios, Unset):
+            ratios = UNSET
+        elif isinstance(self.ratios, list):
+            ratios = self.ratios
+
+        else:
+            ratios = self.ratios
 
         method: str | Unset = UNSET
         if not isinstance(self.method, Unset):
@@ -120,9 +139,12 @@ class JobCreate:
         field_dict.update(
             {
                 "model": model,
-                "ratio": ratio,
             }
         )
+        if ratio is not UNSET:
+            field_dict["ratio"] = ratio
+        if ratios is not UNSET:
+            field_dict["ratios"] = ratios
         if method is not UNSET:
             field_dict["method"] = method
         if allocation is not UNSET:
@@ -157,7 +179,31 @@ class JobCreate:
         d = dict(src_dict)
         model = d.pop("model")
 
-        ratio = d.pop("ratio")
+        def _parse_ratio(data: object) -> float | None | Unset:
+            if data is None:
+                return data
+            if isinstance(data, Unset):
+                return data
+            return cast(float | None | Unset, data)
+
+        ratio = _parse_ratio(d.pop("ratio", UNSET))
+
+        def _parse_ratios(data: object) -> list[float] | None | Unset:
+            if data is None:
+                return data
+            if isinstance(data, Unset):
+                return data
+            try:
+                if not isinstance(data, list):
+                    raise TypeError()
+                ratios_type_0 = cast(list[float], data)
+
+                return ratios_type_0
+            except (TypeError, ValueError, AttributeError, KeyError):
+                pass
+            return cast(list[float] | None | Unset, data)
+
+        ratios = _parse_ratios(d.pop("ratios", UNSET))
 
         _method = d.pop("method", UNSET)
         method: JobCreateMethod | Unset
@@ -279,6 +325,7 @@ class JobCreate:
         job_create = cls(
             model=model,
             ratio=ratio,
+            ratios=ratios,
             method=method,
             allocation=allocation,
             targets=targets,

@@ -88,7 +88,8 @@ def sync_detailed(
     Args:
         idempotency_key (None | str | Unset): Retries with the same key and body return the same
             job.
-        body (JobCreate): A compression job. Only `model` and `ratio` are required.
+        body (JobCreate): A compression job. Only `model` and `ratio` (or `ratios`, for a sweep)
+            are required.
 
     Raises:
         errors.UnexpectedStatus: If the server returns an undocumented status code and Client.raise_on_unexpected_status is True.
@@ -124,7 +125,8 @@ def sync(
     Args:
         idempotency_key (None | str | Unset): Retries with the same key and body return the same
             job.
-        body (JobCreate): A compression job. Only `model` and `ratio` are required.
+        body (JobCreate): A compression job. Only `model` and `ratio` (or `ratios`, for a sweep)
+            are required.
 
     Raises:
         errors.UnexpectedStatus: If the server returns an undocumented status code and Client.raise_on_unexpected_status is True.
@@ -155,7 +157,8 @@ async def asyncio_detailed(
     Args:
         idempotency_key (None | str | Unset): Retries with the same key and body return the same
             job.
-        body (JobCreate): A compression job. Only `model` and `ratio` are required.
+        body (JobCreate): A compression job. Only `model` and `ratio` (or `ratios`, for a sweep)
+            are required.
 
     Raises:
         errors.UnexpectedStatus: If the server returns an undocumented status code and Client.raise_on_unexpected_status is True.
@@ -189,7 +192,8 @@ async def asyncio(
     Args:
         idempotency_key (None | str | Unset): Retries with the same key and body return the same
             job.
-        body (JobCreate): A compression job. Only `model` and `ratio` are required.
+        body (JobCreate): A compression job. Only `model` and `ratio` (or `ratios`, for a sweep)
+            are required.
 
     Raises:
         errors.UnexpectedStatus: If the server returns an undocumented status code and Client.raise_on_unexpected_status is True.
