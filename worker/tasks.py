@@ -44,10 +44,24 @@ def get_reaper() -> Reaper:
     return Reaper(runner.db, runner.storage, runner.settings, lambda job_id: enqueue(celery_app, job_id))
 
 
+def _warm_up() -> None:
+    """Import the pipeline's heavy modules (torch, transformers, matplotlib: seconds) before the
+    worker takes its first job, rather than while it holds one. In the worker's main thread:
+    transformers' lazy imports are not safe to run from two threads at once."""
+    try:
+        import core.pipeline  # noqa: F401
+        import transformers.models.auto.modeling_auto  # noqa: F401
+        import matplotlib.backends.backend_agg  # noqa: F401
+        import matplotlib.figure  # noqa: F401
+    except Exception:  # noqa: BLE001 - only an optimisation: the job imports them itself
+        log.debug("warm-up failed", exc_info=True)
+
+
 @worker_ready.connect
 def _start_reaper(sender=None, **_kwargs) -> None:  # noqa: ANN001
     """Sweep once now (what a crash or a broker outage left behind), then every reap interval."""
     get_reaper().start()
+    _warm_up()
 
 
 @worker_shutting_down.connect

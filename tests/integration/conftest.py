@@ -9,6 +9,7 @@ it fails instead.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import re
 import time
@@ -54,6 +55,9 @@ def model_root(tmp_path_factory) -> Path:
     return root
 
 
+_redis_dbs = itertools.cycle(range(1, 16))  # a Redis database per deployment: no message reaches another test
+
+
 @pytest.fixture
 def make_stack(servers, model_root, tmp_path, request):
     """`make_stack(**settings)`: a fresh deployment (database, bucket) on the session's servers."""
@@ -63,7 +67,7 @@ def make_stack(servers, model_root, tmp_path, request):
         digest = hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:6]
         name = re.sub(r"[^a-z0-9]+", "_", request.node.name.lower())[:32].strip("_") + f"_{digest}_{len(stacks)}"
         values = {"progress_interval_s": 0.2, **settings}
-        stack = Stack(servers, tmp_path / name, name, model_root=model_root, **values)
+        stack = Stack(servers, tmp_path / name, name, model_root=model_root, redis_db=next(_redis_dbs), **values)
         stacks.append(stack)
         return stack
 

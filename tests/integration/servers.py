@@ -326,13 +326,17 @@ class Stack:
     API and worker processes started and killed at will, all with the same settings."""
 
     def __init__(self, servers: Servers, folder: Path, name: str, model_root: Path | None = None,
-                 redis_db: int = 0, **settings: object) -> None:
+                 redis_db: int = 0, isolated_cache: bool = True, **settings: object) -> None:
         self.servers, self.folder, self.name = servers, folder, name
         folder.mkdir(parents=True, exist_ok=True)
         self.database_url = servers.postgres.create_database(name)
         self.bucket = servers.s3.create_bucket(name.replace("_", "-").lower()[:60])
         self.broker_url = f"redis://127.0.0.1:{servers.redis.port}/{redis_db}"
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("SVDFORGE_")}
+        import redis
+
+        redis.Redis.from_url(self.broker_url).flushdb()  # what an earlier deployment left in this database
+        # this deployment's settings only (the machine's cache folder, where models are converted, is kept)
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("SVDFORGE_") or k == "SVDFORGE_CACHE"}
         self.env.update({
             "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
             "TOKENIZERS_PARALLELISM": "false",
@@ -341,9 +345,9 @@ class Stack:
             "SVDFORGE_S3_ENDPOINT_URL": servers.s3.endpoint, "SVDFORGE_S3_REGION": S3_REGION,
             "AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET, "AWS_DEFAULT_REGION": S3_REGION,
             "SVDFORGE_WORKER_THREADS": "1",
-            # every job calibrates for real: no calibration statistics reused from an earlier job
-            "SVDFORGE_CACHE": str(folder / "cache"), "SVDFORGE_STATS_CACHE_MAX_BYTES": "0",
         })
+        if isolated_cache:  # every job calibrates for real: no calibration statistics reused from an earlier job
+            self.env.update({"SVDFORGE_CACHE": str(folder / "cache"), "SVDFORGE_STATS_CACHE_MAX_BYTES": "0"})
         if model_root is not None:
             self.env["SVDFORGE_MODEL_ROOT"] = str(model_root)
         self.env.update({f"SVDFORGE_{k.upper()}": str(v) for k, v in settings.items()})

@@ -24,7 +24,7 @@ LONG = {
     "whiten": {"calibration": {"source": "builtin", "samples": 768, "seq_len": 256},
                "evaluation": {"source": "builtin", "seq_len": 32, "max_tokens": 256, "throughput": False}},
     "evaluate": {"calibration": {"source": "builtin", "samples": 4, "seq_len": 32},
-                 "evaluation": {"source": "builtin", "seq_len": 128, "max_tokens": 131072, "throughput": False}},
+                 "evaluation": {"source": "builtin", "seq_len": 128, "max_tokens": 65536, "throughput": False}},
 }
 
 
@@ -42,6 +42,15 @@ def status_path(stack, job_id: str) -> list[tuple[str, int]]:
             events = s.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.type == "status")
                                .order_by(JobEvent.id)).all()
             return [(e.data["to"], e.data["attempt"]) for e in events]
+    finally:
+        db.dispose()
+
+
+def checkpoint_of(stack, job_id: str) -> dict | None:  # noqa: ANN001
+    db = stack.database()
+    try:
+        with db.session() as s:
+            return s.get(Job, job_id).checkpoint
     finally:
         db.dispose()
 
@@ -67,9 +76,12 @@ def test_kill_9_of_the_worker_mid_job(make_stack, model_root, stage):
     stack.start_api()
     first = stack.start_worker("w1")
     with stack.client() as client:
-        reference = submit(client, model_root, LONG[stage], "reference")
+        # what an uninterrupted run of the same request produces (the calibration statistics cache
+        # is off in these deployments: the killed job computes everything itself)
+        reference = submit(client, model_root, LONG[stage], "reference") if stage == "whiten" else None
         job_id = submit(client, model_root, LONG[stage], "killed")
-        assert wait_job(client, reference, timeout=180)["status"] == "succeeded"
+        if reference:
+            assert wait_job(client, reference, timeout=180)["status"] == "succeeded"
         # sequential calibration interleaves whiten and svd layer by layer: either is before the checkpoint
         stages = {"whiten", "svd"} if stage == "whiten" else {stage}
         wait_job(client, job_id, until=lambda j: j["status"] == "running" and j["stage"] in stages, timeout=120,
@@ -77,6 +89,8 @@ def test_kill_9_of_the_worker_mid_job(make_stack, model_root, stage):
         first.kill()
         killed_at = time.monotonic()
         stack.start_worker("w2")
+        checkpoint = checkpoint_of(stack, job_id)
+        assert (checkpoint is not None) == (stage == "evaluate")
         back = wait_job(client, job_id, until=lambda j: j["attempt"] == 2, timeout=LEASE_S + 60)
         recovered_s = time.monotonic() - killed_at
         job = wait_job(client, job_id, timeout=180)
@@ -89,14 +103,20 @@ def test_kill_9_of_the_worker_mid_job(make_stack, model_root, stage):
         assert recovered_s < LEASE_S + REAP_S + 30
         assert status_path(stack, job_id) == [("queued", 0), ("running", 1), ("queued", 1), ("running", 2),
                                              ("succeeded", 2)]
-        got, want = downloaded_artifacts(client, job_id), downloaded_artifacts(client, reference)
-        assert set(got) == set(want)
-        for name in ("model.safetensors", "config.json", "tokenizer.json"):
-            assert got[name] == want[name], name  # the same bytes as the uninterrupted run
+        got = downloaded_artifacts(client, job_id)
         report = client.get(f"/v1/jobs/{job_id}/report").json()
-        ref_report = client.get(f"/v1/jobs/{reference}/report").json()
-        assert report["metrics"]["compressed"]["ppl"] == pytest.approx(ref_report["metrics"]["compressed"]["ppl"],
-                                                                       rel=1e-4)
+        if reference:  # recomputed by attempt 2: the same bytes as the uninterrupted run
+            want = downloaded_artifacts(client, reference)
+            assert set(got) == set(want)
+            for name in ("model.safetensors", "config.json", "tokenizer.json"):
+                assert got[name] == want[name], name
+            ref_report = client.get(f"/v1/jobs/{reference}/report").json()
+            assert report["metrics"]["compressed"]["ppl"] == pytest.approx(
+                ref_report["metrics"]["compressed"]["ppl"], rel=1e-4)
+        else:  # resumed: the weights attempt 1 computed and checkpointed before it died
+            for name, meta in checkpoint["files"].items():
+                assert got[name] == meta["sha256"], name
+        assert {"model.safetensors", "config.json", "report.json", "svdforge.json"} <= set(got)
         messages = [e["message"] for e in client.get(f"/v1/jobs/{job_id}/events", params={"limit": 1000})
                     .json()["data"]]
         if stage == "evaluate":  # checkpointed before it died: whiten/svd/recover/save not run again
@@ -143,12 +163,12 @@ def test_killing_the_api_during_a_burst_loses_no_accepted_job(make_stack, model_
     for t in threads:
         t.start()
     try:
-        wait_accepted(8)
+        wait_accepted(6)
         api.kill()
         killed_with = len(accepted)
         time.sleep(1.0)
         stack.start_api()
-        wait_accepted(killed_with + 8)
+        wait_accepted(killed_with + 6)
     finally:
         stop.set()
         for t in threads:
@@ -156,7 +176,7 @@ def test_killing_the_api_during_a_burst_loses_no_accepted_job(make_stack, model_
     print(f"\n{len(accepted)} accepted ({killed_with} before the kill), {len(failures)} failed: "
           f"{sorted(set(failures))}")
     assert failures, "the kill did not land during the burst"
-    assert len(accepted) >= killed_with + 8, "the new API process accepted too little"
+    assert len(accepted) >= killed_with + 6, "the new API process accepted too little"
     assert all(f not in ("500", "502", "503") for f in failures)
     with stack.client() as client:
         for job_id in accepted:
@@ -176,7 +196,7 @@ def test_killing_the_api_during_a_burst_loses_no_accepted_job(make_stack, model_
 
 @pytest.mark.parametrize("broker", ["restarted", "wiped"])
 def test_jobs_queued_when_redis_restarts_still_run(make_stack, model_root, servers, broker):
-    """Redis goes away while one job runs and five wait in its queue. `restarted`: SIGTERM and
+    """Redis goes away while one job runs and four wait in its queue. `restarted`: SIGTERM and
     start again (its append-only file keeps the messages). `wiped`: kill -9 and start empty
     (the messages are gone): the reaper sends them again after resend_after_s. Either way every
     job succeeds, once: the running one was not disturbed (its lease lives in PostgreSQL)."""
@@ -186,7 +206,7 @@ def test_jobs_queued_when_redis_restarts_still_run(make_stack, model_root, serve
     with stack.client() as client:
         running = submit(client, model_root, LONG["evaluate"])
         wait_job(client, running, until=lambda j: j["status"] == "running", timeout=120, interval=0.05)
-        queued = [submit(client, model_root, TINY) for _ in range(5)]
+        queued = [submit(client, model_root, TINY) for _ in range(4)]
         assert all(client.get(f"/v1/jobs/{j}").json()["status"] == "queued" for j in queued)
         if broker == "restarted":
             servers.redis.stop()
