@@ -105,6 +105,8 @@ class JobMonitor:
         self._last_progress_event = 0.0
         self._started: dict[str, float] = {}
         self._cancel = threading.Event()
+        self.lease_lost = False  # the lease could not be renewed in time: stop before another worker may start
+        self._renewed_at = time.monotonic()  # the claim set the first lease
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"monitor-{job_id}", daemon=True)
 
@@ -188,8 +190,16 @@ class JobMonitor:
         while not self._stop.wait(self.interval):
             try:
                 self.flush()
+                self._renewed_at = time.monotonic()
             except Exception:  # noqa: BLE001 - a failed heartbeat is retried next tick
                 log.exception("job %s: progress write failed", self.job_id)
+                silent = time.monotonic() - self._renewed_at
+                if silent > 0.8 * self.settings.lease_s and not self.lease_lost:
+                    # Fencing: the lease is about to run out and a reaper may hand the job to
+                    # another worker. Stop computing now rather than run beside it.
+                    log.error("job %s: lease not renewed for %.0f s: stopping the job", self.job_id, silent)
+                    self.lease_lost = True
+                    self._cancel.set()
 
     def flush(self, session=None) -> None:  # noqa: ANN001
         """Write buffered state; inside `session` (no commit) or in a transaction of its own."""
@@ -472,16 +482,20 @@ class JobRunner:
                 s.refresh(job)
                 target = to
                 if to is JobStatus.CANCELLED and job.status == JobStatus.RUNNING:
-                    if self.stopping.is_set():  # the worker is shutting down: run it again later
+                    lost = monitor.lease_lost and job.attempt >= self.settings.max_attempts
+                    if (self.stopping.is_set() or monitor.lease_lost) and not lost:  # run it again later
                         keep = (job.checkpoint or {}).get("attempt") == monitor.attempt
-                        transition(s, job, JobStatus.QUEUED, message="requeued: the worker shut down")
+                        why = "the worker shut down" if self.stopping.is_set() else "its lease could not be renewed"
+                        transition(s, job, JobStatus.QUEUED, message=f"requeued: {why}")
                         s.commit()
                         if not keep:
                             self.delete_artifacts(job_id, monitor.attempt)
                         return JobStatus.QUEUED.value
                     target = JobStatus.FAILED  # Cancelled without a cancel request: an internal error
-                    error = JobError("internal_error", "the pipeline stopped without a cancel request",
-                                     monitor.current_stage)
+                    error = JobError("worker_lost", f"the worker running this job lost its lease {job.attempt} "
+                                     f"times (max_attempts {self.settings.max_attempts})", monitor.current_stage) \
+                        if lost else JobError("internal_error", "the pipeline stopped without a cancel request",
+                                              monitor.current_stage)
                 if error is not None:
                     add_event(s, job_id, "error", stage=error.stage, level="error",
                               message=error.message, data={"code": error.code})

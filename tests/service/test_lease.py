@@ -406,3 +406,44 @@ def test_a_real_job_resumes_after_a_crash_during_evaluation(db, settings, tiny_m
     assert report["resumed"]["skipped_stages"] == ["whiten", "svd", "recover", "save"]
     assert report["metrics"]["compressed"]["ppl"] > 0
     assert stored(settings, job_id) == {f"2/{name}" for name in arts}
+
+
+def test_a_worker_that_cannot_renew_its_lease_stops_before_it_expires(db, storage, settings):
+    """Fencing: with the database unreachable from the worker, it stops computing at 80% of the
+    lease (a reaper could hand the job to another worker after 100%), and requeues the job once
+    it can write again."""
+    from core.errors import Cancelled
+    from persistence.db import Database
+
+    settings.lease_s, settings.progress_interval_s = 2, 0.05
+    job_id = new_job(db)
+    down = threading.Event()
+
+    class Flaky(Database):
+        def begin(self, *, write: bool = True):  # noqa: ANN201
+            if down.is_set():
+                raise ConnectionError("database unreachable")
+            return super().begin(write=write)
+
+    flaky = Flaky(settings)
+    stopped_after = {}
+
+    def computes(config, out_dir, progress=None, should_cancel=None, **_):  # noqa: ANN001, ANN003
+        down.set()
+        t0 = utcnow()
+        while not should_cancel() and utcnow() - t0 < timedelta(seconds=10):
+            threading.Event().wait(0.02)
+        stopped_after["s"] = (utcnow() - t0).total_seconds()
+        down.clear()
+        raise Cancelled("stopped")
+
+    try:
+        assert JobRunner(flaky, storage, settings, compress=computes, worker_id="w1").run(job_id) == "queued"
+    finally:
+        flaky.dispose()
+    assert 1.0 < stopped_after["s"] < 2.0  # before the 2 s lease ran out
+    job = job_row(db, job_id)
+    assert (job.status, job.attempt) == ("queued", 1)
+    with db.session() as s:
+        messages = [e.message for e in s.scalars(select(JobEvent).where(JobEvent.job_id == job_id))]
+    assert "requeued: its lease could not be renewed" in messages
