@@ -166,9 +166,9 @@ def main() -> None:
         servers = Servers.start(tmp / "servers")
         stack = Stack(servers, tmp / "svc", "api_load", isolated_cache=False, worker_threads=args.worker_threads)
         proc = stack.start_api()
-        stack.start_worker("w1")
+        stack.start_worker("w1", nice=10)  # as `svdforge serve` runs its worker: the two modes compare
         base, key = stack.base_url, stack.token
-        mode = "PostgreSQL + Redis + S3, uvicorn and a Celery worker as processes"
+        mode = "PostgreSQL + Redis + S3, uvicorn and a Celery worker (nice 10) as processes"
     else:
         tmp = Path(tempfile.mkdtemp(prefix="svdforge-bench-"))
         port = free_port()

@@ -128,11 +128,13 @@ class Proc:
 
 
 def _spawn(name: str, args: list[str], folder: Path, env: dict | None = None, user: str | None = None,
-           cwd: Path | None = None) -> Proc:
+           cwd: Path | None = None, nice: int = 0) -> Proc:
     folder.mkdir(parents=True, exist_ok=True)
     log = folder / f"{name}.log"
     fh = open(log, "ab")  # noqa: SIM115 - the child keeps it
-    kwargs = {"user": user, "group": pwd.getpwnam(user).pw_gid} if user else {}
+    kwargs: dict = {"user": user, "group": pwd.getpwnam(user).pw_gid} if user else {}
+    if nice:
+        kwargs["preexec_fn"] = lambda: os.nice(nice)
     popen = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                              cwd=cwd, start_new_session=True, **kwargs)
     fh.close()
@@ -405,14 +407,15 @@ class Stack:
                      proc.log, interval=0.2)
         return proc
 
-    def start_worker(self, name: str, wait: bool = True, **settings: object) -> Proc:
-        """`celery -A worker.app worker` (solo pool, one job at a time), its own scratch folder."""
+    def start_worker(self, name: str, wait: bool = True, nice: int = 0, **settings: object) -> Proc:
+        """`celery -A worker.app worker` (solo pool, one job at a time), its own scratch folder;
+        `nice` lowers its CPU priority (as `svdforge serve` does for its worker)."""
         env = {**self.env, "SVDFORGE_DATA_DIR": str(self.folder / name),
                **{f"SVDFORGE_{k.upper()}": str(v) for k, v in settings.items()}}
         args = [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q", "gpu", "-c", "1", "-P", "solo",
                 "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "INFO",
                 "-n", f"{name}@%h"]
-        proc = _spawn(name, args, self.folder, env=env, cwd=ROOT)
+        proc = _spawn(name, args, self.folder, env=env, cwd=ROOT, nice=nice)
         proc.kind = "worker"
         self.procs.append(proc)
         if wait:
