@@ -113,7 +113,7 @@ def main() -> None:
         else:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    lines = [f"| trial | killed during | requeued after | running again after | succeeded after | attempt | resumed |",
+    lines = ["| trial | killed during | requeued after | running again after | succeeded after | attempt | resumed |",
              "|---|---|---|---|---|---|---|"]
     for i, r in enumerate(rows, 1):
         lines.append(f"| {i} | {r['stage']} | {r.get('requeued', float('nan')):.1f} s | "
