@@ -4,6 +4,8 @@ status polls on loopback; prints a latency table and checks the targets.
 Targets: no 5xx; p99 < 100 ms for POST /v1/jobs and < 50 ms for GET /v1/jobs/{id}.
 
     python bench/api_load.py                   # starts `svdforge serve` on a free port, temp data dir
+    python bench/api_load.py --servers         # the production topology: PostgreSQL, Redis, S3 (SeaweedFS),
+                                               # uvicorn and a Celery worker as processes (tests/integration)
     python bench/api_load.py --url http://127.0.0.1:8000 --key-file var/api_key
 
 The started server is the real embedded mode (uvicorn + Celery worker on the filesystem
@@ -145,11 +147,28 @@ def main() -> None:
     ap.add_argument("--think-ms", type=float, default=250.0, help="pause between a client's requests")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--worker-threads", type=int, default=1, help="torch threads of the started worker")
+    ap.add_argument("--servers", action="store_true",
+                    help="start PostgreSQL, Redis and SeaweedFS and run the API and a worker against them")
     args = ap.parse_args()
 
-    proc, tmp = None, None
+    proc, tmp, servers, stack = None, None, None, None
+    mode = "embedded mode"
     if args.url:
         base, key = args.url.rstrip("/"), (args.key_file or Path("var/api_key")).read_text().strip()
+        mode = base
+    elif args.servers:
+        sys.path.insert(0, str(ROOT))
+        from tests.integration.servers import Servers, Stack, missing
+
+        if missing():
+            raise SystemExit("missing: " + "; ".join(missing()))
+        tmp = Path(tempfile.mkdtemp(prefix="svdforge-bench-"))
+        servers = Servers.start(tmp / "servers")
+        stack = Stack(servers, tmp / "svc", "api_load", isolated_cache=False, worker_threads=args.worker_threads)
+        proc = stack.start_api()
+        stack.start_worker("w1", nice=10)  # as `svdforge serve` runs its worker: the two modes compare
+        base, key = stack.base_url, stack.token
+        mode = "PostgreSQL + Redis + S3, uvicorn and a Celery worker (nice 10) as processes"
     else:
         tmp = Path(tempfile.mkdtemp(prefix="svdforge-bench-"))
         port = free_port()
@@ -162,6 +181,11 @@ def main() -> None:
                                                   args.model, args.think_ms))
         api_cpu = cpu_seconds(proc.pid) - cpu_before if proc else None
     finally:
+        if stack is not None:
+            stack.stop()
+            servers.stop()
+            proc = None
+            shutil.rmtree(tmp, ignore_errors=True)
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
             try:
@@ -174,7 +198,7 @@ def main() -> None:
                 shutil.rmtree(tmp, ignore_errors=True)
     text, ok = table(samples, statuses, wall)
     print(f"{args.clients} clients, {args.submissions} submissions, {args.polls} polls, think {args.think_ms:g} ms, "
-          f"embedded mode ({'started here' if proc else base})\n")
+          f"{mode}\n")
     print(text)
     n = sum(len(v) for v in samples.values())
     if api_cpu is not None:

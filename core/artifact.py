@@ -111,20 +111,33 @@ def load_artifact(path: str | Path, device: str = "cpu", verify: bool = False):
     `model, tok = core.load_artifact("DIR")` - it needs only torch, transformers and
     safetensors at load time (no peft, no pickle).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    from transformers import AutoTokenizer
 
-    hf_logging.set_verbosity_error()
     path = Path(path)
     manifest = read_manifest(path)
     if verify:
         verify_files(path, manifest)
+    model = load_weights(path, {name: e["rank"] for name, e in manifest["ranks"].items()}, device)
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def load_weights(path: str | Path, ranks: dict[str, int | None], device: str = "cpu"):
+    """The model of a folder holding config.json and the safetensors, with `LowRankLinear`s at
+    `ranks` (what `load_artifact` reads from the manifest; a resumed run has them from its
+    checkpoint, before any manifest is written). Strict key checking; eval mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    path = Path(path)
     config = AutoConfig.from_pretrained(path)
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    ranks = {name: e["rank"] for name, e in manifest["ranks"].items()}
     apply_ranks(model, ranks)
     sd = _state_dict_from_safetensors(path)
     missing, unexpected = model.load_state_dict(sd, strict=False)
@@ -138,7 +151,4 @@ def load_artifact(path: str | Path, device: str = "cpu", verify: bool = False):
                         f"unexpected {list(unexpected)[:5]}")
     model.eval()
     model.config.use_cache = False
-    tok = AutoTokenizer.from_pretrained(path)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return model.to(device), tok
+    return model.to(device)

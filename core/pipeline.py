@@ -101,14 +101,31 @@ def evaluate_models(teacher, student, tokenizer, ev: EvalConfig, device: str, re
     return out
 
 
+# The stages a resumed run skips: everything up to and including writing the weights.
+RESUMED_STAGES = ("whiten", "svd", "recover", "save")
+
+
 def compress(config: CompressConfig, out_dir: str | Path | None = None, progress=None,
-             should_cancel=None) -> dict:
-    """Run the pipeline; write the artifact and report.json into out_dir (if given)."""
+             should_cancel=None, *, on_saved=None, resume: dict | None = None) -> dict:
+    """Run the pipeline; write the artifact and report.json into out_dir (if given).
+
+    `on_saved(out_dir, report)` is called once the weights, config and tokenizer are in
+    out_dir and before evaluation, with the report so far (plain JSON): enough to checkpoint
+    the run. `resume=<that report>`, with out_dir holding those same files, skips loading,
+    calibration, decomposition, recovery and saving: the compressed model is rebuilt from
+    out_dir (in memory, or layer by layer if the first run streamed) and only evaluated.
+    The service uses the pair so that a job retried after a lost worker does not start over.
+    """
     rep = Reporter(progress, should_cancel)
     t_start = time.perf_counter()
     torch.manual_seed(config.seed)
     device = pick_device(config.device)
     out = Path(out_dir) if out_dir is not None else None
+    if resume is not None:
+        if out is None:
+            raise UserError("resuming needs the output folder that holds the saved artifact")
+        report, model, tok, job = _resumed(config, out, resume, device, rep)
+        return _evaluate_and_finish(config, out, report, model, tok, job, None, device, rep, t_start)
     if out is not None and out.exists() and any(out.iterdir()):
         raise UserError(f"output folder {out} is not empty")
 
@@ -193,7 +210,36 @@ def compress(config: CompressConfig, out_dir: str | Path | None = None, progress
         rep.stage_finished("save")
         report["bytes"] = {"dense": dense_params * torch.finfo(model.dtype).bits // 8,
                            "compressed": _safetensors_bytes(out)}
+    report["timings_s"] = {"load": t_load, "calibrate": res.timings["calibrate"] + t_fisher,
+                           "decompose": res.timings["decompose"], "recover": t_recover,
+                           "total": time.perf_counter() - t_start}
+    if out is not None and on_saved is not None:
+        on_saved(out, json.loads(json.dumps(report, default=str)))
+    return _evaluate_and_finish(config, out, report, model, tok, job, tmp_out, device, rep, t_start)
 
+
+def _resumed(config: CompressConfig, out: Path, saved: dict, device: str, rep: Reporter):
+    """The state `compress` had right after saving, rebuilt from out_dir and the saved report."""
+    from core.lowrank import apply_ranks  # noqa: PLC0415
+
+    report = json.loads(json.dumps(saved))
+    ranks = {name: e["rank"] for name, e in report["ranks"].items()}
+    rep.log(f"resumed from a checkpoint: {', '.join(RESUMED_STAGES)} already done", "evaluate")
+    report["resumed"] = {"skipped_stages": list(RESUMED_STAGES),
+                         "checkpoint_timings_s": report.get("timings_s", {})}
+    if (report.get("streaming") or {}).get("enabled"):
+        source, _ = resolve_source(config.model, config.allow_pickle)
+        job = streaming.StreamingJob(config, source, device, out)
+        apply_ranks(job.model, ranks)  # the skeleton is on the meta device: no memory taken
+        return report, None, load_tokenizer(source, trust_remote_code=config.trust_remote_code), job
+    from core.artifact import load_weights  # noqa: PLC0415
+
+    return report, load_weights(out, ranks, device), None, None
+
+
+def _evaluate_and_finish(config: CompressConfig, out: Path | None, report: dict, model, tok, job, tmp_out,
+                         device: str, rep: Reporter, t_start: float) -> dict:
+    """Evaluate (in memory, or streamed), then write report.json and the manifest."""
     t_eval = 0.0
     if config.evaluation.enabled:
         rep.check_cancel()
@@ -203,17 +249,18 @@ def compress(config: CompressConfig, out_dir: str | Path | None = None, progress
                 job.save(tok)
             report.update(evaluate_streaming(job, tok, config.evaluation, rep))
         else:
-            teacher, _, _ = load_model(config.model, config.dtype, device, config.allow_pickle,
-                                       config.trust_remote_code)
-            report.update(evaluate_models(teacher, model, tok, config.evaluation, device, rep))
+            teacher, teacher_tok, _ = load_model(config.model, config.dtype, device, config.allow_pickle,
+                                                 config.trust_remote_code)
+            report.update(evaluate_models(teacher, model, tok if tok is not None else teacher_tok,
+                                          config.evaluation, device, rep))
             del teacher
         t_eval = time.perf_counter() - t0
     if tmp_out is not None:
         tmp_out.cleanup()
 
-    report["timings_s"] = {"load": t_load, "calibrate": res.timings["calibrate"] + t_fisher,
-                           "decompose": res.timings["decompose"], "recover": t_recover,
-                           "evaluate": t_eval, "total": time.perf_counter() - t_start}
+    before = report.pop("timings_s", {})
+    report["timings_s"] = {k: before.get(k, 0.0) for k in ("load", "calibrate", "decompose", "recover")}
+    report["timings_s"].update(evaluate=t_eval, total=time.perf_counter() - t_start)
     report["peak_rss_bytes"] = peak_rss_bytes()
     report["versions"] = package_versions()
     report["threads"] = torch.get_num_threads()

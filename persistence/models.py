@@ -100,6 +100,9 @@ class Job(Base):
     `status` changes only through `persistence.state.transition`. `lease_expires_at` and
     `worker_id` say which worker holds a running job until when (renewed with progress),
     so that a reaper can requeue the jobs of dead workers; `attempt` counts the runs.
+    `checkpoint` points at the saved artifact an attempt uploaded before evaluation
+    (`{"attempt", "files": {name: {key, sha256, bytes}}, "report", "stages"}`), so that
+    the next attempt resumes there; it is cleared when the job ends.
     """
 
     __tablename__ = "jobs"
@@ -133,6 +136,7 @@ class Job(Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     worker_id: Mapped[str | None] = mapped_column(String(255))
     report: Mapped[dict[str, Any] | None] = deferred(mapped_column(JSON))
+    checkpoint: Mapped[dict[str, Any] | None] = deferred(mapped_column(JSON))
 
     artifacts: Mapped[list[Artifact]] = relationship(
         back_populates="job", cascade="all, delete-orphan", order_by="Artifact.name")

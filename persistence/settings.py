@@ -23,7 +23,10 @@ class Settings(BaseSettings):
     data_dir: Path = Path("var")
     database_url: str = ""  # empty: sqlite:///<data_dir>/svdforge.db
     broker_url: str = "filesystem://"  # production: redis://host:6379/0
-    broker_visibility_timeout_s: int = 24 * 3600  # Redis redelivers unacked tasks after this
+    # Redis redelivers an unacknowledged message after this. Only a backstop: jobs of lost
+    # workers are recovered by the database lease and reaper below, and a redelivered message
+    # of a job that is running or done is dropped by the claim (it cannot run a job twice).
+    broker_visibility_timeout_s: int = Field(3600, ge=60)
 
     storage: Literal["local", "s3"] = "local"
     storage_dir: Path | None = None  # local backend root; empty: <data_dir>/storage
@@ -40,9 +43,18 @@ class Settings(BaseSettings):
     trust_remote_code: bool = False  # a model folder's or hub repo's own Python modules
     max_upload_bytes: int = Field(100 * MiB, ge=1)
 
+    # Lease and reaper (README "Crash safety"): a running job's lease is renewed by its
+    # worker every progress_interval_s (the heartbeat, with progress); a reaper thread in
+    # every worker requeues jobs whose lease ran out, every reap_interval_s (default lease/3),
+    # and fails a job with `worker_lost` once it has used max_attempts. Recovery after a
+    # kill -9 takes about lease_s + reap_interval_s.
     progress_interval_s: float = Field(1.0, gt=0.0)  # worker flushes progress, renews its lease, reads cancel
-    lease_s: int = Field(600, ge=10)  # a running job's lease, renewed with every progress write
+    lease_s: int = Field(60, ge=2)
+    reap_interval_s: float | None = Field(None, gt=0.0)
     max_attempts: int = Field(3, ge=1)
+    enqueue_grace_s: float = Field(10.0, ge=0.0)  # a job the API committed but did not enqueue is sent after this
+    resend_after_s: float = Field(900.0, gt=0.0)  # a queued job not started this long after its send is sent again
+    checkpoints: bool = True  # upload the saved artifact before evaluation, so that a retry resumes there
     worker_threads: int | None = None  # torch threads in the worker; None: torch's default
     device: str = "auto"
 
@@ -55,9 +67,15 @@ class Settings(BaseSettings):
         if self.storage_dir is None:
             self.storage_dir = self.data_dir / "storage"
         self.storage_dir = Path(self.storage_dir).expanduser().absolute()
+        if self.lease_s < 2 * self.progress_interval_s:
+            raise ValueError("SVDFORGE_LEASE_S must be at least twice SVDFORGE_PROGRESS_INTERVAL_S (the heartbeat)")
         if self.storage == "s3" and not self.s3_bucket:
             raise ValueError("SVDFORGE_S3_BUCKET is required when SVDFORGE_STORAGE=s3")
         return self
+
+    @property
+    def reap_every_s(self) -> float:
+        return self.reap_interval_s if self.reap_interval_s is not None else self.lease_s / 3
 
     @property
     def is_sqlite(self) -> bool:

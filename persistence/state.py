@@ -7,9 +7,12 @@
       │          └──> queued                         (requeued: its worker was lost)
       └──> cancelled                                 (cancelled before it started)
 
-Every change is a compare-and-set (`UPDATE ... WHERE status = <what we read>`), so the
-API cancelling and the worker finishing can race without either overwriting the other:
-the loser gets `StaleTransition`, re-reads and decides again.
+Every change is a compare-and-set (`UPDATE ... WHERE status = <what we read> AND attempt =
+<what we read>`), so the API cancelling and the worker finishing can race without either
+overwriting the other: the loser gets `StaleTransition`, re-reads and decides again. Taking
+a job (`queued -> running`, attempt + 1) is therefore one atomic conditional UPDATE: of two
+workers that read the same queued job, exactly one gets it. A reaper's requeue also names
+the lease it saw expire (`lease_expired_by`), so a heartbeat that lands first wins.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 
-from sqlalchemy import update
+from sqlalchemy import or_, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -78,13 +81,14 @@ def can_transition(frm: str, to: str) -> bool:
 
 
 def transition(session: Session, job: Job, to: JobStatus, *, error: JobError | None = None,
-               worker_id: str | None = None, lease_s: int | None = None, message: str = "",
-               now: datetime | None = None) -> JobEvent:
+               worker_id: str | None = None, lease_s: float | None = None, message: str = "",
+               now: datetime | None = None, lease_expired_by: datetime | None = None) -> JobEvent:
     """Move `job` to `to` (compare-and-set on the status read), and log a `status` event.
 
     Sets what belongs to the new state: the attempt counter and lease when a worker
     takes the job, the finish time and the error when it ends, the cancel request time.
-    The caller commits. Raises IllegalTransition or StaleTransition.
+    The caller commits. Raises IllegalTransition or StaleTransition (also when
+    `lease_expired_by` is given and the row's lease runs past it: the worker renewed it).
     """
     frm = JobStatus(job.status)
     if to not in ALLOWED[frm]:
@@ -99,8 +103,8 @@ def transition(session: Session, job: Job, to: JobStatus, *, error: JobError | N
         values.update(worker_id=None, lease_expires_at=None, stage=None, progress=0.0, enqueued_at=None)
     elif to is JobStatus.CANCELLING:
         values.update(cancel_requested_at=now)
-    if to in TERMINAL:
-        values.update(finished_at=now, lease_expires_at=None, stages=_close_stages(job.stages, to))
+    if to in TERMINAL:  # the checkpoint pointer goes too: its files are deleted with the job's others
+        values.update(finished_at=now, lease_expires_at=None, checkpoint=None, stages=_close_stages(job.stages, to))
         if to is JobStatus.CANCELLED and job.cancel_requested_at is None:
             values["cancel_requested_at"] = now
         if to is JobStatus.SUCCEEDED:
@@ -108,12 +112,13 @@ def transition(session: Session, job: Job, to: JobStatus, *, error: JobError | N
     if error is not None:
         values.update(error_code=error.code, error_message=error.message, error_stage=error.stage)
 
-    result = session.execute(
-        update(Job).where(Job.id == job.id, Job.status == frm.value).values(**values),
-        execution_options={"synchronize_session": False},
-    )
+    where = [Job.id == job.id, Job.status == frm.value, Job.attempt == job.attempt]
+    if lease_expired_by is not None:
+        where.append(or_(Job.lease_expires_at.is_(None), Job.lease_expires_at <= lease_expired_by))
+    result = session.execute(update(Job).where(*where).values(**values),
+                             execution_options={"synchronize_session": False})
     if result.rowcount != 1:
-        raise StaleTransition(f"job {job.id} is no longer {frm}")
+        raise StaleTransition(f"job {job.id} is no longer {frm} (attempt {job.attempt})")
     for key, value in values.items():  # the object now mirrors the row, without another UPDATE
         set_committed_value(job, key, value)
     event = JobEvent(job_id=job.id, created_at=now, type="status", stage=job.stage,

@@ -2,9 +2,11 @@
 
 The queue carries only a job id; the database holds everything else, so no result
 backend is configured and results are ignored. One job at a time per worker
-(prefetch 1, late ack): a message is acknowledged when its job has ended, so a worker
-that dies mid-job does not silently drop it (Redis redelivers after the visibility
-timeout; the job row's status decides whether the redelivery runs).
+(prefetch 1, late ack): a message is acknowledged when its job has ended. A worker that
+dies mid-job is not recovered by Celery, though (Redis would redeliver only after the
+visibility timeout, an hour): its job's lease in the database runs out and a reaper thread
+in the other workers requeues it (`worker.reaper`). A redelivered or duplicate message is
+harmless: the claim runs a job only if its row says it is queued.
 
 Embedded mode uses kombu's filesystem transport (messages are files under
 `<data_dir>/queue`): no server to run, and the same task code as with Redis.

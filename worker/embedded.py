@@ -69,7 +69,8 @@ def prepare(settings: Settings) -> tuple[Database, Path, bool]:
     """Migrate, make the local key, and settle the jobs a previous run left running.
 
     No worker is alive yet, so every running job is an orphan: requeued (its queue message
-    is sent by the worker's start-up sweep), or cancelled if a cancel was pending.
+    is sent by the worker's reaper, which sweeps at start and then periodically), or
+    cancelled if a cancel was pending. A requeued job resumes from its checkpoint if it had one.
     """
     settings.ensure_dirs()
     db = Database(settings)
@@ -78,7 +79,7 @@ def prepare(settings: Settings) -> tuple[Database, Path, bool]:
     with db.begin() as s:
         found = recover_orphans(s, max_attempts=settings.max_attempts, everything_active=True)
     storage = make_storage(settings)
-    for job_id in found.cancelled:
+    for job_id in found.cancelled + found.failed:
         storage.delete_prefix(artifact_prefix(job_id))
     if found.requeued or found.failed or found.cancelled:
         log.warning("previous run left jobs behind: requeued %s, failed %s, cancelled %s",

@@ -7,10 +7,20 @@ Order of the final steps matters: artifacts are uploaded first, then one transac
 adds their rows, stores the report and moves the job to `succeeded`. That transition is
 a compare-and-set on `running`: if a cancel arrived meanwhile, the uploads are deleted
 and the job ends `cancelled` instead. Whatever happens, the local scratch folder goes.
+
+Crash safety (README "Crash safety"): the claim is one conditional UPDATE (queued ->
+running, attempt + 1, lease), the monitor thread renews the lease as long as the row still
+names this worker and attempt, and every write that ends the job re-checks that. Once the
+artifact is saved (after whiten, svd and recover) its files go to storage under the
+attempt's prefix and `jobs.checkpoint` points at them; an attempt that finds a checkpoint
+downloads it and runs only evaluate and upload. Storage layout: `artifacts/<job>/<attempt>/`;
+a job that succeeds keeps only its last attempt's folder, a job that fails or is cancelled
+keeps nothing.
 """
 from __future__ import annotations
 
 import hashlib
+import functools
 import json
 import logging
 import math
@@ -52,6 +62,9 @@ def default_compress(config: Any, *args: Any, **kwargs: Any) -> dict:
     from core.pipeline import compress, sweep
 
     if isinstance(config, SweepConfig):  # figures: drawn below with the job's other figures
+        # a sweep has no checkpoint (no on_saved hook, so never a resume): a retry starts over
+        kwargs.pop("on_saved", None)
+        kwargs.pop("resume", None)
         return sweep(config.config, config.ratios, *args, figures=False, **kwargs)
     return compress(config, *args, **kwargs)
 
@@ -84,8 +97,9 @@ class JobMonitor:
     """
 
     def __init__(self, db: Database, job_id: str, settings: Settings, attempt: int,
-                 stopping: threading.Event | None = None) -> None:
+                 stopping: threading.Event | None = None, worker_id: str | None = None) -> None:
         self.db, self.job_id, self.settings, self.attempt = db, job_id, settings, attempt
+        self.worker_id = worker_id
         self._stopping = stopping or threading.Event()
         self.interval = settings.progress_interval_s
         self._lock = threading.Lock()
@@ -97,6 +111,8 @@ class JobMonitor:
         self._last_progress_event = 0.0
         self._started: dict[str, float] = {}
         self._cancel = threading.Event()
+        self.lease_lost = False  # the lease could not be renewed in time: stop before another worker may start
+        self._renewed_at = time.monotonic()  # the claim set the first lease
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"monitor-{job_id}", daemon=True)
 
@@ -135,6 +151,18 @@ class JobMonitor:
     def current_stage(self) -> str | None:
         return self._stage
 
+    def stages_snapshot(self) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            return json.loads(json.dumps(self._stages))
+
+    def seed_stages(self, stages: dict[str, dict[str, Any]]) -> None:
+        """Stages a previous attempt finished (a resumed job shows them as completed)."""
+        with self._lock:
+            for name, info in (stages or {}).items():
+                if info.get("status") == "completed":
+                    self._stages[name] = dict(info)
+            self._dirty = True
+
     def _start_stage(self, name: str, now) -> None:  # noqa: ANN001
         info = self._stages.setdefault(name, {"status": "running", "started_at": now.isoformat(), "seconds": 0.0})
         info.setdefault("started_at", now.isoformat())
@@ -168,8 +196,16 @@ class JobMonitor:
         while not self._stop.wait(self.interval):
             try:
                 self.flush()
+                self._renewed_at = time.monotonic()
             except Exception:  # noqa: BLE001 - a failed heartbeat is retried next tick
                 log.exception("job %s: progress write failed", self.job_id)
+                silent = time.monotonic() - self._renewed_at
+                if silent > 0.8 * self.settings.lease_s and not self.lease_lost:
+                    # Fencing: the lease is about to run out and a reaper may hand the job to
+                    # another worker. Stop computing now rather than run beside it.
+                    log.error("job %s: lease not renewed for %.0f s: stopping the job", self.job_id, silent)
+                    self.lease_lost = True
+                    self._cancel.set()
 
     def flush(self, session=None) -> None:  # noqa: ANN001
         """Write buffered state; inside `session` (no commit) or in a transaction of its own."""
@@ -191,15 +227,22 @@ class JobMonitor:
             raise
 
     def _write(self, session, events: list[dict], values: dict, dirty: bool) -> None:  # noqa: ANN001
-        """Renew the lease (and write progress) if the job is still this attempt's, then log."""
+        """Renew the lease (and write progress) if the job is still this attempt's, then log.
+
+        The heartbeat: a conditional UPDATE on (attempt, worker, active status), so a worker
+        whose job was requeued by a reaper and taken by another cannot renew it; it sees
+        that here and stops (`should_cancel`), and writes nothing more."""
         now = utcnow()
         values = values if dirty else {}
-        session.execute(update(Job).where(Job.id == self.job_id, Job.attempt == self.attempt,
-                                          Job.status.in_([s.value for s in ACTIVE]))
+        mine = [Job.id == self.job_id, Job.attempt == self.attempt, Job.status.in_([s.value for s in ACTIVE])]
+        if self.worker_id is not None:
+            mine.append(Job.worker_id == self.worker_id)
+        session.execute(update(Job).where(*mine)
                         .values(updated_at=now, lease_expires_at=now + timedelta(seconds=self.settings.lease_s),
                                 **values), execution_options={"synchronize_session": False})
-        row = session.execute(select(Job.status, Job.attempt).where(Job.id == self.job_id)).one()
-        if row.attempt != self.attempt or row.status not in {s.value for s in ACTIVE}:
+        row = session.execute(select(Job.status, Job.attempt, Job.worker_id).where(Job.id == self.job_id)).one()
+        if row.attempt != self.attempt or row.status not in {s.value for s in ACTIVE} or (
+                self.worker_id is not None and row.worker_id != self.worker_id):
             self._cancel.set()  # no longer ours (requeued or ended): stop, and write nothing more
             return
         if row.status != JobStatus.RUNNING.value:
@@ -231,17 +274,23 @@ class JobRunner:
         claimed = self._claim(job_id)
         if claimed is None:
             return "skipped"
-        request, attempt = claimed
+        request, attempt, checkpoint = claimed
         work = self.settings.work_dir / job_id
         shutil.rmtree(work, ignore_errors=True)
         out_dir = work / "out"
-        monitor = JobMonitor(self.db, job_id, self.settings, attempt, self.stopping).start()
+        monitor = JobMonitor(self.db, job_id, self.settings, attempt, self.stopping, self.worker_id).start()
         uploaded: list[Uploaded] = []
+        saved: dict[str, dict[str, Any]] = {}  # files this attempt already stored (its checkpoint)
         try:
             config = build_config(request, self._inputs(job_id, request, work / "inputs"), self.settings)
-            report = self.compress(config, out_dir, progress=monitor, should_cancel=monitor.should_cancel)
+            hooks: dict[str, Any] = {}
+            if self.settings.checkpoints:
+                resume = self._restore(checkpoint, out_dir, monitor)
+                hooks = {"resume": resume} if resume is not None else \
+                    {"on_saved": functools.partial(self._save_checkpoint, job_id, monitor, saved)}
+            report = self.compress(config, out_dir, progress=monitor, should_cancel=monitor.should_cancel, **hooks)
             figures, figures_error = render_job_figures(report or {}, out_dir)
-            uploaded = self._upload(job_id, out_dir, monitor)
+            uploaded = self._upload(job_id, out_dir, monitor, saved)
             report = link_figures(report, job_id, figures, figures_error, uploaded)
             return self._finish(job_id, monitor, uploaded, _jsonable(report))
         except Cancelled:
@@ -261,25 +310,98 @@ class JobRunner:
             shutil.rmtree(work, ignore_errors=True)
 
     # --- steps -----------------------------------------------------------------------
-    def _claim(self, job_id: str) -> tuple[dict[str, Any], int] | None:
-        """Move the job to running if it is queued (or its previous worker's lease ran out)."""
+    def _claim(self, job_id: str) -> tuple[dict[str, Any], int, dict[str, Any] | None] | None:
+        """Move the job to running if it is queued (or its previous worker's lease ran out).
+
+        The move is one conditional UPDATE (status and attempt as read): of two workers that
+        got the same job's message, one runs it and the other gets `skipped`."""
         with self.db.begin() as s:
             job = s.get(Job, job_id)
             if job is None:
                 log.warning("job %s: no such job, message dropped", job_id)
                 return None
-            if job.status == JobStatus.RUNNING and job.lease_expires_at and job.lease_expires_at <= utcnow():
-                if job.attempt >= self.settings.max_attempts:
-                    transition(s, job, JobStatus.FAILED, error=JobError(
-                        "worker_lost", f"the worker running this job was lost {job.attempt} times", job.stage))
+            try:
+                now = utcnow()
+                if job.status == JobStatus.RUNNING and job.lease_expires_at and job.lease_expires_at <= now:
+                    if job.attempt >= self.settings.max_attempts:
+                        transition(s, job, JobStatus.FAILED, lease_expired_by=now, error=JobError(
+                            "worker_lost", f"the worker running this job was lost {job.attempt} times "
+                            f"(max_attempts {self.settings.max_attempts}); the job is not retried again", job.stage))
+                        s.commit()
+                        self.delete_artifacts(job_id)
+                        return None
+                    transition(s, job, JobStatus.QUEUED, lease_expired_by=now,
+                               message=f"requeued: the worker of attempt {job.attempt} was lost ({job.worker_id})")
+                if job.status != JobStatus.QUEUED:
+                    log.info("job %s is %s: nothing to run", job_id, job.status)
                     return None
-                transition(s, job, JobStatus.QUEUED, message="requeued: its worker was lost")
-            if job.status != JobStatus.QUEUED:
-                log.info("job %s is %s: nothing to run", job_id, job.status)
+                transition(s, job, JobStatus.RUNNING, worker_id=self.worker_id, lease_s=self.settings.lease_s,
+                           message=f"running on {self.worker_id} (attempt {job.attempt + 1})")
+            except StaleTransition:
+                log.info("job %s: another worker took it first", job_id)
+                s.rollback()
                 return None
-            transition(s, job, JobStatus.RUNNING, worker_id=self.worker_id, lease_s=self.settings.lease_s,
-                       message=f"running on {self.worker_id} (attempt {job.attempt + 1})")
-            return dict(job.request), job.attempt
+            return dict(job.request), job.attempt, job.checkpoint
+
+    def _restore(self, checkpoint: dict[str, Any] | None, out_dir: Path,
+                 monitor: JobMonitor) -> dict[str, Any] | None:
+        """Download a previous attempt's checkpoint into out_dir; its report, or None to start over."""
+        if not checkpoint or not checkpoint.get("files") or not checkpoint.get("report"):
+            return None
+        files: dict[str, dict[str, Any]] = checkpoint["files"]
+        try:
+            for name, meta in sorted(files.items()):
+                if monitor.should_cancel():
+                    raise Cancelled("cancelled while restoring the checkpoint")
+                dest = (out_dir / name).resolve()
+                if not dest.is_relative_to(out_dir.resolve()):
+                    raise StorageError(f"checkpoint file name {name!r} leaves the output folder")
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                self.storage.download_to(meta["key"], dest)
+                if _sha256(dest) != meta["sha256"]:
+                    raise StorageError(f"{name}: sha256 differs from the checkpoint")
+        except StorageError as e:
+            log.warning("job %s: checkpoint of attempt %s unusable: %s", monitor.job_id, checkpoint.get("attempt"), e)
+            monitor({"type": "log", "level": "warning",
+                     "message": f"checkpoint of attempt {checkpoint.get('attempt')} unusable ({e}): starting over"})
+            shutil.rmtree(out_dir, ignore_errors=True)
+            return None
+        monitor.seed_stages(checkpoint.get("stages") or {})
+        monitor({"type": "log", "message": f"resumed from the checkpoint of attempt {checkpoint.get('attempt')}: "
+                 f"whiten, svd, recover and save are not run again ({len(files)} files restored)",
+                 "checkpoint_attempt": checkpoint.get("attempt")})
+        return checkpoint["report"]
+
+    def _save_checkpoint(self, job_id: str, monitor: JobMonitor, saved: dict[str, dict[str, Any]],
+                         out_dir: Path, report: dict[str, Any]) -> None:
+        """`compress`'s on_saved: store the saved artifact under this attempt's prefix and point
+        `jobs.checkpoint` at it (only while the job is still this worker's attempt)."""
+        files = sorted(p for p in Path(out_dir).rglob("*") if p.is_file())
+        total = sum(p.stat().st_size for p in files) or 1
+        done = 0
+        prefix = artifact_prefix(job_id, monitor.attempt)
+        monitor({"type": "stage_started", "stage": "upload", "message": f"checkpoint: {len(files)} files"})
+        for p in files:
+            if monitor.should_cancel():
+                raise Cancelled("cancelled while uploading the checkpoint")
+            name = p.relative_to(out_dir).as_posix()
+            size, digest = p.stat().st_size, _sha256(p)
+            self.storage.put_file(f"{prefix}/{name}", p, content_type=_content_type(name))
+            saved[name] = {"key": f"{prefix}/{name}", "sha256": digest, "bytes": size}
+            done += size
+            monitor({"type": "progress", "stage": "upload", "fraction": done / total, "message": f"checkpoint {name}"})
+        monitor({"type": "stage_finished", "stage": "upload", "message": f"checkpoint: {len(saved)} files, {done} bytes"})
+        record = {"attempt": monitor.attempt, "files": saved, "report": _jsonable(report),
+                  "stages": monitor.stages_snapshot(), "created_at": utcnow().isoformat()}
+        with self.db.begin() as s:
+            n = s.execute(update(Job).where(Job.id == job_id, Job.attempt == monitor.attempt,
+                                            Job.worker_id == self.worker_id, Job.status == JobStatus.RUNNING.value)
+                          .values(checkpoint=record), execution_options={"synchronize_session": False}).rowcount
+            if n != 1:
+                raise Cancelled("the job is no longer this attempt's: checkpoint not recorded")
+            add_event(s, job_id, "log", stage=Stage.UPLOAD.value,
+                      message=f"checkpoint saved ({len(saved)} files, {done} bytes): a retry resumes at evaluate",
+                      data={"checkpoint": {"attempt": monitor.attempt, "files": len(saved), "bytes": done}})
 
     def _inputs(self, job_id: str, request: dict[str, Any], folder: Path) -> dict[str, Path]:
         """Copy the uploaded files the request names into the scratch folder."""
@@ -298,7 +420,10 @@ class JobRunner:
             self.storage.download_to(files[file_id].storage_key, paths[file_id])
         return paths
 
-    def _upload(self, job_id: str, out_dir: Path, monitor: JobMonitor) -> list[Uploaded]:
+    def _upload(self, job_id: str, out_dir: Path, monitor: JobMonitor,
+                saved: dict[str, dict[str, Any]] | None = None) -> list[Uploaded]:
+        """Store every file under this attempt's prefix; files its checkpoint already stored
+        (same name and sha256) are not sent again. A failure leaves the cleanup to `_end`."""
         files = sorted(p for p in out_dir.rglob("*") if p.is_file())
         expected = _manifest_hashes(out_dir)
         total = sum(p.stat().st_size for p in files) or 1
@@ -306,22 +431,20 @@ class JobRunner:
         monitor({"type": "stage_started", "stage": "upload", "message": f"{len(files)} files"})
         uploaded: list[Uploaded] = []
         prefix = artifact_prefix(job_id, monitor.attempt)
-        try:
-            for p in files:
-                if monitor.should_cancel():
-                    raise Cancelled("cancelled during upload")
-                name = p.relative_to(out_dir).as_posix()
-                size, digest = p.stat().st_size, _sha256(p)
-                if name in expected and expected[name] != digest:
-                    raise RuntimeError(f"{name}: sha256 differs from the artifact manifest")
-                ctype = _content_type(name)
-                self.storage.put_file(f"{prefix}/{name}", p, content_type=ctype, move=True)
-                uploaded.append(Uploaded(name, f"{prefix}/{name}", size, digest, ctype))
-                done += size
-                monitor({"type": "progress", "stage": "upload", "fraction": done / total, "message": name})
-        except BaseException:
-            self.delete_artifacts(job_id, monitor.attempt)
-            raise
+        for p in files:
+            if monitor.should_cancel():
+                raise Cancelled("cancelled during upload")
+            name = p.relative_to(out_dir).as_posix()
+            size, digest = p.stat().st_size, _sha256(p)
+            if name in expected and expected[name] != digest:
+                raise RuntimeError(f"{name}: sha256 differs from the artifact manifest")
+            ctype, key = _content_type(name), f"{prefix}/{name}"
+            prior = (saved or {}).get(name)
+            if not (prior and prior["key"] == key and prior["sha256"] == digest):
+                self.storage.put_file(key, p, content_type=ctype, move=True)
+            uploaded.append(Uploaded(name, key, size, digest, ctype))
+            done += size
+            monitor({"type": "progress", "stage": "upload", "fraction": done / total, "message": name})
         monitor({"type": "stage_finished", "stage": "upload",
                  "message": f"{len(uploaded)} files, {done} bytes"})
         return uploaded
@@ -331,43 +454,54 @@ class JobRunner:
         with self.db.begin() as s:
             job = s.get(Job, job_id)
             if not self._still_ours(job, monitor):
-                self.delete_artifacts(job_id, monitor.attempt)
-                return job.status
+                return self._stand_down(job, monitor)
             monitor.flush(s)
             s.refresh(job)  # the flush wrote stages and progress behind the ORM's back
-            if job.status == JobStatus.RUNNING:
+            succeeded = job.status == JobStatus.RUNNING
+            if succeeded:
                 for u in uploaded:
                     s.add(Artifact(id=u.id, job_id=job_id, name=u.name, bytes=u.bytes, sha256=u.sha256,
                                    content_type=u.content_type, storage_key=u.key))
                 job.report = report
                 transition(s, job, JobStatus.SUCCEEDED, message=f"succeeded: {len(uploaded)} artifacts")
-                return JobStatus.SUCCEEDED.value
+        if succeeded:
+            for attempt in range(1, monitor.attempt):  # what lost attempts left (their checkpoint too)
+                self.delete_artifacts(job_id, attempt)
+            return JobStatus.SUCCEEDED.value
         # a cancel arrived while uploading: the artifacts go, the job ends cancelled
-        self.delete_artifacts(job_id, monitor.attempt)
         return self._end(job_id, monitor, JobStatus.CANCELLED, None)
 
     def _fail(self, job_id: str, monitor: JobMonitor, code: str, message: str) -> str:
         return self._end(job_id, monitor, JobStatus.FAILED, JobError(code, message, monitor.current_stage))
 
     def _end(self, job_id: str, monitor: JobMonitor, to: JobStatus, error: JobError | None) -> str:
-        """Fail or cancel: remove partial artifacts, then record the end (retrying a lost race)."""
+        """Fail, cancel or (when the worker is shutting down) requeue; then remove what the job
+        no longer needs from storage: everything once it has ended, this attempt's files on a
+        requeue unless they are the checkpoint the next attempt resumes from."""
         monitor.stop()
-        self.delete_artifacts(job_id, monitor.attempt)
         for _ in range(5):
             with self.db.begin() as s:
                 job = s.get(Job, job_id)
                 if not self._still_ours(job, monitor):
-                    return job.status  # requeued or ended elsewhere (e.g. by a reaper)
+                    return self._stand_down(job, monitor)  # requeued or ended elsewhere (e.g. by a reaper)
                 monitor.flush(s)
                 s.refresh(job)
                 target = to
                 if to is JobStatus.CANCELLED and job.status == JobStatus.RUNNING:
-                    if self.stopping.is_set():  # the worker is shutting down: run it again later
-                        transition(s, job, JobStatus.QUEUED, message="requeued: the worker shut down")
+                    lost = monitor.lease_lost and job.attempt >= self.settings.max_attempts
+                    if (self.stopping.is_set() or monitor.lease_lost) and not lost:  # run it again later
+                        keep = (job.checkpoint or {}).get("attempt") == monitor.attempt
+                        why = "the worker shut down" if self.stopping.is_set() else "its lease could not be renewed"
+                        transition(s, job, JobStatus.QUEUED, message=f"requeued: {why}")
+                        s.commit()
+                        if not keep:
+                            self.delete_artifacts(job_id, monitor.attempt)
                         return JobStatus.QUEUED.value
                     target = JobStatus.FAILED  # Cancelled without a cancel request: an internal error
-                    error = JobError("internal_error", "the pipeline stopped without a cancel request",
-                                     monitor.current_stage)
+                    error = JobError("worker_lost", f"the worker running this job lost its lease {job.attempt} "
+                                     f"times (max_attempts {self.settings.max_attempts})", monitor.current_stage) \
+                        if lost else JobError("internal_error", "the pipeline stopped without a cancel request",
+                                              monitor.current_stage)
                 if error is not None:
                     add_event(s, job_id, "error", stage=error.stage, level="error",
                               message=error.message, data={"code": error.code})
@@ -376,13 +510,21 @@ class JobRunner:
                 except StaleTransition:
                     s.rollback()
                     continue
-                return target.value
+            self.delete_artifacts(job_id)  # committed: the job has ended, none of its files are needed
+            return target.value
         raise RuntimeError(f"job {job_id}: could not record its end")
 
     def _still_ours(self, job: Job, monitor: JobMonitor) -> bool:
         """False once a reaper requeued or ended the job: a stale worker must not touch it."""
         return (job.status in (JobStatus.RUNNING, JobStatus.CANCELLING) and job.attempt == monitor.attempt
                 and job.worker_id == self.worker_id)
+
+    def _stand_down(self, job: Job, monitor: JobMonitor) -> str:
+        """The job is no longer this attempt's: remove this attempt's files, unless a later
+        attempt is resuming from them (they are its checkpoint), and touch nothing else."""
+        if (job.checkpoint or {}).get("attempt") != monitor.attempt:
+            self.delete_artifacts(job.id, monitor.attempt)
+        return job.status
 
     def delete_artifacts(self, job_id: str, attempt: int | None = None) -> None:
         """Remove one attempt's uploads (or, without `attempt`, everything of the job)."""

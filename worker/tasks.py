@@ -11,10 +11,10 @@ from functools import lru_cache
 from celery.signals import worker_ready, worker_shutting_down
 
 from persistence.db import Database
-from persistence.jobs import recover_orphans
 from persistence.settings import get_settings
 from persistence.storage import make_storage
 from worker.app import RUN_JOB, celery_app, enqueue
+from worker.reaper import Reaper
 from worker.runner import JobRunner
 
 log = logging.getLogger("svdforge.worker")
@@ -38,21 +38,34 @@ def run_job(job_id: str) -> str:
     return status
 
 
-@worker_ready.connect
-def _sweep_on_start(sender=None, **_kwargs) -> None:  # noqa: ANN001
-    """Queue what a crash or a broker outage left behind (jobs with expired leases, unsent jobs)."""
+@lru_cache(maxsize=1)
+def get_reaper() -> Reaper:
     runner = get_runner()
-    with runner.db.begin() as s:
-        found = recover_orphans(s, max_attempts=runner.settings.max_attempts)
-    for prefix_job in found.cancelled:
-        runner.delete_artifacts(prefix_job)
-    for job_id in found.requeued + found.unqueued:
-        enqueue(sender.app if sender is not None else celery_app, job_id)
-    if found.requeued or found.unqueued or found.failed or found.cancelled:
-        log.info("recovered jobs: %s", found)
+    return Reaper(runner.db, runner.storage, runner.settings, lambda job_id: enqueue(celery_app, job_id))
+
+
+def _warm_up() -> None:
+    """Import the pipeline's heavy modules (torch, transformers, matplotlib: seconds) before the
+    worker takes its first job, rather than while it holds one. In the worker's main thread:
+    transformers' lazy imports are not safe to run from two threads at once."""
+    try:
+        import core.pipeline  # noqa: F401
+        import transformers.models.auto.modeling_auto  # noqa: F401
+        import matplotlib.backends.backend_agg  # noqa: F401
+        import matplotlib.figure  # noqa: F401
+    except Exception:  # noqa: BLE001 - only an optimisation: the job imports them itself
+        log.debug("warm-up failed", exc_info=True)
+
+
+@worker_ready.connect
+def _start_reaper(sender=None, **_kwargs) -> None:  # noqa: ANN001
+    """Sweep once now (what a crash or a broker outage left behind), then every reap interval."""
+    get_reaper().start()
+    _warm_up()
 
 
 @worker_shutting_down.connect
 def _stop_running_job(**_kwargs) -> None:  # noqa: ANN003
     """Warm shutdown: the running job stops at its next stage or layer boundary and is requeued."""
     get_runner().stopping.set()
+    get_reaper().stop()

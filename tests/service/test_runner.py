@@ -42,7 +42,7 @@ def write_artifact(out_dir: Path, files: dict[str, bytes]) -> None:
 FILES = {"model.safetensors": b"\x00" * 5000, "config.json": b"{}", "report.json": b'{"metrics": {}}'}
 
 
-def ok_compress(config, out_dir, progress=None, should_cancel=None):  # noqa: ANN001
+def ok_compress(config, out_dir, progress=None, should_cancel=None, **_hooks):  # noqa: ANN001, ANN003
     for stage in ("whiten", "svd"):
         progress({"type": "stage_started", "stage": stage, "fraction": 0.0, "message": ""})
         progress({"type": "progress", "stage": stage, "fraction": 0.5, "message": "layer 1/2"})
@@ -96,7 +96,7 @@ def test_success_uploads_then_succeeds(db, storage, settings):
 
 
 def test_progress_writes_are_throttled(db, storage, settings):
-    def chatty(config, out_dir, progress=None, should_cancel=None):  # noqa: ANN001
+    def chatty(config, out_dir, progress=None, should_cancel=None, **_hooks):  # noqa: ANN001, ANN003
         progress({"type": "stage_started", "stage": "svd"})
         for i in range(2000):
             progress({"type": "progress", "stage": "svd", "fraction": i / 2000, "message": f"layer {i}"})
@@ -118,7 +118,7 @@ def test_progress_writes_are_throttled(db, storage, settings):
     (KeyError("boom"), "internal_error", "KeyError: 'boom'"),
 ])
 def test_errors_fail_the_job_with_a_code(db, storage, settings, exc, code, message):
-    def failing(config, out_dir, progress=None, should_cancel=None):  # noqa: ANN001
+    def failing(config, out_dir, progress=None, should_cancel=None, **_hooks):  # noqa: ANN001, ANN003
         progress({"type": "stage_started", "stage": "whiten"})
         progress({"type": "stage_started", "stage": "svd"})
         write_artifact(Path(out_dir), FILES)  # partial output must not survive
@@ -154,7 +154,7 @@ def _cancel_when_running(db, job_id, delay=0.0) -> threading.Thread:
 def test_cancel_stops_at_a_layer_boundary(db, storage, settings):
     layers_done = []
 
-    def slow(config, out_dir, progress=None, should_cancel=None):  # noqa: ANN001
+    def slow(config, out_dir, progress=None, should_cancel=None, **_hooks):  # noqa: ANN001, ANN003
         write_artifact(Path(out_dir), FILES)
         for layer in range(500):
             if should_cancel():
@@ -235,7 +235,7 @@ def test_a_stale_worker_does_not_touch_the_job_that_replaced_it(db, storage, set
     """A reaper requeued the job and another worker took it: the first one must stand down."""
     job_id = new_job(db)
 
-    def hijacked(config, out_dir, progress=None, should_cancel=None):  # noqa: ANN001
+    def hijacked(config, out_dir, progress=None, should_cancel=None, **_hooks):  # noqa: ANN001, ANN003
         with db.begin() as s:
             job = s.get(Job, job_id)
             transition(s, job, JobStatus.QUEUED, message="requeued by a reaper")
@@ -262,7 +262,7 @@ def test_uploaded_files_reach_the_pipeline(client, auth, db, settings):
                          headers=auth).json()["id"]
     seen = {}
 
-    def reads(config, out_dir, progress=None, should_cancel=None):  # noqa: ANN001
+    def reads(config, out_dir, progress=None, should_cancel=None, **_hooks):  # noqa: ANN001, ANN003
         seen["source"] = config.calibration.source
         seen["text"] = Path(config.calibration.path).read_bytes()
         write_artifact(Path(out_dir), FILES)
