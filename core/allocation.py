@@ -35,7 +35,9 @@ rows above keep every k_proj/v_proj dense and starve the MLP), because equal rel
 output error is not equal harm for a softmax input and for a residual write. So `global`
 keeps each kind's total (q_proj, ..., down_proj across all layers) at what `uniform`
 spends on it and moves ranks between layers within a kind; the whole model's budget is
-the sum. On SmolLM2 this ties with uniform (99.9 vs 99.5) rather than beating it.
+the sum. On SmolLM2 this is level with uniform: 99.9 vs 99.5 in the 32-window runs above, 99.02
+vs 99.36 in bench/quality.py's protocol (64 windows; docs/benchmarks.md) - a 0.3% edge, not
+the large win seeds 000 and 002 suggest.
 
 Dense fallback. A rank only pays if k (m + n) < m n. Each linear can grow to the largest
 such rank; past it, its only next "item" is to stay dense, which costs the rest of its
