@@ -56,7 +56,7 @@ def test_update_is_exact_least_squares():
     Xc = X + 0.3 * torch.randn(n, T, dtype=torch.float64)   # compressed-path inputs
     G, C = Xc @ Xc.T, X @ Xc.T
     f = truncate_right(W, gram_sqrt(G).S, k)
-    new, info = least_squares_update(W, f.u, f.v, G, C, mix=1.0)
+    new, info = least_squares_update(W, f.u, f.v, G, C, mix=1.0, ridge=0.0)
     # reference: solve min ||W X - u (v Xc)||_F directly on the data
     ref = torch.linalg.lstsq((f.v @ Xc).T, (W @ X).T).solution.T
     assert torch.allclose(new, ref, atol=1e-8)
@@ -75,9 +75,9 @@ def test_update_mix_interpolates_between_the_two_targets():
     Xc = X + 0.5 * torch.randn(n, T, dtype=torch.float64)
     G, C = Xc @ Xc.T, X @ Xc.T
     f = truncate_right(W, gram_sqrt(G).S, k)
-    full, _ = least_squares_update(W, f.u, f.v, G, C, mix=1.0)
-    none, _ = least_squares_update(W, f.u, f.v, G, C, mix=0.0)
-    half, info = least_squares_update(W, f.u, f.v, G, C, mix=0.3)
+    full, _ = least_squares_update(W, f.u, f.v, G, C, mix=1.0, ridge=0.0)
+    none, _ = least_squares_update(W, f.u, f.v, G, C, mix=0.0, ridge=0.0)
+    half, info = least_squares_update(W, f.u, f.v, G, C, mix=0.3, ridge=0.0)
     assert torch.allclose(none, f.u, atol=1e-8)
     ref = torch.linalg.lstsq((f.v @ Xc).T, (W @ (0.3 * X + 0.7 * Xc)).T).solution.T
     assert torch.allclose(half, ref, atol=1e-8)
@@ -85,6 +85,12 @@ def test_update_mix_interpolates_between_the_two_targets():
     assert info["gain"] > 0
     with pytest.raises(UserError, match="mix"):
         least_squares_update(W, f.u, f.v, G, C, mix=1.5)
+    # the ridge only shrinks the correction: none at mix 0, smaller as it grows, exact at 0
+    corrections = [float((least_squares_update(W, f.u, f.v, G, C, mix=0.3, ridge=r)[0] - none).norm())
+                   for r in (0.0, 0.1, 1.0, 10.0)]
+    assert corrections[0] == pytest.approx(float((half - none).norm()))
+    assert all(a > b > 0 for a, b in zip(corrections, corrections[1:]))
+    assert torch.allclose(least_squares_update(W, f.u, f.v, G, C, mix=0.0, ridge=1.0)[0], f.u, atol=1e-8)
     with pytest.raises(UserError, match="update_mix"):
         RecoverConfig(type="update", update_mix=-0.1)
 
