@@ -38,6 +38,7 @@ from typing import Any
 
 from sqlalchemy import select, update
 
+from core.config import SweepConfig
 from core.errors import Cancelled, NumericalError, UserError
 from persistence.db import Database
 from persistence.ids import new_id
@@ -58,13 +59,9 @@ STAGE_OF = {"whiten": Stage.WHITEN, "svd": Stage.SVD, "recover": Stage.RECOVER,
 
 
 def default_compress(config: Any, *args: Any, **kwargs: Any) -> dict:
-    from core.config import SweepConfig  # torch is imported only where a job runs
-    from core.pipeline import compress, sweep
+    from core.pipeline import compress, sweep  # torch is imported only where a job runs
 
     if isinstance(config, SweepConfig):  # figures: drawn below with the job's other figures
-        # a sweep has no checkpoint (no on_saved hook, so never a resume): a retry starts over
-        kwargs.pop("on_saved", None)
-        kwargs.pop("resume", None)
         return sweep(config.config, config.ratios, *args, figures=False, **kwargs)
     return compress(config, *args, **kwargs)
 
@@ -284,7 +281,7 @@ class JobRunner:
         try:
             config = build_config(request, self._inputs(job_id, request, work / "inputs"), self.settings)
             hooks: dict[str, Any] = {}
-            if self.settings.checkpoints:
+            if self.settings.checkpoints and not isinstance(config, SweepConfig):  # a retried sweep starts over
                 resume = self._restore(checkpoint, out_dir, monitor)
                 hooks = {"resume": resume} if resume is not None else \
                     {"on_saved": functools.partial(self._save_checkpoint, job_id, monitor, saved)}
