@@ -9,16 +9,16 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Annotated
 
+import anyio.to_thread
 from celery import Celery
 from fastapi import Depends, Request
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from api.limits import UNAUTHORIZED
+from api.limits import UNAUTHORIZED, lookup_key
 from api.problems import ProblemError, field_error
 from persistence.db import Database
-from persistence.keys import find_key
 from persistence.models import ApiKey
 from persistence.settings import Settings
 from persistence.storage import Storage
@@ -65,21 +65,19 @@ bearer = HTTPBearer(auto_error=False, scheme_name="ApiKey",
                     description="An API key from `svdforge keys create`, sent as `Authorization: Bearer <key>`.")
 
 
-def get_current_key(request: Request, session: SessionDep,
-                    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> ApiKey:
+async def get_current_key(request: Request,
+                          credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> ApiKey:
     """The caller's API key; anything else is a 401 that does not say which part was wrong.
 
-    Reads use the request's session. Writes look the key up in a short read session of
-    its own: the request's session is then a writer, and its transaction must begin in
-    the endpoint, not here. FastAPI runs this dependency and the endpoint in different
-    threadpool threads, and a write lock held across that hand-over starves the pool.
+    Requests with a body were authenticated by `KeyBeforeBodyMiddleware` before their body
+    was read; its key (found for the same Authorization header) is taken from
+    `request.state`. Others look the key up here, in a short read session on a worker
+    thread: this dependency is async so that a request pays one thread hop for its
+    endpoint, not one more for authentication.
     """
-    key = None
-    if credentials is not None and request.method in ("GET", "HEAD"):
-        key = find_key(session, credentials.credentials)
-    elif credentials is not None:
-        with request.app.state.db.session() as own:
-            key = find_key(own, credentials.credentials)
+    key = getattr(request.state, "api_key", None)
+    if key is None and credentials is not None:
+        key = await anyio.to_thread.run_sync(lookup_key, request.app.state.db, credentials.credentials)
     if key is None:
         raise ProblemError(401, "unauthorized", UNAUTHORIZED, headers={"WWW-Authenticate": "Bearer"})
     return key

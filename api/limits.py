@@ -59,8 +59,9 @@ def too_large(limit: int) -> ProblemError:
 class KeyBeforeBodyMiddleware:
     """Requests under `prefix` that carry a body need a valid key before the body is read.
 
-    One indexed lookup in a worker thread (the route's own dependency looks again: that one
-    decides, this one only keeps anonymous bodies from being read, parsed or spooled).
+    One indexed lookup in a worker thread; the key it finds goes to `request.state.api_key`,
+    where the route's own dependency (`api.deps.get_current_key`) takes it instead of
+    looking again.
     """
 
     def __init__(self, app: ASGIApp, prefix: str = "/v1/") -> None:
@@ -72,10 +73,12 @@ class KeyBeforeBodyMiddleware:
             return
         token = bearer_token(scope)
         db = scope["app"].state.db
-        if token is None or not await anyio.to_thread.run_sync(_known_key, db, token):
+        key = None if token is None else await anyio.to_thread.run_sync(lookup_key, db, token)
+        if key is None:
             await send_problem(scope, send, 401, "unauthorized", "Unauthorized", UNAUTHORIZED,
                                headers=[(b"www-authenticate", b"Bearer")])
             return
+        scope.setdefault("state", {})["api_key"] = key
         await self.app(scope, receive, send)
 
 
@@ -88,9 +91,10 @@ def bearer_token(scope: Scope) -> str | None:
     return None
 
 
-def _known_key(db, token: str) -> bool:  # noqa: ANN001
+def lookup_key(db, token: str):  # noqa: ANN001, ANN201
+    """The active key for `token` or None, from a short read session (the row stays readable)."""
     with db.session() as s:
-        return find_key(s, token) is not None
+        return find_key(s, token)
 
 
 async def send_problem(scope: Scope, send: Send, status: int, code: str, title: str, detail: str, *,

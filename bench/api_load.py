@@ -14,6 +14,19 @@ in use. At the end every submitted job is cancelled and the started server is st
 Each client pauses between its requests (`--think-ms`, default 250 ms: a client following
 a job polls a few times a second), so 50 clients offer about 180 requests/s;
 `--think-ms 0` is a closed loop at saturation instead (reported, not a target).
+
+How the load is offered (what load generators such as locust or k6 do; the
+flags show the difference):
+- Warm-up, untimed: one job submission and one poll before the clients start (a new
+  server's first POST builds SQLAlchemy's statement cache and the queue's producer: ~50 ms),
+  and each client opens its connection with a `GET /healthz`.
+- Ramp-up: clients start at random moments within `--ramp-ms` (default 1000 ms, a spawn
+  rate of 50 clients/s), and each pause is drawn uniformly from 0.5-1.5 x `--think-ms`, so
+  clients do not fire in lockstep. Every client's first request is a POST: `--ramp-ms 0` is
+  50 job submissions in the same millisecond (a burst; reported, not a target).
+- The clients are aiohttp sessions in one event loop (`--client aiohttp`, default). httpx
+  costs about twice the client CPU per request; on 2 cores that CPU is taken from the
+  server under test and shows up as server latency (`--client httpx` measures it).
 """
 from __future__ import annotations
 
@@ -32,6 +45,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import aiohttp
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,7 +84,37 @@ def start_server(data_dir: Path, port: int, worker_threads: int) -> subprocess.P
     raise SystemExit("server did not become ready")
 
 
-async def client_loop(client: httpx.AsyncClient, n_submit: int, n_poll: int, model: str, think_s: float,
+class Client:
+    """The part of an HTTP client the loop needs, over aiohttp or httpx: (status, JSON body)."""
+
+    def __init__(self, kind: str, base: str, key: str, clients: int) -> None:
+        self.kind, self.base, self.headers, self.clients = kind, base, {"Authorization": f"Bearer {key}"}, clients
+
+    async def __aenter__(self) -> "Client":
+        if self.kind == "aiohttp":
+            self.s = aiohttp.ClientSession(self.base, headers=self.headers,
+                                           connector=aiohttp.TCPConnector(limit=self.clients),
+                                           timeout=aiohttp.ClientTimeout(total=30))
+        else:
+            limits = httpx.Limits(max_connections=self.clients, max_keepalive_connections=self.clients)
+            self.s = httpx.AsyncClient(base_url=self.base, headers=self.headers, limits=limits, timeout=30)
+        return self
+
+    async def __aexit__(self, *exc) -> None:  # noqa: ANN002
+        await (self.s.close() if self.kind == "aiohttp" else self.s.aclose())
+
+    async def request(self, method: str, path: str, json=None) -> tuple[int, dict | None]:  # noqa: ANN001
+        if self.kind == "aiohttp":
+            async with self.s.request(method, path, json=json) as r:
+                return r.status, (await r.json(content_type=None) if r.status < 300 else await r.read() and None)
+        r = await self.s.request(method, path, json=json)
+        return r.status_code, (r.json() if r.status_code < 300 else None)
+
+
+CLIENT_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, httpx.HTTPError)
+
+
+async def client_loop(client: Client, n_submit: int, n_poll: int, model: str, think_s: float, ramp_s: float,
                       samples: dict[str, list[float]], statuses: dict[str, list[int]], job_ids: list[str]) -> None:
     """One client: submissions spread among its polls; polls go to its own jobs."""
     plan = [POST] * n_submit + [GET] * n_poll
@@ -78,44 +122,50 @@ async def client_loop(client: httpx.AsyncClient, n_submit: int, n_poll: int, mod
     first_post = plan.index(POST)
     plan.insert(0, plan.pop(first_post))  # a poll needs a job to poll
     mine: list[str] = []
+    await client.request("GET", "/healthz")  # open the connection, untimed
+    if ramp_s:
+        await asyncio.sleep(random.uniform(0, ramp_s))
     for op in plan:
         t0 = time.perf_counter()
         try:
             if op == POST:
-                r = await client.post("/v1/jobs", json={"model": model, "ratio": 0.4})
-                if r.status_code == 201:
-                    mine.append(r.json()["id"])
-                    job_ids.append(r.json()["id"])
+                code, body = await client.request("POST", "/v1/jobs", json={"model": model, "ratio": 0.4})
+                if code == 201:
+                    mine.append(body["id"])
+                    job_ids.append(body["id"])
             elif mine:
-                r = await client.get(f"/v1/jobs/{random.choice(mine)}")
+                code, _ = await client.request("GET", f"/v1/jobs/{random.choice(mine)}")
             else:
                 continue  # every submission of this client failed: nothing to poll
-            code = r.status_code
-        except httpx.HTTPError:
+        except CLIENT_ERRORS:
             code = 599  # no answer (timeout, reset): counted as a server error
         samples[op].append((time.perf_counter() - t0) * 1000)
         statuses[op].append(code)
         if think_s:
-            await asyncio.sleep(think_s)
+            await asyncio.sleep(random.uniform(0.5 * think_s, 1.5 * think_s))
 
 
 def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=1000, method="inclusive")[int(q * 10) - 1] if len(values) > 1 else values[0]
 
 
-async def run(base: str, key: str, clients: int, submissions: int, polls: int, model: str, think_ms: float):
+async def run(base: str, key: str, clients: int, submissions: int, polls: int, model: str, think_ms: float,
+              ramp_ms: float, kind: str):
     samples: dict[str, list[float]] = defaultdict(list)
     statuses: dict[str, list[int]] = defaultdict(list)
     job_ids: list[str] = []
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {key}"}, limits=limits,
-                                 timeout=30) as client:
+    async with Client(kind, base, key, clients) as client:
+        code, body = await client.request("POST", "/v1/jobs", json={"model": model, "ratio": 0.4})  # warm-up
+        if code != 201:
+            raise SystemExit(f"warm-up submission failed: HTTP {code}")
+        job_ids.append(body["id"])
+        await client.request("GET", f"/v1/jobs/{body['id']}")
         t0 = time.perf_counter()
         await asyncio.gather(*(client_loop(client, submissions // clients, polls // clients, model, think_ms / 1000,
-                                           samples, statuses, job_ids) for _ in range(clients)))
+                                           ramp_ms / 1000, samples, statuses, job_ids) for _ in range(clients)))
         wall = time.perf_counter() - t0
         for job_id in job_ids:  # leave nothing running
-            await client.post(f"/v1/jobs/{job_id}/cancel")
+            await client.request("POST", f"/v1/jobs/{job_id}/cancel")
     return samples, statuses, wall
 
 
@@ -145,11 +195,15 @@ def main() -> None:
     ap.add_argument("--submissions", type=int, default=200)
     ap.add_argument("--polls", type=int, default=2000)
     ap.add_argument("--think-ms", type=float, default=250.0, help="pause between a client's requests")
+    ap.add_argument("--ramp-ms", type=float, default=1000.0,
+                    help="clients start at random moments within this window (0: all at once)")
+    ap.add_argument("--client", choices=("aiohttp", "httpx"), default="aiohttp", help="the load generator's HTTP client")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--worker-threads", type=int, default=1, help="torch threads of the started worker")
     ap.add_argument("--servers", action="store_true",
                     help="start PostgreSQL, Redis and SeaweedFS and run the API and a worker against them")
     args = ap.parse_args()
+    ramp_ms = args.ramp_ms
 
     proc, tmp, servers, stack = None, None, None, None
     mode = "embedded mode"
@@ -178,7 +232,7 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     try:
         samples, statuses, wall = asyncio.run(run(base, key, args.clients, args.submissions, args.polls,
-                                                  args.model, args.think_ms))
+                                                  args.model, args.think_ms, ramp_ms, args.client))
         api_cpu = cpu_seconds(proc.pid) - cpu_before if proc else None
     finally:
         if stack is not None:
@@ -197,8 +251,8 @@ def main() -> None:
             else:
                 shutil.rmtree(tmp, ignore_errors=True)
     text, ok = table(samples, statuses, wall)
-    print(f"{args.clients} clients, {args.submissions} submissions, {args.polls} polls, think {args.think_ms:g} ms, "
-          f"{mode}\n")
+    print(f"{args.clients} clients ({args.client}), {args.submissions} submissions, {args.polls} polls, "
+          f"think {args.think_ms:g} ms, ramp-up {ramp_ms:g} ms, {mode}\n")
     print(text)
     n = sum(len(v) for v in samples.values())
     if api_cpu is not None:
