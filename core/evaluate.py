@@ -64,26 +64,34 @@ class Fidelity:
     """Running sums of `compare`'s metrics over batches of (teacher, student) logits, so that
     logits computed any way (whole models, or streamed layer by layer) give the same figures."""
 
-    def __init__(self, topk: int = 10):
-        self.topk = topk
+    def __init__(self, topk: int = 10, chunk: int = 128):
+        self.topk, self.chunk = topk, chunk
         self.sums = {"t_nll": 0.0, "s_nll": 0.0, "kl": 0.0, "top": 0.0, "agree": 0.0}
         self.count = 0
 
     def add(self, teacher_logits: torch.Tensor, student_logits: torch.Tensor, batch: torch.Tensor) -> None:
-        """Logits [B, L-1, V] of the positions that predict batch[:, 1:]."""
+        """Logits [B, L-1, V] of the positions that predict batch[:, 1:].
+
+        Works through `chunk` positions at a time: the log-softmaxes and the KL terms of a
+        whole 512-token window over a 49k vocabulary are ~100 MB each, and holding five of
+        them at once was the peak of a job's memory.
+        """
         for lg in (teacher_logits, student_logits):
             if not torch.isfinite(lg).all():
                 raise NumericalError("the model produced non-finite logits")
         sums, topk = self.sums, self.topk
-        labels = batch[:, 1:].flatten()
-        lt = torch.log_softmax(teacher_logits.float().flatten(0, 1), -1)
-        ls = torch.log_softmax(student_logits.float().flatten(0, 1), -1)
-        sums["t_nll"] += float(F.nll_loss(lt, labels, reduction="sum"))
-        sums["s_nll"] += float(F.nll_loss(ls, labels, reduction="sum"))
-        sums["kl"] += float((lt.exp() * (lt - ls)).sum())
-        tt, ts = lt.topk(topk, -1).indices, ls.topk(topk, -1).indices
-        sums["top"] += float((tt[:, :, None] == ts[:, None, :]).any(-1).sum()) / topk
-        sums["agree"] += float((tt[:, 0] == ts[:, 0]).sum())
+        labels = batch[:, 1:]
+        for b in range(labels.shape[0]):
+            for lo in range(0, labels.shape[1], self.chunk):
+                y = labels[b, lo:lo + self.chunk]
+                lt = torch.log_softmax(teacher_logits[b, lo:lo + self.chunk].float(), -1)
+                ls = torch.log_softmax(student_logits[b, lo:lo + self.chunk].float(), -1)
+                sums["t_nll"] += float(F.nll_loss(lt, y, reduction="sum"))
+                sums["s_nll"] += float(F.nll_loss(ls, y, reduction="sum"))
+                sums["kl"] += float(F.kl_div(ls, lt, reduction="sum", log_target=True))
+                tt, ts = lt.topk(topk, -1).indices, ls.topk(topk, -1).indices
+                sums["top"] += float((tt[:, :, None] == ts[:, None, :]).any(-1).sum()) / topk
+                sums["agree"] += float((tt[:, 0] == ts[:, 0]).sum())
         self.count += labels.numel()
 
     def result(self) -> dict:

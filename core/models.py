@@ -190,6 +190,25 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu", allow_pic
     return model.to(device), tok, source
 
 
+@torch.no_grad()
+def own_weights(model: torch.nn.Module) -> None:
+    """Copy every parameter and buffer into memory of this process's own, one at a time.
+
+    `from_pretrained` leaves safetensors weights on CPU as views of the checkpoint's memory
+    map. Pages of the map that were read count in RSS for as long as any tensor of the file
+    lives, so after compression the dense weights that were replaced still took their full
+    size (SmolLM2: 0.5 GB) while a second copy of the file was mapped for the teacher.
+    Copying the tensors that survive (embeddings, norms, factors) lets the map go.
+    Tied weights stay tied: the shared Parameter object gets the new storage.
+    """
+    seen: set[int] = set()
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) in seen or t.device.type != "cpu":
+            continue
+        seen.add(id(t))
+        t.data = t.data.clone()
+
+
 def pick_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"

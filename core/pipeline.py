@@ -26,7 +26,7 @@ from core.errors import UserError
 from core.evaluate import compare, count_params, flops_per_token, matmul_params, throughput, zero_shot
 from core.methods import get_method
 from core.models import cache_dir as models_cache_dir
-from core.models import load_model, load_tokenizer, pick_device, resolve_source
+from core.models import load_model, load_tokenizer, own_weights, pick_device, resolve_source
 from core.progress import Reporter
 from core.stats_cache import DEFAULT_MAX_BYTES, StatsCache, stats_key
 
@@ -249,6 +249,8 @@ def _evaluate_and_finish(config: CompressConfig, out: Path | None, report: dict,
                 job.save(tok)
             report.update(evaluate_streaming(job, tok, config.evaluation, rep))
         else:
+            own_weights(model)  # the dense checkpoint's memory map goes, the teacher maps it anew
+            streaming.trim_heap()  # calibration's freed heap, before the teacher comes in
             teacher, teacher_tok, _ = load_model(config.model, config.dtype, device, config.allow_pickle,
                                                  config.trust_remote_code)
             report.update(evaluate_models(teacher, model, tok if tok is not None else teacher_tok,

@@ -283,7 +283,7 @@ class InMemoryLayers:
         pass
 
     def done(self, index: int, layer: nn.Module) -> None:
-        pass
+        trim_heap()  # the layer's dense weights and temporaries are gone: give their pages back
 
 
 class StreamingLayers:

@@ -8,7 +8,7 @@ from core.artifact import load_artifact, read_manifest, verify_files
 from core.calibrate import StatsCollector, capture_layer0_inputs, decoder_layers, run_layer, select_linears
 from core.config import CompressConfig, DataSpec, EvalConfig
 from core.errors import Cancelled, NumericalError, UserError
-from core.evaluate import compare
+from core.evaluate import Fidelity, compare
 from core.lowrank import LowRankLinear
 from core.methods import REGISTRY
 from core.models import load_model
@@ -164,6 +164,32 @@ def test_non_finite_logits_are_an_error(tiny_llama):
         model.lm_head.weight[0, 0] = float("nan")
     with pytest.raises(NumericalError):
         compare(None, model, torch.randint(0, len(tok), (2, 8)))
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 128])
+def test_fidelity_metrics_do_not_depend_on_the_chunk_they_are_summed_in(chunk):
+    """`Fidelity` sums over chunks of positions to bound memory; the figures are the
+    whole-window definitions (SPEC stage 4), written out here on flattened logits."""
+    g = torch.Generator().manual_seed(0)
+    b, length, vocab = 3, 41, 300
+    teacher = 3 * torch.randn(b, length, vocab, generator=g)
+    student = teacher + torch.randn(b, length, vocab, generator=g)
+    batch = torch.randint(0, vocab, (b, length), generator=g)
+    acc = Fidelity(chunk=chunk)
+    acc.add(teacher[:, :-1], student[:, :-1], batch)  # a non-contiguous slice, as `_logits` returns
+    got = acc.result()
+
+    lt = torch.log_softmax(teacher[:, :-1].reshape(-1, vocab), -1)
+    ls = torch.log_softmax(student[:, :-1].reshape(-1, vocab), -1)
+    y = batch[:, 1:].reshape(-1)
+    tt, ts = lt.topk(10, -1).indices, ls.topk(10, -1).indices
+    assert got["compressed"]["tokens"] == y.numel() == b * (length - 1)
+    assert got["dense"]["nll"] == pytest.approx(float(torch.nn.functional.nll_loss(lt, y)), rel=1e-6)
+    assert got["compressed"]["nll"] == pytest.approx(float(torch.nn.functional.nll_loss(ls, y)), rel=1e-6)
+    assert got["compressed"]["teacher_kl"] == pytest.approx(float((lt.exp() * (lt - ls)).sum(-1).mean()), rel=1e-6)
+    assert got["compressed"]["top10_recall"] == pytest.approx(
+        float((tt[:, :, None] == ts[:, None, :]).any(-1).double().mean(-1).mean()), rel=1e-9)
+    assert got["compressed"]["agreement"] == pytest.approx(100 * float((tt[:, 0] == ts[:, 0]).double().mean()))
 
 
 def test_cancel_stops_at_a_layer_boundary(tiny_llama, tmp_path):
