@@ -106,7 +106,10 @@ class Client:
     async def request(self, method: str, path: str, json=None) -> tuple[int, dict | None]:  # noqa: ANN001
         if self.kind == "aiohttp":
             async with self.s.request(method, path, json=json) as r:
-                return r.status, (await r.json(content_type=None) if r.status < 300 else await r.read() and None)
+                if r.status >= 300:
+                    await r.read()  # drained, the connection goes back to the pool
+                    return r.status, None
+                return r.status, await r.json(content_type=None)
         r = await self.s.request(method, path, json=json)
         return r.status_code, (r.json() if r.status_code < 300 else None)
 
@@ -203,7 +206,6 @@ def main() -> None:
     ap.add_argument("--servers", action="store_true",
                     help="start PostgreSQL, Redis and SeaweedFS and run the API and a worker against them")
     args = ap.parse_args()
-    ramp_ms = args.ramp_ms
 
     proc, tmp, servers, stack = None, None, None, None
     mode = "embedded mode"
@@ -232,7 +234,7 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     try:
         samples, statuses, wall = asyncio.run(run(base, key, args.clients, args.submissions, args.polls,
-                                                  args.model, args.think_ms, ramp_ms, args.client))
+                                                  args.model, args.think_ms, args.ramp_ms, args.client))
         api_cpu = cpu_seconds(proc.pid) - cpu_before if proc else None
     finally:
         if stack is not None:
@@ -252,7 +254,7 @@ def main() -> None:
                 shutil.rmtree(tmp, ignore_errors=True)
     text, ok = table(samples, statuses, wall)
     print(f"{args.clients} clients ({args.client}), {args.submissions} submissions, {args.polls} polls, "
-          f"think {args.think_ms:g} ms, ramp-up {ramp_ms:g} ms, {mode}\n")
+          f"think {args.think_ms:g} ms, ramp-up {args.ramp_ms:g} ms, {mode}\n")
     print(text)
     n = sum(len(v) for v in samples.values())
     if api_cpu is not None:

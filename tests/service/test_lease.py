@@ -49,8 +49,10 @@ def reaper(db, storage, settings, sent: list | None = None) -> Reaper:
     return Reaper(db, storage, settings, sent.append)
 
 
-def saving_compress(crash_after_save: bool):
-    """A stand-in pipeline that saves, checkpoints through `on_saved`, then maybe dies."""
+def saving_compress(crash_after_save: bool, after_save=None):  # noqa: ANN001
+    """A stand-in pipeline that saves, checkpoints through `on_saved`, then maybe dies.
+
+    `after_save(should_cancel)` runs right after the checkpoint (a test's fault goes there)."""
     calls = []
 
     def fake(config, out_dir, progress=None, should_cancel=None, on_saved=None, resume=None):  # noqa: ANN001
@@ -65,6 +67,8 @@ def saving_compress(crash_after_save: bool):
             (out / "model.safetensors").write_bytes(FILES["model.safetensors"])
             (out / "config.json").write_bytes(FILES["config.json"])
             on_saved(out, {"ranks": {}, "params": {"dense": 10}})
+            if after_save is not None:
+                after_save(should_cancel)
             if crash_after_save:
                 raise Crash()
         progress({"type": "stage_started", "stage": "evaluate"})
@@ -308,15 +312,11 @@ def test_a_failed_job_leaves_neither_checkpoint_nor_files(db, storage, settings)
     from core.errors import UserError
 
     job_id = new_job(db)
-    inner = saving_compress(crash_after_save=False)
 
-    def fails_after_save(config, out_dir, progress=None, should_cancel=None, on_saved=None, resume=None):  # noqa: ANN001
-        def saved_then_fail(out, report):  # noqa: ANN001
-            on_saved(out, report)
-            raise UserError("bad evaluation data")
-        return inner(config, out_dir, progress, should_cancel, on_saved=saved_then_fail)
+    def fail(should_cancel):  # noqa: ANN001
+        raise UserError("bad evaluation data")
 
-    assert JobRunner(db, storage, settings, compress=fails_after_save).run(job_id) == "failed"
+    assert JobRunner(db, storage, settings, compress=saving_compress(False, fail)).run(job_id) == "failed"
     with db.session() as s:
         assert s.get(Job, job_id).checkpoint is None
     assert stored(settings, job_id) == set()
@@ -325,18 +325,14 @@ def test_a_failed_job_leaves_neither_checkpoint_nor_files(db, storage, settings)
 def test_a_shutdown_requeue_keeps_the_checkpoint_for_the_next_worker(db, storage, settings):
     job_id = new_job(db)
     runner = JobRunner(db, storage, settings, worker_id="w1")
-    inner = saving_compress(crash_after_save=False)
 
-    def stops_after_save(config, out_dir, progress=None, should_cancel=None, on_saved=None, resume=None):  # noqa: ANN001
+    def stop(should_cancel):  # noqa: ANN001
         from core.errors import Cancelled
 
-        def saved_then_stop(out, report):  # noqa: ANN001
-            on_saved(out, report)
-            runner.stopping.set()  # SIGTERM to the worker
-            raise Cancelled("worker shutting down")
-        return inner(config, out_dir, progress, should_cancel, on_saved=saved_then_stop)
+        runner.stopping.set()  # SIGTERM to the worker
+        raise Cancelled("worker shutting down")
 
-    runner.compress = stops_after_save
+    runner.compress = saving_compress(False, stop)
     assert runner.run(job_id) == "queued"
     assert stored(settings, job_id) == {"1/model.safetensors", "1/config.json"}
     second = saving_compress(crash_after_save=False)
@@ -347,21 +343,18 @@ def test_a_shutdown_requeue_keeps_the_checkpoint_for_the_next_worker(db, storage
 
 def test_a_stale_worker_keeps_the_checkpoint_that_the_next_attempt_resumes_from(db, storage, settings):
     job_id = new_job(db)
-    inner = saving_compress(crash_after_save=False)
 
-    def hijacked_after_save(config, out_dir, progress=None, should_cancel=None, on_saved=None, resume=None):  # noqa: ANN001
-        def saved_then_stolen(out, report):  # noqa: ANN001
-            on_saved(out, report)
-            with db.begin() as s:  # the lease ran out, a reaper requeued, w2 claimed attempt 2
-                job = s.get(Job, job_id)
-                transition(s, job, JobStatus.QUEUED, message="requeued by a reaper")
-                transition(s, job, JobStatus.RUNNING, worker_id="w2", lease_s=60)
-            deadline = utcnow() + timedelta(seconds=5)
-            while not should_cancel() and utcnow() < deadline:
-                threading.Event().wait(0.01)
-        return inner(config, out_dir, progress, should_cancel, on_saved=saved_then_stolen)
+    def stolen(should_cancel):  # noqa: ANN001
+        with db.begin() as s:  # the lease ran out, a reaper requeued, w2 claimed attempt 2
+            job = s.get(Job, job_id)
+            transition(s, job, JobStatus.QUEUED, message="requeued by a reaper")
+            transition(s, job, JobStatus.RUNNING, worker_id="w2", lease_s=60)
+        deadline = utcnow() + timedelta(seconds=5)
+        while not should_cancel() and utcnow() < deadline:
+            threading.Event().wait(0.01)
 
-    assert JobRunner(db, storage, settings, compress=hijacked_after_save, worker_id="w1").run(job_id) == "running"
+    hijacked = saving_compress(False, stolen)
+    assert JobRunner(db, storage, settings, compress=hijacked, worker_id="w1").run(job_id) == "running"
     assert stored(settings, job_id) >= {"1/model.safetensors", "1/config.json"}  # attempt 2 needs them
     with db.session() as s:
         job = s.get(Job, job_id)
