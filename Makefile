@@ -27,7 +27,7 @@ test-fast: install
 	$(VENV)/bin/python -m pytest -q -m "not slow and not integration" $(PYTEST_ARGS)
 
 run: install
-	$(VENV)/bin/python -m cli.demo
+	$(VENV)/bin/python -m svdforge.cli.demo
 
 bench: install
 	$(VENV)/bin/python bench/quality.py

@@ -1,7 +1,7 @@
 """FastAPI dependencies, as `Annotated` aliases (the full-stack-fastapi-template style).
 
 The app's services (database, storage, Celery app, settings) live on `app.state`, built
-once by `api.main.create_app`, so tests build an app around a temporary data folder
+once by `svdforge.api.main.create_app`, so tests build an app around a temporary data folder
 without monkeypatching globals.
 """
 from __future__ import annotations
@@ -16,12 +16,12 @@ from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from api.limits import UNAUTHORIZED, lookup_key
-from api.problems import ProblemError, field_error
-from persistence.db import Database
-from persistence.models import ApiKey
-from persistence.settings import Settings
-from persistence.storage import Storage
+from svdforge.api.limits import UNAUTHORIZED, lookup_key
+from svdforge.api.problems import ProblemError, field_error
+from svdforge.persistence.db import Database
+from svdforge.persistence.models import ApiKey
+from svdforge.persistence.settings import Settings
+from svdforge.persistence.storage import Storage
 
 
 # The trivial dependencies are `async def`: FastAPI runs sync ones in the threadpool, and

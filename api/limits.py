@@ -13,8 +13,8 @@ import json
 import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.problems import PROBLEM_JSON, ProblemError
-from persistence.keys import find_key
+from svdforge.api.problems import PROBLEM_JSON, ProblemError
+from svdforge.persistence.keys import find_key
 
 NO_BODY = ("GET", "HEAD", "OPTIONS")
 UNAUTHORIZED = "a valid API key is required (Authorization: Bearer <key>)"  # also what api.deps answers
@@ -60,7 +60,7 @@ class KeyBeforeBodyMiddleware:
     """Requests under `prefix` that carry a body need a valid key before the body is read.
 
     One indexed lookup in a worker thread; the key it finds goes to `request.state.api_key`,
-    where the route's own dependency (`api.deps.get_current_key`) takes it instead of
+    where the route's own dependency (`svdforge.api.deps.get_current_key`) takes it instead of
     looking again.
     """
 

@@ -1,6 +1,6 @@
 """The FastAPI app: `create_app(settings)` builds one around a data folder.
 
-Production: `uvicorn --factory api.main:create_app` (settings from SVDFORGE_* variables).
+Production: `uvicorn --factory svdforge.api.main:create_app` (settings from SVDFORGE_* variables).
 Embedded: `svdforge serve` runs it next to a worker. The app does not migrate the
 database: `svdforge migrate` (or `serve`) does that once, before any process starts.
 """
@@ -11,14 +11,14 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 
-from api import openapi, problems
-from api.deps import reject_unknown_query
-from api.limits import BodyLimitMiddleware, KeyBeforeBodyMiddleware
-from api.routes import files, health, jobs
-from persistence.db import Database
-from persistence.settings import Settings, get_settings
-from persistence.storage import make_storage
-from worker.app import make_celery
+from svdforge.api import openapi, problems
+from svdforge.api.deps import reject_unknown_query
+from svdforge.api.limits import BodyLimitMiddleware, KeyBeforeBodyMiddleware
+from svdforge.api.routes import files, health, jobs
+from svdforge.persistence.db import Database
+from svdforge.persistence.settings import Settings, get_settings
+from svdforge.persistence.storage import make_storage
+from svdforge.worker.app import make_celery
 
 VERSION = "0.1.0"
 TAGS = [

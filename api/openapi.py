@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from api.problems import PROBLEM_JSON
+from svdforge.api.problems import PROBLEM_JSON
 
 
 def install(app: FastAPI) -> None:

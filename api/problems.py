@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api.schemas import FieldIssue, Problem
+from svdforge.api.schemas import FieldIssue, Problem
 
 log = logging.getLogger("svdforge.api")
 

@@ -13,8 +13,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from core.config import UPDATE_MIX
-from persistence.state import JobStatus, Stage
+from svdforge.core.config import UPDATE_MIX
+from svdforge.persistence.state import JobStatus, Stage
 
 Seed = Annotated[int, Field(ge=0, le=2**31 - 1, description="Random seed for sampling the text.")]
 Samples = Annotated[int, Field(ge=1, le=4096, description="Number of token windows.")]

@@ -68,7 +68,7 @@ def free_port() -> int:
 def start_server(data_dir: Path, port: int, worker_threads: int) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "SVDFORGE_WORKER_THREADS": str(worker_threads)}
     log = open(data_dir.parent / "serve.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "-m", "cli.service_cmds", "serve", "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "svdforge.cli.service_cmds", "serve", "--port", str(port),
                              "--data-dir", str(data_dir)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:

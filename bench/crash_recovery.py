@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # the test helpers (tests.integration), not svdforge: that is installed
 
 from tests.integration.servers import Servers, Stack, missing  # noqa: E402
 
@@ -90,8 +90,8 @@ def main() -> None:
     absent = missing()
     if absent:
         raise SystemExit("missing: " + "; ".join(absent))
-    from core.testing import make_tiny_model
-    from persistence.settings import Settings
+    from svdforge.core.testing import make_tiny_model
+    from svdforge.persistence.settings import Settings
 
     defaults = Settings(_env_file=None)
     tmp = Path(tempfile.mkdtemp(prefix="svdforge-recovery-"))

@@ -64,8 +64,8 @@ def config_for(row: dict, args) -> dict:
 
 def run_one(config_json: str) -> None:
     """Child process: run one configuration, print its report as JSON on the last line."""
-    from core.config import CompressConfig
-    from core.pipeline import compress, default_threads
+    from svdforge.core.config import CompressConfig
+    from svdforge.core.pipeline import compress, default_threads
 
     default_threads()
     report = compress(CompressConfig.from_dict(json.loads(config_json)))

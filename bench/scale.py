@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 DOCS = ROOT / "docs"
 GiB = 2**30
 
@@ -49,7 +48,7 @@ def write_checkpoint(path: Path, hidden: int, inter: int, layers: int, heads: in
     from safetensors.torch import save_file
     from transformers import LlamaConfig
 
-    from core.testing import tiny_tokenizer
+    from svdforge.core.testing import tiny_tokenizer
 
     path.mkdir(parents=True, exist_ok=True)
     tok = tiny_tokenizer()
@@ -116,7 +115,7 @@ def child(model: str, out: str, samples: int, seq_len: int, threads: int) -> Non
     import torch
 
     torch.set_num_threads(threads)
-    from core import CompressConfig, DataSpec, EvalConfig, compress
+    from svdforge.core import CompressConfig, DataSpec, EvalConfig, compress
 
     stamps: list[tuple[int, float]] = []
     t0 = time.perf_counter()

@@ -3,8 +3,8 @@
 In one process, on the same data and in the same calibration mode (`parallel`, the mode a
 sweep shares; the stats cache off on both sides so that both really calibrate):
 
-1. a single-ratio job (`core.pipeline.compress`) at `--single` (default 0.4);
-2. a sweep (`core.pipeline.sweep`) over `--ratios` (default 0.2,0.4,0.6).
+1. a single-ratio job (`svdforge.core.pipeline.compress`) at `--single` (default 0.4);
+2. a sweep (`svdforge.core.pipeline.sweep`) over `--ratios` (default 0.2,0.4,0.6).
 
 The measured figure is  sweep (calibrate + decompose) / single (calibrate + decompose);
 the issue's target is "well under 3" for 3 ratios. Calibration: 64 x 512 tokens of
@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared" / "data" / "wikitext-2"
 
 
@@ -59,9 +58,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "docs", help="where sweep.md / sweep.json go")
     args = ap.parse_args()
 
-    from core.config import CompressConfig, DataSpec, EvalConfig, check_ratios
-    from core.models import load_model
-    from core.pipeline import calibration_dtype, compress, default_threads, sweep
+    from svdforge.core.config import CompressConfig, DataSpec, EvalConfig, check_ratios
+    from svdforge.core.models import load_model
+    from svdforge.core.pipeline import calibration_dtype, compress, default_threads, sweep
 
     import torch
 

@@ -7,9 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.app import app
-from core.config import UPDATE_MIX, CompressConfig, DataSpec, EvalConfig, RecoverConfig
-from core.errors import UserError
+from svdforge.cli.app import app
+from svdforge.core.config import UPDATE_MIX, CompressConfig, DataSpec, EvalConfig, RecoverConfig
+from svdforge.core.errors import UserError
 
 
 def _data(file: Optional[Path], hf: Optional[str], hf_config: Optional[str], split: Optional[str],
@@ -91,9 +91,9 @@ def compress(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Compress MODEL and write the artifact plus OUT/report.json (--ratios: one artifact per ratio)."""
-    from core.config import check_ratios
-    from core.pipeline import compress as run, default_threads, sweep
-    from core.progress import TqdmBars
+    from svdforge.core.config import check_ratios
+    from svdforge.core.pipeline import compress as run, default_threads, sweep
+    from svdforge.core.progress import TqdmBars
 
     if (ratio is None) == (ratios is None):
         raise UserError("give either --ratio (one compression) or --ratios (a sweep), not both or neither")
@@ -151,8 +151,8 @@ def evaluate(
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Re-evaluate an artifact against its dense teacher with the same options as compress."""
-    from core.pipeline import default_threads, evaluate_artifact
-    from core.progress import TqdmBars
+    from svdforge.core.pipeline import default_threads, evaluate_artifact
+    from svdforge.core.progress import TqdmBars
 
     ev = _eval_config(False, eval_file, eval_hf, eval_hf_config, eval_split, eval_seq_len, eval_max_tokens,
                       throughput_runs, zero_shot)

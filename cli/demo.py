@@ -1,9 +1,9 @@
 """`make run`: start the embedded service, run a real job on smollm2-135m, follow it,
 download the safetensors, check its sha256, print the report, stop the service.
 
-    python -m cli.demo                          # data in ./var (or $SVDFORGE_DATA_DIR), port 8000 if free
-    python -m cli.demo --url http://host:8000   # use a running service (key: --key-file or $SVDFORGE_API_KEY)
-    python -m cli.demo --keep-running           # leave the service up afterwards
+    python -m svdforge.cli.demo                          # data in ./var (or $SVDFORGE_DATA_DIR), port 8000 if free
+    python -m svdforge.cli.demo --url http://host:8000   # use a running service (key: --key-file or $SVDFORGE_API_KEY)
+    python -m svdforge.cli.demo --keep-running           # leave the service up afterwards
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def start_service(data_dir: Path, port: int) -> subprocess.Popen:
     print(f"starting the embedded service: svdforge serve --port {port} --data-dir {data_dir} (log: {log})",
           flush=True)
     with open(log, "ab") as out:  # the child keeps its own handle
-        proc = subprocess.Popen([sys.executable, "-m", "cli.service_cmds", "serve", "--port", str(port),
+        proc = subprocess.Popen([sys.executable, "-m", "svdforge.cli.service_cmds", "serve", "--port", str(port),
                                  "--data-dir", str(data_dir)], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:

@@ -5,13 +5,13 @@ import sys
 
 import typer
 
-from cli.app import app
+from svdforge.cli.app import app
 
 
 def _register() -> None:
-    from cli import core_cmds  # noqa: F401  (registers compress / evaluate)
+    from svdforge.cli import core_cmds  # noqa: F401  (registers compress / evaluate)
     try:
-        from cli import service_cmds  # noqa: F401  (registers serve / keys)
+        from svdforge.cli import service_cmds  # noqa: F401  (registers serve / keys)
     except ImportError as e:  # service extras missing: the library CLI still works
         if "service_cmds" not in str(e):
             raise
@@ -24,7 +24,7 @@ def main() -> None:
     except SystemExit as e:
         raise
     except Exception as e:  # noqa: BLE001 - one line, exit 2, never a traceback for user errors
-        from core.errors import Cancelled, UserError
+        from svdforge.core.errors import Cancelled, UserError
 
         if type(e).__name__ == "Abort":
             sys.exit(130)

@@ -10,14 +10,14 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.app import app
+from svdforge.cli.app import app
 
 DataDir = Annotated[Optional[Path],
                     typer.Option("--data-dir", help="Data folder (default: $SVDFORGE_DATA_DIR or ./var).")]
 
 
 def _settings(data_dir: Optional[Path]):  # noqa: ANN202
-    from persistence.settings import Settings
+    from svdforge.persistence.settings import Settings
 
     return Settings(data_dir=data_dir) if data_dir is not None else Settings()
 
@@ -27,7 +27,7 @@ def serve(host: Annotated[str, typer.Option("--host", help="Address to listen on
           port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8000,
           data_dir: DataDir = None) -> None:
     """Run the API and a worker on this machine (SQLite, local files, no queue server)."""
-    from worker.embedded import serve as run
+    from svdforge.worker.embedded import serve as run
 
     run(_settings(data_dir), host=host, port=port)
 
@@ -36,7 +36,7 @@ def serve(host: Annotated[str, typer.Option("--host", help="Address to listen on
 def worker(data_dir: DataDir = None,
            name: Annotated[str, typer.Option("--name", help="Celery node name.")] = "worker") -> None:
     """Run one production worker (queue `gpu`, one job at a time) against SVDFORGE_BROKER_URL."""
-    from worker.embedded import worker_command
+    from svdforge.worker.embedded import worker_command
 
     settings = _settings(data_dir)
     settings.ensure_dirs()
@@ -48,8 +48,8 @@ def worker(data_dir: DataDir = None,
 @app.command()
 def migrate(data_dir: DataDir = None) -> None:
     """Create or upgrade the database schema (Alembic, to the latest revision)."""
-    from persistence import migrate as mig
-    from persistence.db import Database
+    from svdforge.persistence import migrate as mig
+    from svdforge.persistence.db import Database
 
     settings = _settings(data_dir)
     db = Database(settings)
@@ -64,10 +64,10 @@ def check(data_dir: DataDir = None) -> None:
     The containers' healthchecks run it: it needs no HTTP server, so it fits the worker too
     (whose one Celery process is busy while a job runs and cannot answer a ping).
     """
-    from persistence import migrate as mig
-    from persistence.db import Database
-    from persistence.storage import make_storage
-    from worker.app import make_celery
+    from svdforge.persistence import migrate as mig
+    from svdforge.persistence.db import Database
+    from svdforge.persistence.storage import make_storage
+    from svdforge.worker.app import make_celery
 
     settings = _settings(data_dir)
 
@@ -104,8 +104,8 @@ app.add_typer(keys, name="keys")
 
 
 def _db(data_dir: Optional[Path]):  # noqa: ANN202
-    from persistence import migrate as mig
-    from persistence.db import Database
+    from svdforge.persistence import migrate as mig
+    from svdforge.persistence.db import Database
 
     db = Database(_settings(data_dir))
     mig.upgrade(db)
@@ -116,7 +116,7 @@ def _db(data_dir: Optional[Path]):  # noqa: ANN202
 def keys_create(name: Annotated[str, typer.Option("--name", help="Who or what the key is for.")],
                 data_dir: DataDir = None) -> None:
     """Create a key and print it (this is the only time it is shown)."""
-    from persistence.keys import create_key
+    from svdforge.persistence.keys import create_key
 
     db = _db(data_dir)
     try:
@@ -133,7 +133,7 @@ def keys_list(data_dir: DataDir = None) -> None:
     """List keys (id, name, prefix, created, revoked); never the keys themselves."""
     from sqlalchemy import select
 
-    from persistence.models import ApiKey
+    from svdforge.persistence.models import ApiKey
 
     db = _db(data_dir)
     with db.session() as s:
@@ -146,7 +146,7 @@ def keys_list(data_dir: DataDir = None) -> None:
 def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key's id (key_...).")],
                 data_dir: DataDir = None) -> None:
     """Revoke a key: its requests get 401 from now on."""
-    from persistence.keys import revoke_key
+    from svdforge.persistence.keys import revoke_key
 
     db = _db(data_dir)
     with db.begin() as s:
@@ -155,5 +155,5 @@ def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key's id (key_..
     typer.echo(f"revoked {key_id}")
 
 
-if __name__ == "__main__":  # `python -m cli.service_cmds serve` works without the core commands
+if __name__ == "__main__":  # `python -m svdforge.cli.service_cmds serve` works without the core commands
     app()

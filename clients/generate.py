@@ -3,7 +3,7 @@
     .venv/bin/python clients/generate.py            # writes clients/openapi.json and clients/python/
     .venv/bin/python clients/generate.py --out DIR  # writes DIR/openapi.json and DIR/python/ (the sync test)
 
-The schema comes from `api.main.create_app(settings).openapi()` with throw-away settings
+The schema comes from `svdforge.api.main.create_app(settings).openapi()` with throw-away settings
 in a temporary folder, so nothing on this machine (a data folder, a database, a broker)
 is touched or needed. openapi-python-client (pinned in the `test` extra, with the ruff it
 formats with) turns it into `clients/python/`, a setuptools project named
@@ -29,9 +29,8 @@ OPERATIONS = HERE / "operations.json"
 
 def openapi_schema() -> dict:
     """The app's OpenAPI document, built in-process around a scratch data folder."""
-    sys.path.insert(0, str(ROOT))
-    from api.main import create_app
-    from persistence.settings import Settings
+    from svdforge.api.main import create_app
+    from svdforge.persistence.settings import Settings
 
     with tempfile.TemporaryDirectory(prefix="svdforge-schema-") as tmp:
         settings = Settings(data_dir=Path(tmp) / "data", database_url="", broker_url="filesystem://",

@@ -2,14 +2,14 @@
 
 The library imports nothing of the service (api/, worker/, persistence/).
 
-    from core import CompressConfig, DataSpec, compress, load_artifact, sweep
+    from svdforge.core import CompressConfig, DataSpec, compress, load_artifact, sweep
     result = compress(CompressConfig(model="smollm2-135m", ratio=0.4), out_dir="out")
     model, tokenizer = load_artifact("out")
     # several ratios from one (parallel) calibration: out-sweep/ratio-0.20/, ratio-0.40/, ...
     sweep(CompressConfig(model="smollm2-135m", ratio=0.4, calibration_mode="parallel"), [0.2, 0.4, 0.6], "out-sweep")
 """
-from core.config import CompressConfig, DataSpec, EvalConfig, RecoverConfig, SweepConfig
-from core.errors import Cancelled, NumericalError, UserError
+from svdforge.core.config import CompressConfig, DataSpec, EvalConfig, RecoverConfig, SweepConfig
+from svdforge.core.errors import Cancelled, NumericalError, UserError
 
 __all__ = [
     "CompressConfig", "DataSpec", "EvalConfig", "RecoverConfig", "SweepConfig",
@@ -20,12 +20,12 @@ __all__ = [
 
 def __getattr__(name):  # lazy: importing `core` must not import torch/transformers
     if name in ("compress", "sweep", "evaluate_artifact"):
-        from core import pipeline
+        from svdforge.core import pipeline
         return getattr(pipeline, name)
     if name == "load_artifact":
-        from core.artifact import load_artifact
+        from svdforge.core.artifact import load_artifact
         return load_artifact
     if name == "load_model":
-        from core.models import load_model
+        from svdforge.core.models import load_model
         return load_model
     raise AttributeError(name)

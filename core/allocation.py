@@ -51,12 +51,12 @@ import time
 
 import torch
 
-from core.calibrate import (StatsCollector, _cast_kwargs, _forward_copy, _layer_out, capture_layer0_inputs,
+from svdforge.core.calibrate import (StatsCollector, _cast_kwargs, _forward_copy, _layer_out, capture_layer0_inputs,
                             decoder_layers, select_linears)
-from core.errors import UserError
-from core.linalg import saves_params, uniform_rank
-from core.methods import get_method
-from core.progress import Reporter
+from svdforge.core.errors import UserError
+from svdforge.core.linalg import saves_params, uniform_rank
+from svdforge.core.methods import get_method
+from svdforge.core.progress import Reporter
 
 
 def uniform_cost(m: int, n: int, ratio: float) -> int:

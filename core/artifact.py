@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from core.errors import UserError
-from core.lowrank import apply_ranks
+from svdforge.core.errors import UserError
+from svdforge.core.lowrank import apply_ranks
 
 MANIFEST = "svdforge.json"
 FORMAT_VERSION = 1

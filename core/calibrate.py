@@ -25,12 +25,12 @@ from typing import Callable
 import torch
 from torch import nn
 
-from core.config import UPDATE_MIX
-from core.errors import NumericalError, UserError
-from core.linalg import saves_params, uniform_rank
-from core.lowrank import LowRankLinear, set_submodule
-from core.methods import InputStats, Method
-from core.progress import Reporter
+from svdforge.core.config import UPDATE_MIX
+from svdforge.core.errors import NumericalError, UserError
+from svdforge.core.linalg import saves_params, uniform_rank
+from svdforge.core.lowrank import LowRankLinear, set_submodule
+from svdforge.core.methods import InputStats, Method
+from svdforge.core.progress import Reporter
 
 ATTENTION = re.compile(r"(^|\.)(self_attn|attention|attn)\.")
 MLP = re.compile(r"(^|\.)(mlp|feed_forward|ffn)\.")
@@ -363,12 +363,12 @@ def compress_layers(model: nn.Module, ids: torch.Tensor, method: Method, rank_fn
     only then do the statistics not depend on the ratio. The result's timings add
     `decompose_shared`, the part of `decompose` that one ratio alone would also have spent.
 
-    layer_io: where layer l's weights come from and go (`core.streaming.StreamingLayers`:
+    layer_io: where layer l's weights come from and go (`svdforge.core.streaming.StreamingLayers`:
     read from the checkpoint's shards before, written to the output shards and dropped
     after); default: the layers are in memory already.
-    activations: allocator of the [N, L, hidden] buffers (`core.streaming.ActivationStore`,
+    activations: allocator of the [N, L, hidden] buffers (`svdforge.core.streaming.ActivationStore`,
     in memory up to a budget, then on disk); default: tensors on `device`.
-    stats_cache: `core.stats_cache.StatsCache`; when it holds this calibration, every layer
+    stats_cache: `svdforge.core.stats_cache.StatsCache`; when it holds this calibration, every layer
     is decomposed from the cached statistics with no forward pass, else they are stored.
 
     forward_dtype: dtype of the calibration forward passes (a cast copy of one layer at a
@@ -376,7 +376,7 @@ def compress_layers(model: nn.Module, ids: torch.Tensor, method: Method, rank_fn
     original weights in fp64.
 
     update: after factorizing each linear, replace W_u by the closed-form least-squares
-    update of SVD-LLM (`core.recover.least_squares_update`). It needs a second, dense stream
+    update of SVD-LLM (`svdforge.core.recover.least_squares_update`). It needs a second, dense stream
     of hidden states next to the compressed one (the dense model's own activations), so that
     the target can include what the dense model computes, and therefore sequential mode.
     update_mix: the weight of that dense output in the target (default `UPDATE_MIX`).
@@ -387,7 +387,7 @@ def compress_layers(model: nn.Module, ids: torch.Tensor, method: Method, rank_fn
     if sweep is not None and mode != "parallel":
         raise UserError("a sweep shares one calibration between its ratios, which is exact only in "
                         "calibration_mode 'parallel' (sequential statistics depend on the ratio)")
-    from core.streaming import ActivationStore, InMemoryLayers  # noqa: PLC0415
+    from svdforge.core.streaming import ActivationStore, InMemoryLayers  # noqa: PLC0415
 
     rep = reporter or Reporter()
     res = CalibrationResult()
@@ -538,7 +538,7 @@ def _decompose_layer(model, linears, method, rank_fn, collector, fisher, method_
         f = method.factorize(lin.weight.detach().to(torch.float64), k, stats,
                              None if fisher is None else fisher.get(name))
         if cross is not None:
-            from core.recover import least_squares_update  # noqa: PLC0415  (the update's math lives there)
+            from svdforge.core.recover import least_squares_update  # noqa: PLC0415  (the update's math lives there)
 
             f.u, upd = least_squares_update(lin.weight.detach().to(torch.float64), f.u, f.v,
                                             stats.gram, cross.moment_for(name), mix)

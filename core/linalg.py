@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from core.errors import NumericalError
+from svdforge.core.errors import NumericalError
 
 
 @dataclass

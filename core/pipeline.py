@@ -16,19 +16,19 @@ from pathlib import Path
 
 import torch
 
-from core import data as data_mod
-from core import streaming
-from core.artifact import package_versions, read_manifest, save_model, write_manifest
-from core.calibrate import (SweepTarget, collect_fisher, compress_layers, decoder_layers, select_linears,
+from svdforge.core import data as data_mod
+from svdforge.core import streaming
+from svdforge.core.artifact import package_versions, read_manifest, save_model, write_manifest
+from svdforge.core.calibrate import (SweepTarget, collect_fisher, compress_layers, decoder_layers, select_linears,
                             uniform_ranks)
-from core.config import CompressConfig, EvalConfig, check_ratios
-from core.errors import UserError
-from core.evaluate import compare, count_params, flops_per_token, matmul_params, throughput, zero_shot
-from core.methods import get_method
-from core.models import cache_dir as models_cache_dir
-from core.models import load_model, load_tokenizer, own_weights, pick_device, resolve_source
-from core.progress import Reporter
-from core.stats_cache import DEFAULT_MAX_BYTES, StatsCache, stats_key
+from svdforge.core.config import CompressConfig, EvalConfig, check_ratios
+from svdforge.core.errors import UserError
+from svdforge.core.evaluate import compare, count_params, flops_per_token, matmul_params, throughput, zero_shot
+from svdforge.core.methods import get_method
+from svdforge.core.models import cache_dir as models_cache_dir
+from svdforge.core.models import load_model, load_tokenizer, own_weights, pick_device, resolve_source
+from svdforge.core.progress import Reporter
+from svdforge.core.stats_cache import DEFAULT_MAX_BYTES, StatsCache, stats_key
 
 
 def peak_rss_bytes() -> int:
@@ -52,7 +52,7 @@ def _target_names(model, targets: str) -> list[str]:
 def _rank_fn(config: CompressConfig, model, calib_ids, device, rep: Reporter, fisher=None):
     if config.allocation == "uniform":
         return uniform_ranks(config.ratio), None
-    from core.allocation import global_ranks  # noqa: PLC0415
+    from svdforge.core.allocation import global_ranks  # noqa: PLC0415
 
     return global_ranks(model, calib_ids, config, device, rep, fisher=fisher,
                         forward_dtype=calibration_dtype(config, device))
@@ -185,7 +185,7 @@ def compress(config: CompressConfig, out_dir: str | Path | None = None, progress
     recover_report = None
     t0 = time.perf_counter()
     if config.recover.type != "none":
-        from core.recover import recover  # noqa: PLC0415
+        from svdforge.core.recover import recover  # noqa: PLC0415
 
         rep.stage_started("recover")
         recover_report = recover(model, tok, config, calib, device, rep, calibration=res)
@@ -220,7 +220,7 @@ def compress(config: CompressConfig, out_dir: str | Path | None = None, progress
 
 def _resumed(config: CompressConfig, out: Path, saved: dict, device: str, rep: Reporter):
     """The state `compress` had right after saving, rebuilt from out_dir and the saved report."""
-    from core.lowrank import apply_ranks  # noqa: PLC0415
+    from svdforge.core.lowrank import apply_ranks  # noqa: PLC0415
 
     report = json.loads(json.dumps(saved))
     ranks = {name: e["rank"] for name, e in report["ranks"].items()}
@@ -232,7 +232,7 @@ def _resumed(config: CompressConfig, out: Path, saved: dict, device: str, rep: R
         job = streaming.StreamingJob(config, source, device, out)
         apply_ranks(job.model, ranks)  # the skeleton is on the meta device: no memory taken
         return report, None, load_tokenizer(source, trust_remote_code=config.trust_remote_code), job
-    from core.artifact import load_weights  # noqa: PLC0415
+    from svdforge.core.artifact import load_weights  # noqa: PLC0415
 
     return report, load_weights(out, ranks, device), None, None
 
@@ -311,7 +311,7 @@ def sweep(config: CompressConfig, ratios, out_dir: str | Path | None = None, pro
     out_dir gets `report.json` (the sweep report: `sweep.ratios[i]` per ratio, and
     `sweep.time_s`: time spent vs. an estimate of what independent jobs would spend, from
     the times measured here) and, with `figures`, `ppl_vs_ratio.png` plus each ratio's
-    `ranks.png` / `metrics.png` (`core.figures`).
+    `ranks.png` / `metrics.png` (`svdforge.core.figures`).
     """
     ratios = check_ratios(ratios)
     rep = Reporter(progress, should_cancel)
@@ -367,7 +367,7 @@ def sweep(config: CompressConfig, ratios, out_dir: str | Path | None = None, pro
     if config.allocation == "uniform":
         rank_fns = [uniform_ranks(r) for r in ratios]
     else:
-        from core.allocation import allocate_ratio, global_spectra  # noqa: PLC0415
+        from svdforge.core.allocation import allocate_ratio, global_spectra  # noqa: PLC0415
 
         spectra = global_spectra(model, calib.ids, config, device, rep, fisher, fdt)
         t_spectra = time.perf_counter() - t0
@@ -397,7 +397,7 @@ def sweep(config: CompressConfig, ratios, out_dir: str | Path | None = None, pro
         target.modules.clear()
         recover_report = None
         if cfg.recover.type != "none":
-            from core.recover import recover  # noqa: PLC0415
+            from svdforge.core.recover import recover  # noqa: PLC0415
 
             t0 = time.perf_counter()
             rep.stage_started("recover", f"ratio {r:g}")
@@ -442,7 +442,7 @@ def sweep(config: CompressConfig, ratios, out_dir: str | Path | None = None, pro
     out_report["threads"] = torch.get_num_threads()
     if out is not None:
         if figures:
-            from core.figures import render_figures  # noqa: PLC0415
+            from svdforge.core.figures import render_figures  # noqa: PLC0415
 
             out_report["figures"] = render_figures(out_report, out)
         (out / "report.json").write_text(json.dumps(out_report, indent=2))
@@ -588,7 +588,7 @@ def _activation_store(config: CompressConfig, device: str):
 
 def evaluate_streaming(job, tokenizer, ev: EvalConfig, rep: Reporter) -> dict:
     """`evaluate_models` for a streamed model: perplexity and fidelity layer by layer
-    (`core.streaming.stream_compare`). Throughput and zero-shot need the whole model on
+    (`svdforge.core.streaming.stream_compare`). Throughput and zero-shot need the whole model on
     the device and are skipped with that reason."""
     rep.stage_started("evaluate")
     t0 = time.perf_counter()
@@ -618,7 +618,7 @@ def _count_paths(ranks: dict) -> dict[str, int]:
 def evaluate_artifact(path: str | Path, evaluation: EvalConfig | None = None, teacher_model: str | None = None,
                       device: str = "auto", progress=None) -> dict:
     """Re-evaluate an artifact against its dense teacher (the manifest's model unless given)."""
-    from core.artifact import load_artifact  # noqa: PLC0415
+    from svdforge.core.artifact import load_artifact  # noqa: PLC0415
 
     rep = Reporter(progress)
     device = pick_device(device)

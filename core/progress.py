@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from core.errors import Cancelled
+from svdforge.core.errors import Cancelled
 
 Callback = Callable[[dict], None]
 

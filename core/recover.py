@@ -3,7 +3,7 @@
 Two families, one module:
 
 - `update`: SVD-LLM's closed-form least-squares update of `W_u` given `W_v`. It runs inside
-  the layer loop of `core.calibrate.compress_layers` (it needs the calibration activations
+  the layer loop of `svdforge.core.calibrate.compress_layers` (it needs the calibration activations
   of that very layer); the math is `least_squares_update` below and `recover()` only
   summarises what was done.
 - `lora` / `adalora`: peft adapters on the two factor linears `u` and `v` of every
@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.config import UPDATE_MIX, UPDATE_RIDGE
-from core.errors import NumericalError, UserError
-from core.lowrank import LowRankLinear
-from core.progress import Reporter
+from svdforge.core.config import UPDATE_MIX, UPDATE_RIDGE
+from svdforge.core.errors import NumericalError, UserError
+from svdforge.core.lowrank import LowRankLinear
+from svdforge.core.progress import Reporter
 
 # AdaLoRA schedule (peft's tinit / tfinal) as fractions of the optimizer steps: 10% warm-up
 # at init_r, a cubic budget decrease, and the last 20% at the final budget (the shape of
@@ -340,8 +340,8 @@ def recover(model, tok, config, calib, device, rep: Reporter | None = None, cali
     for a KL objective, load the dense teacher once and free it afterwards (unless the
     caller holds it already and passes it as `teacher`: a sweep does).
     """
-    from core import data as data_mod  # noqa: PLC0415
-    from core.models import load_model  # noqa: PLC0415
+    from svdforge.core import data as data_mod  # noqa: PLC0415
+    from svdforge.core.models import load_model  # noqa: PLC0415
 
     rc = config.recover
     rep = rep or Reporter()

@@ -103,8 +103,8 @@ class StatsCache:
         """(StatsCollector, CrossMoments | None) for layer `index`, as the forward left them."""
         from safetensors import safe_open
 
-        from core.calibrate import CrossMoments, StatsCollector
-        from core.methods import InputStats
+        from svdforge.core.calibrate import CrossMoments, StatsCollector
+        from svdforge.core.methods import InputStats
 
         path = self.dir / f"layer_{index:05d}.safetensors"
         with safe_open(path, framework="pt") as f:

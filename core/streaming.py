@@ -1,6 +1,6 @@
 """Streaming: compress (and evaluate) a model that does not fit in host or device memory.
 
-The layer loop is `core.calibrate.compress_layers`, the same one the in-memory path uses;
+The layer loop is `svdforge.core.calibrate.compress_layers`, the same one the in-memory path uses;
 this module gives it
 
 - a **skeleton**: the model built on the meta device (no memory), with only the
@@ -19,7 +19,7 @@ this module gives it
 Host (and device) memory then holds the embeddings and head, one decoder layer (dense and
 its factors), the activation buffers that fit the budget, and that layer's Grams.
 
-The artifact is the one `core.artifact.load_artifact` reads: `<name>.u.weight` /
+The artifact is the one `svdforge.core.artifact.load_artifact` reads: `<name>.u.weight` /
 `<name>.v.weight` for compressed linears, shards named like transformers'
 (`model-00001-of-00003.safetensors` + `model.safetensors.index.json`, or one
 `model.safetensors`), tied `lm_head` left out as `save_pretrained` does.
@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from core.errors import UserError
+from svdforge.core.errors import UserError
 
 MAX_SHARD_BYTES = 2 * 10**9   # as save_pretrained's max_shard_size="2GB"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -124,7 +124,7 @@ def build_skeleton(source: str | Path, dtype: str = "float32", device="cpu", tru
     buffers materialised; decoder layers stay on meta."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from core.calibrate import decoder_layers
+    from svdforge.core.calibrate import decoder_layers
 
     cfg = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     torch_dtype = _DTYPES[dtype]
@@ -462,7 +462,7 @@ def dense_bytes(source: str, dtype: str) -> int:
 
 def whole_model_needs(config, model_bytes: int | None = None) -> list[str]:
     """What in this job needs the whole model in memory (so it cannot stream)."""
-    from core.methods import get_method
+    from svdforge.core.methods import get_method
 
     out = []
     if "fisher" in get_method(config.method).needs:
@@ -516,7 +516,7 @@ class StreamingJob:
     def __init__(self, config, source: str, device, out_dir: Path):
         import copy
 
-        from core.calibrate import decoder_layers
+        from svdforge.core.calibrate import decoder_layers
 
         self.config, self.source, self.device, self.out = config, source, device, Path(out_dir)
         self.dtype = _DTYPES[config.dtype]
@@ -541,13 +541,13 @@ class StreamingJob:
 
 @torch.no_grad()
 def stream_compare(job: StreamingJob, windows: torch.Tensor, batch_size: int, on_batch=None) -> dict:
-    """`core.evaluate.compare` for a streamed model: the teacher's and the student's hidden
+    """`svdforge.core.evaluate.compare` for a streamed model: the teacher's and the student's hidden
     states of the evaluation windows go through the decoder one layer at a time (dense layer
     from the checkpoint, compressed layer from the artifact just written), then the final
     norm and `lm_head`. Holds two [N, L, hidden] streams (offloaded past the budget) and one
     layer. Assumes logits = lm_head(norm(h)) (Llama, Mistral, Qwen2; not soft-capped ones)."""
-    from core.calibrate import capture_layer0_inputs, decoder_layers, run_layer
-    from core.evaluate import Fidelity
+    from svdforge.core.calibrate import capture_layer0_inputs, decoder_layers, run_layer
+    from svdforge.core.evaluate import Fidelity
 
     model, prefix, dev = job.model, job.prefix, job.device
     layers, _ = decoder_layers(model)

@@ -21,7 +21,7 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
-from persistence.settings import Settings
+from svdforge.persistence.settings import Settings
 
 _BEGIN_OPTION = "svdforge_sqlite_begin"
 

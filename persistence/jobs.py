@@ -1,6 +1,6 @@
 """Job operations shared by the API, the worker and the embedded runner.
 
-Status changes go through `persistence.state.transition`; this module creates jobs,
+Status changes go through `svdforge.persistence.state.transition`; this module creates jobs,
 appends events and finds the jobs that need a (re)queue after a crash.
 """
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Any
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
-from persistence.ids import new_id
-from persistence.models import Job, JobEvent, utcnow
-from persistence.state import JobError, JobStatus, StaleTransition, transition
+from svdforge.persistence.ids import new_id
+from svdforge.persistence.models import Job, JobEvent, utcnow
+from svdforge.persistence.state import JobError, JobStatus, StaleTransition, transition
 
 
 def request_hash(request: dict[str, Any]) -> str:

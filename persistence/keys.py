@@ -13,8 +13,8 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from persistence.ids import new_id
-from persistence.models import ApiKey, utcnow
+from svdforge.persistence.ids import new_id
+from svdforge.persistence.models import ApiKey, utcnow
 
 TOKEN_PREFIX = "svdf_"
 

@@ -10,14 +10,15 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 
-from persistence.db import Database
+import svdforge.migrations
+from svdforge.persistence.db import Database
 
-ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = Path(svdforge.migrations.__file__).resolve().parent   # wherever the package is installed
 
 
 def alembic_config(database_url: str) -> Config:
-    cfg = Config(str(ROOT / "alembic.ini")) if (ROOT / "alembic.ini").exists() else Config()
-    cfg.set_main_option("script_location", str(ROOT / "migrations"))
+    cfg = Config()
+    cfg.set_main_option("script_location", str(SCRIPTS))
     cfg.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
     cfg.attributes["configure_logging"] = False
     return cfg

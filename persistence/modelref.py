@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from persistence.settings import Settings
+from svdforge.persistence.settings import Settings
 
 ALIASES = frozenset({"smollm2-135m"})  # core.models.ALIASES (a test keeps the two equal)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")

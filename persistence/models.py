@@ -1,4 +1,4 @@
-"""Tables (SQLAlchemy 2 declarative). The public JSON shapes live in `api.schemas`.
+"""Tables (SQLAlchemy 2 declarative). The public JSON shapes live in `svdforge.api.schemas`.
 
 Types are the portable subset that behaves the same on SQLite and PostgreSQL: strings
 instead of native enums (a new status needs no `ALTER TYPE`), `JSON`, and timestamps
@@ -97,7 +97,7 @@ class File(Base):
 class Job(Base):
     """A compression job. The row is the source of truth; the queue only carries its id.
 
-    `status` changes only through `persistence.state.transition`. `lease_expires_at` and
+    `status` changes only through `svdforge.persistence.state.transition`. `lease_expires_at` and
     `worker_id` say which worker holds a running job until when (renewed with progress),
     so that a reaper can requeue the jobs of dead workers; `attempt` counts the runs.
     `checkpoint` points at the saved artifact an attempt uploaded before evaluation

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
-from persistence.settings import Settings
+from svdforge.persistence.settings import Settings
 
 CHUNK = 1024 * 1024
 

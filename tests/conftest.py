@@ -25,7 +25,7 @@ def all_threads():
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """{arch: path} for tiny random Llama, Mistral and Qwen2 folders (GQA: 4 heads, 2 kv heads)."""
-    from core.testing import ARCHS, make_tiny_model
+    from svdforge.core.testing import ARCHS, make_tiny_model
 
     root = tmp_path_factory.mktemp("tiny")
     return {arch: make_tiny_model(root / arch, arch) for arch in ARCHS}

@@ -5,7 +5,7 @@ backend is configured and results are ignored. One job at a time per worker
 (prefetch 1, late ack): a message is acknowledged when its job has ended. A worker that
 dies mid-job is not recovered by Celery, though (Redis would redeliver only after the
 visibility timeout, an hour): its job's lease in the database runs out and a reaper thread
-in the other workers requeues it (`worker.reaper`). A redelivered or duplicate message is
+in the other workers requeues it (`svdforge.worker.reaper`). A redelivered or duplicate message is
 harmless: the claim runs a job only if its row says it is queued.
 
 Embedded mode uses kombu's filesystem transport (messages are files under
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from celery import Celery
 
-from persistence.settings import Settings, get_settings
+from svdforge.persistence.settings import Settings, get_settings
 
 QUEUE = "gpu"
 RUN_JOB = "svdforge.run_job"
@@ -25,7 +25,7 @@ PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "i
 
 
 def make_celery(settings: Settings) -> Celery:
-    app = Celery("svdforge", broker=settings.broker_url, include=["worker.tasks"])
+    app = Celery("svdforge", broker=settings.broker_url, include=["svdforge.worker.tasks"])
     transport_options: dict = {}
     if settings.is_filesystem_broker:
         folder = str(settings.queue_dir)
@@ -59,4 +59,4 @@ def enqueue(app: Celery, job_id: str) -> None:
 
 
 celery_app = make_celery(get_settings())
-app = celery_app  # `celery -A worker.app worker` finds it under this name
+app = celery_app  # `celery -A svdforge.worker.app worker` finds it under this name

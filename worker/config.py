@@ -9,10 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from core.config import UPDATE_MIX, CompressConfig, DataSpec, EvalConfig, RecoverConfig, SweepConfig
-from core.errors import UserError
-from persistence.modelref import ModelRefError, check_hub_name, check_model_ref
-from persistence.settings import Settings
+from svdforge.core.config import UPDATE_MIX, CompressConfig, DataSpec, EvalConfig, RecoverConfig, SweepConfig
+from svdforge.core.errors import UserError
+from svdforge.persistence.modelref import ModelRefError, check_hub_name, check_model_ref
+from svdforge.persistence.settings import Settings
 
 
 def data_spec(spec: dict[str, Any], files: dict[str, Path], split: str | None) -> DataSpec:

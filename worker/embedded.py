@@ -19,19 +19,19 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from persistence import migrate
-from persistence.db import Database
-from persistence.jobs import artifact_prefix, recover_orphans
-from persistence.keys import create_key, find_key
-from persistence.models import ApiKey
-from persistence.settings import Settings
-from persistence.storage import make_storage
+from svdforge.persistence import migrate
+from svdforge.persistence.db import Database
+from svdforge.persistence.jobs import artifact_prefix, recover_orphans
+from svdforge.persistence.keys import create_key, find_key
+from svdforge.persistence.models import ApiKey
+from svdforge.persistence.settings import Settings
+from svdforge.persistence.storage import make_storage
 
 log = logging.getLogger("svdforge.serve")
 
 
 def worker_command(settings: Settings, name: str = "embedded") -> list[str]:
-    return [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q", "gpu", "-c", "1", "-P", "solo",
+    return [sys.executable, "-m", "celery", "-A", "svdforge.worker.app", "worker", "-Q", "gpu", "-c", "1", "-P", "solo",
             "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "INFO", "-n", f"{name}@%h"]
 
 
@@ -133,7 +133,7 @@ def stop_worker(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
 def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
     import uvicorn
 
-    from api.main import create_app
+    from svdforge.api.main import create_app
 
     with data_dir_lock(settings):
         db, key_file, created = prepare(settings)

@@ -1,6 +1,6 @@
 """The job's figures: rendered into the artifact folder before upload, linked from the report.
 
-`core.figures` draws them; this module decides they are part of a succeeded job. The PNGs
+`svdforge.core.figures` draws them; this module decides they are part of a succeeded job. The PNGs
 are written next to `model.safetensors`, so they are uploaded, listed and downloaded like
 every other artifact, and the job report gets
 
@@ -22,12 +22,12 @@ log = logging.getLogger("svdforge.worker")
 def render_job_figures(report: dict[str, Any], out_dir: Path) -> tuple[dict[str, str], str | None]:
     """{figure: artifact name} for what was drawn, and the error if drawing failed."""
     try:
-        from core.figures import render_figures
+        from svdforge.core.figures import render_figures
 
         return render_figures(report, out_dir), None
     except Exception as e:  # noqa: BLE001 - figures are a courtesy: never lose a finished job to them
         log.exception("figures could not be drawn")
-        from core.figures import FIGURES
+        from svdforge.core.figures import FIGURES
 
         for name in FIGURES:  # a sweep's per-ratio figures are in its artifact folders
             for png in Path(out_dir).rglob(f"{name}.png"):

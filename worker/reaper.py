@@ -18,11 +18,11 @@ import logging
 import threading
 from collections.abc import Callable
 
-from persistence.db import Database
-from persistence.jobs import Recovery, artifact_prefix, claim_sends, recover_orphans, unmark_sent
-from persistence.models import utcnow
-from persistence.settings import Settings
-from persistence.storage import Storage, StorageError
+from svdforge.persistence.db import Database
+from svdforge.persistence.jobs import Recovery, artifact_prefix, claim_sends, recover_orphans, unmark_sent
+from svdforge.persistence.models import utcnow
+from svdforge.persistence.settings import Settings
+from svdforge.persistence.storage import Storage, StorageError
 
 log = logging.getLogger("svdforge.reaper")
 

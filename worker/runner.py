@@ -1,4 +1,4 @@
-"""Run one job: claim it, call `core.pipeline.compress`, upload, finish. No Celery here.
+"""Run one job: claim it, call `svdforge.core.pipeline.compress`, upload, finish. No Celery here.
 
 The Celery task (worker.tasks) is a thin shell around `JobRunner.run`, so this logic is
 tested directly and runs the same under Redis and the embedded filesystem queue.
@@ -38,17 +38,17 @@ from typing import Any
 
 from sqlalchemy import select, update
 
-from core.config import SweepConfig
-from core.errors import Cancelled, NumericalError, UserError
-from persistence.db import Database
-from persistence.ids import new_id
-from persistence.jobs import add_event, artifact_prefix
-from persistence.models import Artifact, File, Job, JobEvent, utcnow
-from persistence.settings import Settings
-from persistence.state import ACTIVE, JobError, JobStatus, Stage, StaleTransition, transition
-from persistence.storage import Storage, StorageError
-from worker.config import build_config
-from worker.figures import link_figures, render_job_figures
+from svdforge.core.config import SweepConfig
+from svdforge.core.errors import Cancelled, NumericalError, UserError
+from svdforge.persistence.db import Database
+from svdforge.persistence.ids import new_id
+from svdforge.persistence.jobs import add_event, artifact_prefix
+from svdforge.persistence.models import Artifact, File, Job, JobEvent, utcnow
+from svdforge.persistence.settings import Settings
+from svdforge.persistence.state import ACTIVE, JobError, JobStatus, Stage, StaleTransition, transition
+from svdforge.persistence.storage import Storage, StorageError
+from svdforge.worker.config import build_config
+from svdforge.worker.figures import link_figures, render_job_figures
 
 log = logging.getLogger("svdforge.worker")
 
@@ -59,7 +59,7 @@ STAGE_OF = {"whiten": Stage.WHITEN, "svd": Stage.SVD, "recover": Stage.RECOVER,
 
 
 def default_compress(config: Any, *args: Any, **kwargs: Any) -> dict:
-    from core.pipeline import compress, sweep  # torch is imported only where a job runs
+    from svdforge.core.pipeline import compress, sweep  # torch is imported only where a job runs
 
     if isinstance(config, SweepConfig):  # figures: drawn below with the job's other figures
         return sweep(config.config, config.ratios, *args, figures=False, **kwargs)

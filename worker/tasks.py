@@ -10,12 +10,12 @@ from functools import lru_cache
 
 from celery.signals import worker_ready, worker_shutting_down
 
-from persistence.db import Database
-from persistence.settings import get_settings
-from persistence.storage import make_storage
-from worker.app import RUN_JOB, celery_app, enqueue
-from worker.reaper import Reaper
-from worker.runner import JobRunner
+from svdforge.persistence.db import Database
+from svdforge.persistence.settings import get_settings
+from svdforge.persistence.storage import make_storage
+from svdforge.worker.app import RUN_JOB, celery_app, enqueue
+from svdforge.worker.reaper import Reaper
+from svdforge.worker.runner import JobRunner
 
 log = logging.getLogger("svdforge.worker")
 
@@ -49,7 +49,7 @@ def _warm_up() -> None:
     worker takes its first job, rather than while it holds one. In the worker's main thread:
     transformers' lazy imports are not safe to run from two threads at once."""
     try:
-        import core.pipeline  # noqa: F401
+        import svdforge.core.pipeline  # noqa: F401
         import transformers.models.auto.modeling_auto  # noqa: F401
         import matplotlib.backends.backend_agg  # noqa: F401
         import matplotlib.figure  # noqa: F401

@@ -6,11 +6,11 @@ from typing import Annotated, Any
 
 from fastapi import Query, Request
 
-from api.schemas import ArtifactOut, FileOut, JobEventOut, JobOut, Problem, StageOut
-from persistence.models import Artifact, File, Job, JobEvent, utcnow
-from persistence.settings import Settings
-from persistence.state import JobStatus, Stage
-from persistence.storage import Storage
+from svdforge.api.schemas import ArtifactOut, FileOut, JobEventOut, JobOut, Problem, StageOut
+from svdforge.persistence.models import Artifact, File, Job, JobEvent, utcnow
+from svdforge.persistence.settings import Settings
+from svdforge.persistence.state import JobStatus, Stage
+from svdforge.persistence.storage import Storage
 
 
 def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:

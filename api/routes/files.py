@@ -12,14 +12,14 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, File, Form, Request, Response, UploadFile
 from sqlalchemy import select
 
-from api.deps import CurrentKey, SessionDep, SettingsDep, StorageDep
-from api.limits import too_large
-from api.problems import ProblemError, field_error
-from api.routes.common import After, Limit, file_out, list_response, page, problems
-from api.schemas import FileDeleted, FileList, FileOut
-from persistence.ids import new_id
-from persistence.models import File as FileRow
-from persistence.storage import StorageError
+from svdforge.api.deps import CurrentKey, SessionDep, SettingsDep, StorageDep
+from svdforge.api.limits import too_large
+from svdforge.api.problems import ProblemError, field_error
+from svdforge.api.routes.common import After, Limit, file_out, list_response, page, problems
+from svdforge.api.schemas import FileDeleted, FileList, FileOut
+from svdforge.persistence.ids import new_id
+from svdforge.persistence.models import File as FileRow
+from svdforge.persistence.storage import StorageError
 
 router = APIRouter(prefix="/files", tags=["files"])
 

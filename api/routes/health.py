@@ -7,9 +7,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
-from api.problems import PROBLEM_JSON
-from api.routes.common import problems
-from api.schemas import Health, Readiness
+from svdforge.api.problems import PROBLEM_JSON
+from svdforge.api.routes.common import problems
+from svdforge.api.schemas import Health, Readiness
 
 router = APIRouter(tags=["health"])
 

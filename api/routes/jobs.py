@@ -12,17 +12,17 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from api.deps import CeleryDep, CurrentKey, SessionDep, SettingsDep, StorageDep
-from api.problems import ProblemError, field_error
-from api.routes.common import After, Limit, artifact_out, event_out, job_out, list_response, page, problems
-from api.schemas import ArtifactList, ArtifactOut, JobCreate, JobEventList, JobList, JobOut, JobReport
-from persistence import jobs as jobs_repo
-from persistence.modelref import ModelRefError, check_hub_name, check_model_ref
-from persistence.models import ApiKey, Artifact, File, Job, JobEvent, utcnow
-from persistence.settings import Settings
-from persistence.state import TERMINAL, JobStatus, StaleTransition, transition
-from persistence.storage import StorageError
-from worker.app import enqueue
+from svdforge.api.deps import CeleryDep, CurrentKey, SessionDep, SettingsDep, StorageDep
+from svdforge.api.problems import ProblemError, field_error
+from svdforge.api.routes.common import After, Limit, artifact_out, event_out, job_out, list_response, page, problems
+from svdforge.api.schemas import ArtifactList, ArtifactOut, JobCreate, JobEventList, JobList, JobOut, JobReport
+from svdforge.persistence import jobs as jobs_repo
+from svdforge.persistence.modelref import ModelRefError, check_hub_name, check_model_ref
+from svdforge.persistence.models import ApiKey, Artifact, File, Job, JobEvent, utcnow
+from svdforge.persistence.settings import Settings
+from svdforge.persistence.state import TERMINAL, JobStatus, StaleTransition, transition
+from svdforge.persistence.storage import StorageError
+from svdforge.worker.app import enqueue
 
 log = logging.getLogger("svdforge.api")
 router = APIRouter(prefix="/jobs", tags=["jobs"])

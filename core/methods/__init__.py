@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from core.linalg import Factors, Truncation
+from svdforge.core.linalg import Factors, Truncation
 
 
 @dataclass
@@ -64,4 +64,4 @@ def get_method(name: str) -> Method:
     return REGISTRY[name]
 
 
-from core.methods import asvd, fwsvd, svd, svd_llm  # noqa: E402,F401  (fill the registry)
+from svdforge.core.methods import asvd, fwsvd, svd, svd_llm  # noqa: E402,F401  (fill the registry)

@@ -5,8 +5,8 @@ S = diag(s), s_j = mean_t |x_tj|^alpha (alpha 0.5 by default). Factors minimise
 W_v = Sigma^(1/2) V^T S^-1. Unlike ASVD's code, a failing SVD raises instead of
 silently replacing the layer by a random one.
 """
-from core.linalg import RightTruncation
-from core.methods import Method, register
+from svdforge.core.linalg import RightTruncation
+from svdforge.core.methods import Method, register
 
 
 @register

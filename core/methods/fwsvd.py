@@ -5,9 +5,9 @@ on calibration windows. Following the paper, importance is pooled per row of W (
 output unit): I_i = sum_j F_ij, and the factors minimise ||diag(sqrt(I)) (W - W_u W_v)||_F
 (`truncate_left`). Rows with zero importance get a small floor so they stay finite.
 """
-from core.errors import NumericalError
-from core.linalg import LeftTruncation
-from core.methods import Method, register
+from svdforge.core.errors import NumericalError
+from svdforge.core.linalg import LeftTruncation
+from svdforge.core.methods import Method, register
 
 
 @register

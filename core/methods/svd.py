@@ -1,6 +1,6 @@
 """Plain truncated SVD of W (data-free baseline): W ~ U_k Sigma_k V_k^T."""
-from core.linalg import RightTruncation
-from core.methods import Method, register
+from svdforge.core.linalg import RightTruncation
+from svdforge.core.methods import Method, register
 
 
 @register

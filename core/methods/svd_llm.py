@@ -1,13 +1,13 @@
 """SVD-LLM (truncation-aware data whitening), SPEC stages 1-2.
 
 S is a square root of the input Gram G (Cholesky, jittered Cholesky or clamped eigh:
-`core.linalg.gram_sqrt`), computed once per distinct input and shared by the linears that
+`svdforge.core.linalg.gram_sqrt`), computed once per distinct input and shared by the linears that
 read it. The factors come from the top-k left singular vectors of W S without ever
-inverting S (`core.linalg.truncate_right`), so the calibration loss of a linear is exactly
+inverting S (`svdforge.core.linalg.truncate_right`), so the calibration loss of a linear is exactly
 sum_{i>k} sigma_i^2 of its whitened spectrum.
 """
-from core.linalg import RightTruncation, gram_sqrt
-from core.methods import Method, register
+from svdforge.core.linalg import RightTruncation, gram_sqrt
+from svdforge.core.methods import Method, register
 
 
 @register

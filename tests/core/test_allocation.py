@@ -8,14 +8,14 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from core.allocation import allocate, global_ranks, params_of, uniform_cost  # noqa: E402
-from core.calibrate import compress_layers  # noqa: E402
-from core.config import CompressConfig, DataSpec, EvalConfig  # noqa: E402
-from core.errors import UserError  # noqa: E402
-from core.linalg import saves_params  # noqa: E402
-from core.methods import get_method  # noqa: E402
-from core.models import load_model  # noqa: E402
-from core.testing import make_tiny_model  # noqa: E402
+from svdforge.core.allocation import allocate, global_ranks, params_of, uniform_cost  # noqa: E402
+from svdforge.core.calibrate import compress_layers  # noqa: E402
+from svdforge.core.config import CompressConfig, DataSpec, EvalConfig  # noqa: E402
+from svdforge.core.errors import UserError  # noqa: E402
+from svdforge.core.linalg import saves_params  # noqa: E402
+from svdforge.core.methods import get_method  # noqa: E402
+from svdforge.core.models import load_model  # noqa: E402
+from svdforge.core.testing import make_tiny_model  # noqa: E402
 
 
 def _spectra(seed=0, count=12):
@@ -94,7 +94,7 @@ def test_global_ranks_on_a_model_matches_uniform_params(tiny_path):
 
 
 def test_pipeline_global_vs_uniform_params(tiny_path):
-    from core.pipeline import compress
+    from svdforge.core.pipeline import compress
 
     reports = {}
     for alloc in ("uniform", "global"):

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-SVDFORGE = [sys.executable, "-m", "cli.main"]
+SVDFORGE = [sys.executable, "-m", "svdforge.cli.main"]
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
 
 

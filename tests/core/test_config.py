@@ -2,8 +2,8 @@ import math
 
 import pytest
 
-from core.config import CompressConfig, DataSpec, EvalConfig
-from core.errors import UserError
+from svdforge.core.config import CompressConfig, DataSpec, EvalConfig
+from svdforge.core.errors import UserError
 
 
 @pytest.mark.parametrize("ratio", [0, 0.0, -0.1, 1, 1.0, 1.5, float("nan"), "abc", None])

@@ -1,9 +1,9 @@
 import pytest
 
-from core.config import DataSpec
-from core.data import builtin_lines, calibration_windows, evaluation_windows, load_text
-from core.errors import UserError
-from core.testing import tiny_tokenizer
+from svdforge.core.config import DataSpec
+from svdforge.core.data import builtin_lines, calibration_windows, evaluation_windows, load_text
+from svdforge.core.errors import UserError
+from svdforge.core.testing import tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

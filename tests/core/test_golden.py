@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -200,6 +199,6 @@ if __name__ == "__main__":
         from svdforge.core.testing import ARCHS, make_tiny_model
     except ImportError:   # the layout before the single import root
         sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-        import core as _api
-        from core.testing import ARCHS, make_tiny_model
+        import svdforge.core as _api
+        from svdforge.core.testing import ARCHS, make_tiny_model
     _regenerate(_api, make_tiny_model, ARCHS)

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from core.errors import NumericalError
-from core.linalg import gram_sqrt, saves_params, truncate_left, truncate_right, uniform_rank
+from svdforge.core.errors import NumericalError
+from svdforge.core.linalg import gram_sqrt, saves_params, truncate_left, truncate_right, uniform_rank
 
 
 def _data(m=48, n=32, t=400, seed=0):
@@ -87,7 +87,7 @@ def test_gram_of_bf16_activations_is_close_and_fp32_is_exact():
     """Grams of a bf16 calibration forward are multiplied in bf16 (core.calibrate.gram_of):
     the result stays within bf16 rounding of the exact product, and whitening from it still
     reaches the exact truncation loss closely; fp32 activations are multiplied in fp32."""
-    from core.calibrate import gram_of
+    from svdforge.core.calibrate import gram_of
 
     torch.manual_seed(0)
     x = torch.randn(2048, 96) * torch.linspace(0.1, 10, 96)   # uneven channel scales
@@ -115,7 +115,7 @@ def test_one_decomposition_truncated_at_many_ranks_is_each_single_truncation(sha
     """A sweep prepares each linear once (`RightTruncation` / `LeftTruncation`) and truncates it
     per ratio: the factors are exactly those of a separate truncation at each rank, the SVD
     fallback of a tall rank-deficient scaled weight included."""
-    from core.linalg import LeftTruncation, RightTruncation
+    from svdforge.core.linalg import LeftTruncation, RightTruncation
 
     W, X = _data(*shape)
     if rank_deficient:   # inputs of rank 6: sigma_k for k > 6 is at the noise floor -> SVD fallback

@@ -3,8 +3,8 @@ import time
 
 import pytest
 
-from core.errors import UserError
-from core.models import load_model, resolve_source
+from svdforge.core.errors import UserError
+from svdforge.core.models import load_model, resolve_source
 
 
 def test_local_folder_loads(tiny_llama):

@@ -10,16 +10,16 @@ from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from core.calibrate import compress_layers, uniform_ranks  # noqa: E402
-from core.config import CompressConfig, DataSpec, EvalConfig, RecoverConfig  # noqa: E402
-from core.errors import UserError  # noqa: E402
-from core.linalg import gram_sqrt, truncate_right  # noqa: E402
-from core.lowrank import LowRankLinear  # noqa: E402
-from core.methods import get_method  # noqa: E402
-from core.models import load_model  # noqa: E402
-from core.recover import (adapter_loss, attach_adapters, least_squares_update, merge_adapters,  # noqa: E402
+from svdforge.core.calibrate import compress_layers, uniform_ranks  # noqa: E402
+from svdforge.core.config import CompressConfig, DataSpec, EvalConfig, RecoverConfig  # noqa: E402
+from svdforge.core.errors import UserError  # noqa: E402
+from svdforge.core.linalg import gram_sqrt, truncate_right  # noqa: E402
+from svdforge.core.lowrank import LowRankLinear  # noqa: E402
+from svdforge.core.methods import get_method  # noqa: E402
+from svdforge.core.models import load_model  # noqa: E402
+from svdforge.core.recover import (adapter_loss, attach_adapters, least_squares_update, merge_adapters,  # noqa: E402
                           optimizer_steps, recover_with_adapters)
-from core.testing import make_tiny_model  # noqa: E402
+from svdforge.core.testing import make_tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def _compressed(path, ids, update=False, ratio=0.4):
 
 
 def _text_ids(path, n=16, L=48, seed=1):
-    from core.data import calibration_windows
+    from svdforge.core.data import calibration_windows
 
     _, tok, _ = load_model(str(path))
     return calibration_windows(tok, DataSpec(samples=n, seq_len=L, seed=seed)).ids
@@ -228,8 +228,8 @@ def test_config_validation():
 
 @pytest.mark.parametrize("kind", ["lora", "update"])
 def test_pipeline_report_and_artifact(tiny_path, tmp_path, kind):
-    from core.artifact import load_artifact
-    from core.pipeline import compress
+    from svdforge.core.artifact import load_artifact
+    from svdforge.core.pipeline import compress
 
     def cfg(rec):
         return CompressConfig(model=str(tiny_path), ratio=0.4, calibration=DataSpec(samples=4, seq_len=32),

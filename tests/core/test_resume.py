@@ -6,10 +6,10 @@ import shutil
 
 import pytest
 
-from core.artifact import load_artifact, read_manifest, verify_files
-from core.config import CompressConfig, DataSpec, EvalConfig
-from core.errors import UserError
-from core.pipeline import RESUMED_STAGES, compress
+from svdforge.core.artifact import load_artifact, read_manifest, verify_files
+from svdforge.core.config import CompressConfig, DataSpec, EvalConfig
+from svdforge.core.errors import UserError
+from svdforge.core.pipeline import RESUMED_STAGES, compress
 
 
 def _cfg(model, **kw):

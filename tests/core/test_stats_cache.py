@@ -7,13 +7,13 @@ import time
 import pytest
 import torch
 
-import core.calibrate as calibrate
-from core import data as data_mod
-from core.artifact import load_artifact
-from core.config import CompressConfig, DataSpec, EvalConfig
-from core.models import load_tokenizer
-from core.pipeline import compress
-from core.stats_cache import key_digest, stats_key
+import svdforge.core.calibrate as calibrate
+from svdforge.core import data as data_mod
+from svdforge.core.artifact import load_artifact
+from svdforge.core.config import CompressConfig, DataSpec, EvalConfig
+from svdforge.core.models import load_tokenizer
+from svdforge.core.pipeline import compress
+from svdforge.core.stats_cache import key_digest, stats_key
 
 
 def _cfg(model, **kw):

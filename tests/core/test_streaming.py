@@ -4,20 +4,20 @@ import json
 import pytest
 import torch
 
-from core.artifact import _state_dict_from_safetensors, load_artifact
-from core.calibrate import decoder_layers
-from core.config import CompressConfig, DataSpec, EvalConfig, RecoverConfig
-from core.errors import UserError
-from core.models import load_model
-from core.pipeline import compress
-from core.streaming import (
+from svdforge.core.artifact import _state_dict_from_safetensors, load_artifact
+from svdforge.core.calibrate import decoder_layers
+from svdforge.core.config import CompressConfig, DataSpec, EvalConfig, RecoverConfig
+from svdforge.core.errors import UserError
+from svdforge.core.models import load_model
+from svdforge.core.pipeline import compress
+from svdforge.core.streaming import (
     ActivationStore,
     DiskTensor,
     ShardWriter,
     StreamingLayers,
     build_skeleton,
 )
-from core.testing import make_tiny_model
+from svdforge.core.testing import make_tiny_model
 
 
 def _cfg(model, **kw):
@@ -120,7 +120,7 @@ def test_streaming_tied_embeddings_and_many_shards(tmp_path, monkeypatch):
     del sd["lm_head.weight"]
     save_file(sd, path / "model.safetensors", metadata={"format": "pt"})
     mem = compress(_cfg(path, streaming="off", evaluation=EvalConfig(enabled=False)), tmp_path / "mem")
-    monkeypatch.setattr("core.streaming.MAX_SHARD_BYTES", 100_000)
+    monkeypatch.setattr("svdforge.core.streaming.MAX_SHARD_BYTES", 100_000)
     st = compress(_cfg(path, streaming="on", evaluation=EvalConfig(enabled=False)), tmp_path / "st")
     assert st["params"] == mem["params"]
     index = json.loads((tmp_path / "st" / "model.safetensors.index.json").read_text())
@@ -149,7 +149,7 @@ def test_streaming_auto_streams_when_memory_is_short(tiny_llama, tmp_path, monke
     monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=10_000))
     with pytest.raises(UserError, match="cannot stream: lora recovery"):
         compress(_cfg(tiny_llama, recover=RecoverConfig(type="lora", max_steps=1)))
-    monkeypatch.setattr("core.streaming.default_activation_budget", lambda device: 0)
+    monkeypatch.setattr("svdforge.core.streaming.default_activation_budget", lambda device: 0)
     r = compress(_cfg(tiny_llama, evaluation=EvalConfig(enabled=False)), tmp_path / "a")
     assert r["streaming"]["enabled"] and "over 60%" in r["streaming"]["reason"]
     assert r["streaming"]["activations"]["on_disk_bytes"] > 0

@@ -1,4 +1,4 @@
-"""Sweeps (`core.pipeline.sweep`): several ratios from one calibration.
+"""Sweeps (`svdforge.core.pipeline.sweep`): several ratios from one calibration.
 
 What is pinned: the calibration forward passes run once for all ratios (counted), every
 linear is decomposed once and truncated per ratio (counted), each ratio's artifact equals
@@ -12,11 +12,11 @@ import pytest
 import torch
 from transformers.models.llama import modeling_llama
 
-from core import pipeline
-from core.artifact import load_artifact
-from core.config import CompressConfig, DataSpec, EvalConfig, RecoverConfig, SweepConfig, check_ratios
-from core.errors import UserError
-from core.methods import svd_llm
+from svdforge.core import pipeline
+from svdforge.core.artifact import load_artifact
+from svdforge.core.config import CompressConfig, DataSpec, EvalConfig, RecoverConfig, SweepConfig, check_ratios
+from svdforge.core.errors import UserError
+from svdforge.core.methods import svd_llm
 
 PNG = b"\x89PNG\r\n\x1a\n"
 CALIB = DataSpec(split="calibration", samples=6, seq_len=32)

@@ -48,7 +48,7 @@ def servers(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def model_root(tmp_path_factory) -> Path:
-    from core.testing import make_tiny_model
+    from svdforge.core.testing import make_tiny_model
 
     root = tmp_path_factory.mktemp("models")
     make_tiny_model(root / "tiny", arch="llama")

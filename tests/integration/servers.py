@@ -340,7 +340,7 @@ class Stack:
         # this deployment's settings only (the machine's cache folder, where models are converted, is kept)
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("SVDFORGE_") or k == "SVDFORGE_CACHE"}
         self.env.update({
-            "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+            "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
             "TOKENIZERS_PARALLELISM": "false",
             "SVDFORGE_DATABASE_URL": self.database_url, "SVDFORGE_BROKER_URL": self.broker_url,
             "SVDFORGE_STORAGE": "s3", "SVDFORGE_S3_BUCKET": self.bucket,
@@ -359,15 +359,15 @@ class Stack:
         self.token = self._migrate_and_key()
 
     def _settings(self, data_dir: Path):  # noqa: ANN202
-        from persistence.settings import Settings
+        from svdforge.persistence.settings import Settings
 
         values = {k[len("SVDFORGE_"):].lower(): v for k, v in self.env.items() if k.startswith("SVDFORGE_")}
         return Settings(**{**values, "data_dir": data_dir})
 
     def _migrate_and_key(self) -> str:
-        from persistence import migrate
-        from persistence.db import Database
-        from persistence.keys import create_key
+        from svdforge.persistence import migrate
+        from svdforge.persistence.db import Database
+        from svdforge.persistence.keys import create_key
 
         db = Database(self.settings)
         try:
@@ -379,7 +379,7 @@ class Stack:
         return token
 
     def database(self):  # noqa: ANN201
-        from persistence.db import Database
+        from svdforge.persistence.db import Database
 
         return Database(self.settings)
 
@@ -395,7 +395,7 @@ class Stack:
 
     def start_api(self, wait: bool = True) -> Proc:
         env = {**self.env, "SVDFORGE_DATA_DIR": str(self.folder / "api")}
-        proc = _spawn(f"api-{sum(p.kind == 'api' for p in self.procs)}", [sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app",
+        proc = _spawn(f"api-{sum(p.kind == 'api' for p in self.procs)}", [sys.executable, "-m", "uvicorn", "--factory", "svdforge.api.main:create_app",
                                                   "--host", "127.0.0.1", "--port", str(self.api_port),
                                                   "--log-level", "warning"], self.folder, env=env, cwd=ROOT)
         proc.kind = "api"
@@ -408,11 +408,11 @@ class Stack:
         return proc
 
     def start_worker(self, name: str, wait: bool = True, nice: int = 0, **settings: object) -> Proc:
-        """`celery -A worker.app worker` (solo pool, one job at a time), its own scratch folder;
+        """`celery -A svdforge.worker.app worker` (solo pool, one job at a time), its own scratch folder;
         `nice` lowers its CPU priority (as `svdforge serve` does for its worker)."""
         env = {**self.env, "SVDFORGE_DATA_DIR": str(self.folder / name),
                **{f"SVDFORGE_{k.upper()}": str(v) for k, v in settings.items()}}
-        args = [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q", "gpu", "-c", "1", "-P", "solo",
+        args = [sys.executable, "-m", "celery", "-A", "svdforge.worker.app", "worker", "-Q", "gpu", "-c", "1", "-P", "solo",
                 "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "INFO",
                 "-n", f"{name}@%h"]
         proc = _spawn(name, args, self.folder, env=env, cwd=ROOT, nice=nice)

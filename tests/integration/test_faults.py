@@ -14,7 +14,7 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from persistence.models import Job, JobEvent
+from svdforge.persistence.models import Job, JobEvent
 
 from .conftest import TERMINAL, TINY, wait_job
 
@@ -224,7 +224,7 @@ def test_jobs_queued_when_redis_restarts_still_run(make_stack, model_root, serve
 def test_two_workers_never_run_the_same_job_at_once(make_stack, model_root):
     """Two workers, and every job's message sent three times (a redelivery, a reaper's resend):
     each job runs exactly once; every extra message is dropped by the claim."""
-    from worker.app import enqueue, make_celery
+    from svdforge.worker.app import enqueue, make_celery
 
     stack = make_stack()
     stack.start_api()
@@ -262,10 +262,10 @@ def test_two_workers_never_run_the_same_job_at_once(make_stack, model_root):
 
 def test_concurrent_claims_on_postgresql_have_one_winner(make_stack):
     """The claim is one conditional UPDATE: 8 threads, 8 runners, 10 jobs, one winner each."""
-    from persistence.jobs import create_job
-    from persistence.keys import create_key
-    from persistence.storage import make_storage
-    from worker.runner import JobRunner
+    from svdforge.persistence.jobs import create_job
+    from svdforge.persistence.keys import create_key
+    from svdforge.persistence.storage import make_storage
+    from svdforge.worker.runner import JobRunner
 
     stack = make_stack()
     db = stack.database()

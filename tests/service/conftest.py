@@ -10,11 +10,11 @@ from fastapi.testclient import TestClient
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from api.main import create_app  # noqa: E402
-from persistence import migrate  # noqa: E402
-from persistence.db import Database  # noqa: E402
-from persistence.keys import create_key  # noqa: E402
-from persistence.settings import Settings  # noqa: E402
+from svdforge.api.main import create_app  # noqa: E402
+from svdforge.persistence import migrate  # noqa: E402
+from svdforge.persistence.db import Database  # noqa: E402
+from svdforge.persistence.keys import create_key  # noqa: E402
+from svdforge.persistence.settings import Settings  # noqa: E402
 
 TINY_REQUEST_OPTIONS = {
     "calibration": {"source": "builtin", "samples": 4, "seq_len": 32},
@@ -41,7 +41,7 @@ def fresh_database(settings: Settings) -> Database:
     if not settings.is_sqlite:
         from sqlalchemy import text
 
-        from persistence.models import Base
+        from svdforge.persistence.models import Base
 
         with database.write_engine.begin() as conn:
             Base.metadata.drop_all(conn)
@@ -94,7 +94,7 @@ def client(app):
 @pytest.fixture(scope="session")
 def tiny_model_root(tmp_path_factory) -> Path:
     """A folder holding one tiny llama (`tiny`), shared by every test that runs a real job."""
-    from core.testing import make_tiny_model
+    from svdforge.core.testing import make_tiny_model
 
     root = tmp_path_factory.mktemp("model_root")
     make_tiny_model(root / "tiny", arch="llama")

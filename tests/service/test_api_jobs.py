@@ -8,8 +8,8 @@ import os
 import pytest
 from sqlalchemy import select
 
-from persistence.models import Job
-from persistence.state import JobStatus, transition
+from svdforge.persistence.models import Job
+from svdforge.persistence.state import JobStatus, transition
 
 PROBLEM = "application/problem+json"
 MINIMAL = {"model": "smollm2-135m", "ratio": 0.4}
@@ -143,7 +143,7 @@ def test_model_path_inside_root_and_hub_ids(client, auth, settings):
 def test_local_paths_disabled_without_root(tmp_path, db, auth):
     from fastapi.testclient import TestClient
 
-    from api.main import create_app
+    from svdforge.api.main import create_app
 
     from .conftest import make_settings
 
@@ -176,7 +176,7 @@ def test_idempotency_key(client, auth, other_auth, settings):
 
 def test_broker_down_keeps_the_job_and_replay_enqueues_it(client, auth, app, settings, db):
     """A failed enqueue loses nothing: the job stays queued (enqueued_at empty) until it is sent."""
-    from worker.app import make_celery
+    from svdforge.worker.app import make_celery
 
     good = app.state.celery
     app.state.celery = make_celery(settings.model_copy(update={"broker_url": "redis://127.0.0.1:9/0"}))
@@ -203,7 +203,7 @@ def test_missing_or_bad_key_is_401(client, headers):
 
 
 def test_revoked_key_is_401(client, auth, db):
-    from persistence.keys import find_key, revoke_key
+    from svdforge.persistence.keys import find_key, revoke_key
 
     token = auth["Authorization"].split()[1]
     assert client.get("/v1/jobs", headers=auth).status_code == 200
@@ -312,7 +312,7 @@ def test_health_and_readiness(client, app):
 
 
 def test_readiness_reports_what_is_down(client, app, settings):
-    from worker.app import make_celery
+    from svdforge.worker.app import make_celery
 
     app.state.celery = make_celery(settings.model_copy(update={"broker_url": "redis://127.0.0.1:9/0"}))
     r = client.get("/readyz")

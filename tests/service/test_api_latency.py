@@ -5,8 +5,8 @@ import gc
 
 from fastapi.testclient import TestClient
 
-import api.limits
-from api.main import create_app
+import svdforge.api.limits
+from svdforge.api.main import create_app
 
 
 def test_startup_objects_are_frozen_out_of_the_collector_while_the_app_runs(settings, db):
@@ -35,7 +35,7 @@ def test_a_submission_looks_its_key_up_once(client, auth, monkeypatch):
 
 
 def test_a_revoked_key_is_refused_on_both_paths(client, auth, db, tokens):
-    from persistence.keys import find_key, revoke_key
+    from svdforge.persistence.keys import find_key, revoke_key
 
     with db.begin() as s:
         key = find_key(s, tokens["alice"])

@@ -9,10 +9,10 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
-from api.main import create_app
-from persistence.keys import create_key
-from persistence.storage import make_storage
-from worker.runner import JobRunner
+from svdforge.api.main import create_app
+from svdforge.persistence.keys import create_key
+from svdforge.persistence.storage import make_storage
+from svdforge.worker.runner import JobRunner
 
 from .conftest import TINY_REQUEST_OPTIONS, fresh_database, make_settings
 from .test_api_jobs import assert_problem

@@ -38,7 +38,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from persistence.settings import Settings
+from svdforge.persistence.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
@@ -358,7 +358,7 @@ def all_commands(compose) -> list[list[str]]:
 
 def local(cmd: list[str], port: int | None = None) -> list[str]:
     """A container command as it runs here: the same program and arguments, this interpreter."""
-    program = {"svdforge": [sys.executable, "-m", "cli.main"], "uvicorn": [sys.executable, "-m", "uvicorn"],
+    program = {"svdforge": [sys.executable, "-m", "svdforge.cli.main"], "uvicorn": [sys.executable, "-m", "uvicorn"],
                "python": [sys.executable], "celery": [sys.executable, "-m", "celery"]}[cmd[0]]
     args = list(cmd[1:])
     if port is not None:
@@ -372,9 +372,9 @@ def local(cmd: list[str], port: int | None = None) -> list[str]:
 
 def test_commands_name_real_programs(compose):
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert project["project"]["scripts"]["svdforge"] == "cli.main:main"
+    assert project["project"]["scripts"]["svdforge"] == "svdforge.cli.main:main"
     deps = " ".join(project["project"]["dependencies"])
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ)
     for cmd in all_commands(compose):
         if cmd[0] == "svdforge":
             p = subprocess.run(local([cmd[0], cmd[1], "--help"]), capture_output=True, text=True, env=env,
@@ -421,7 +421,8 @@ def _stop(proc: subprocess.Popen, timeout: float = 60) -> int:
 
 def test_image_install_holds_the_service_and_its_migrations(image_site):
     for path in ("api/main.py", "worker/app.py", "cli/main.py", "persistence/migrate.py", "core/pipeline.py",
-                 "migrations/env.py", "migrations/versions/0001_initial.py"):
+                 "migrations/env.py", "migrations/versions/0001_initial.py", "migrations/script.py.mako"):
+        path = f"svdforge/{path}"
         assert (image_site / path).is_file(), path
     assert not (image_site / "tests").exists() and not (image_site / "bench").exists()
 
@@ -468,7 +469,7 @@ def test_the_images_commands_run(compose, image_site, tmp_path):
 
         worker = subprocess.Popen(local(image_cmd("Dockerfile.worker")), cwd=cwd, env=env,
                                   stdout=logs["worker"], stderr=subprocess.STDOUT)
-        _wait_for(lambda: " ready." in (tmp_path / "worker.log").read_text(), 120, "the worker was not ready",
+        _wait_for(lambda: " ready." in (tmp_path / "svdforge.worker.log").read_text(), 120, "the worker was not ready",
                   [worker])
         check = run(worker_check)
         assert check.returncode == 0, check.stderr

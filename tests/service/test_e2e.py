@@ -39,7 +39,7 @@ def server(tmp_path_factory, tiny_model_root):
         fresh_database(make_settings(data.parent)).dispose()
         env["SVDFORGE_DATABASE_URL"] = TEST_DATABASE_URL
     log = open(data.parent / "serve.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "-m", "cli.service_cmds", "serve", "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "svdforge.cli.service_cmds", "serve", "--port", str(port),
                              "--data-dir", str(data)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
@@ -110,7 +110,7 @@ def test_real_job_through_celery_and_download(server, tmp_path):
         assert digest.hexdigest() == a["sha256"] == header, a["name"]
     assert (out / "model.safetensors").stat().st_size > 0
 
-    from core.artifact import load_artifact
+    from svdforge.core.artifact import load_artifact
 
     model, tok = load_artifact(out, verify=True)  # the manifest's sha256 agree with the download
     import torch

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from api.main import create_app
-from core.figures import render_figures
-from persistence.keys import create_key
-from persistence.storage import make_storage
-from worker.figures import link_figures, render_job_figures
-from worker.runner import JobRunner, Uploaded
+from svdforge.api.main import create_app
+from svdforge.core.figures import render_figures
+from svdforge.persistence.keys import create_key
+from svdforge.persistence.storage import make_storage
+from svdforge.worker.figures import link_figures, render_job_figures
+from svdforge.worker.runner import JobRunner, Uploaded
 
 from .conftest import TINY_REQUEST_OPTIONS, fresh_database, make_settings
 

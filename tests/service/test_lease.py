@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select, update
 
-from core.pipeline import compress as real_compress
-from persistence.jobs import claim_sends
-from persistence.models import Artifact, Job, JobEvent, utcnow
-from persistence.state import JobStatus, StaleTransition, transition
-from persistence.storage import LocalStorage, make_storage
-from worker.reaper import Reaper
-from worker.runner import JobRunner
+from svdforge.core.pipeline import compress as real_compress
+from svdforge.persistence.jobs import claim_sends
+from svdforge.persistence.models import Artifact, Job, JobEvent, utcnow
+from svdforge.persistence.state import JobStatus, StaleTransition, transition
+from svdforge.persistence.storage import LocalStorage, make_storage
+from svdforge.worker.reaper import Reaper
+from svdforge.worker.runner import JobRunner
 
 from .conftest import TINY_REQUEST_OPTIONS
 from .test_runner import FILES, job_row, new_job, write_artifact
@@ -230,7 +230,7 @@ def test_reaper_thread_sweeps_periodically(db, storage, settings):
 
 
 def test_default_recovery_settings():
-    from persistence.settings import Settings
+    from svdforge.persistence.settings import Settings
 
     s = Settings(_env_file=None)
     assert (s.lease_s, s.reap_every_s, s.max_attempts, s.progress_interval_s) == (60, 20.0, 3, 1.0)
@@ -309,7 +309,7 @@ def test_the_checkpoint_is_uploaded_once_and_becomes_the_artifact(db, settings):
 
 
 def test_a_failed_job_leaves_neither_checkpoint_nor_files(db, storage, settings):
-    from core.errors import UserError
+    from svdforge.core.errors import UserError
 
     job_id = new_job(db)
 
@@ -327,7 +327,7 @@ def test_a_shutdown_requeue_keeps_the_checkpoint_for_the_next_worker(db, storage
     runner = JobRunner(db, storage, settings, worker_id="w1")
 
     def stop(should_cancel):  # noqa: ANN001
-        from core.errors import Cancelled
+        from svdforge.core.errors import Cancelled
 
         runner.stopping.set()  # SIGTERM to the worker
         raise Cancelled("worker shutting down")
@@ -405,8 +405,8 @@ def test_a_worker_that_cannot_renew_its_lease_stops_before_it_expires(db, storag
     """Fencing: with the database unreachable from the worker, it stops computing at 80% of the
     lease (a reaper could hand the job to another worker after 100%), and requeues the job once
     it can write again."""
-    from core.errors import Cancelled
-    from persistence.db import Database
+    from svdforge.core.errors import Cancelled
+    from svdforge.persistence.db import Database
 
     settings.lease_s, settings.progress_interval_s = 2, 0.05
     job_id = new_job(db)

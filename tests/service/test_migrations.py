@@ -10,9 +10,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 
-from persistence import migrate
-from persistence.db import Database
-from persistence.models import Base
+from svdforge.persistence import migrate
+from svdforge.persistence.db import Database
+from svdforge.persistence.models import Base
 
 from .conftest import fresh_database, make_settings
 

@@ -53,9 +53,9 @@ def test_schema_documents_the_defaults(client):
 def test_keys_cli(tmp_path, monkeypatch):
     from fastapi.testclient import TestClient
 
-    from api.main import create_app
-    from cli import service_cmds  # noqa: F401  (registers the commands)
-    from cli.main import app
+    from svdforge.api.main import create_app
+    from svdforge.cli import service_cmds  # noqa: F401  (registers the commands)
+    from svdforge.cli.main import app
 
     from .conftest import TEST_DATABASE_URL, fresh_database, make_settings
 
@@ -81,8 +81,8 @@ def test_keys_cli(tmp_path, monkeypatch):
 
 
 def test_embedded_prepare_creates_one_local_key(tmp_path):
-    from persistence.keys import find_key
-    from worker.embedded import prepare
+    from svdforge.persistence.keys import find_key
+    from svdforge.worker.embedded import prepare
 
     from .conftest import make_settings
 

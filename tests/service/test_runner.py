@@ -12,16 +12,16 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from api.schemas import JobCreate
-from core.config import UPDATE_MIX, CompressConfig
-from core.errors import Cancelled, NumericalError, UserError
-from persistence.jobs import create_job
-from persistence.keys import create_key
-from persistence.models import Artifact, File, Job, JobEvent, utcnow
-from persistence.state import JobStatus, transition
-from persistence.storage import LocalStorage, make_storage
-from worker.config import build_config
-from worker.runner import JobRunner
+from svdforge.api.schemas import JobCreate
+from svdforge.core.config import UPDATE_MIX, CompressConfig
+from svdforge.core.errors import Cancelled, NumericalError, UserError
+from svdforge.persistence.jobs import create_job
+from svdforge.persistence.keys import create_key
+from svdforge.persistence.models import Artifact, File, Job, JobEvent, utcnow
+from svdforge.persistence.state import JobStatus, transition
+from svdforge.persistence.storage import LocalStorage, make_storage
+from svdforge.worker.config import build_config
+from svdforge.worker.runner import JobRunner
 
 
 def new_job(db, **request) -> str:
@@ -313,8 +313,8 @@ def test_build_config_maps_the_request(settings, tmp_path):
 
 
 def test_api_model_aliases_match_core():
-    from core.models import ALIASES
-    from persistence.modelref import ALIASES as SERVICE_ALIASES
+    from svdforge.core.models import ALIASES
+    from svdforge.persistence.modelref import ALIASES as SERVICE_ALIASES
 
     assert set(ALIASES) == set(SERVICE_ALIASES)
 
@@ -325,7 +325,7 @@ def test_s3_storage_through_the_api(tmp_path, monkeypatch):
     from fastapi.testclient import TestClient
     from moto import mock_aws
 
-    from api.main import create_app
+    from svdforge.api.main import create_app
 
     from .conftest import fresh_database, make_settings
 

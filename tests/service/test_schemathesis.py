@@ -18,8 +18,8 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, settings
 from schemathesis.specs.openapi.checks import negative_data_rejection, positive_data_acceptance
 
-from api.main import create_app
-from persistence.keys import create_key
+from svdforge.api.main import create_app
+from svdforge.persistence.keys import create_key
 
 from .conftest import fresh_database, make_settings
 

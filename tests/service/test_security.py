@@ -23,12 +23,12 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import inspect, select, text
 
-from api.main import create_app
-from core.errors import UserError
-from persistence.keys import create_key, revoke_key
-from persistence.models import ApiKey
-from persistence.settings import Settings
-from worker.config import build_config
+from svdforge.api.main import create_app
+from svdforge.core.errors import UserError
+from svdforge.persistence.keys import create_key, revoke_key
+from svdforge.persistence.models import ApiKey
+from svdforge.persistence.settings import Settings
+from svdforge.worker.config import build_config
 
 from .conftest import TINY_REQUEST_OPTIONS, make_settings
 from .test_api_files import TEXT, upload
@@ -139,7 +139,7 @@ def test_hf_dataset_names_cannot_be_local_paths(client, auth, tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     r = post_job(client, auth, calibration={"source": "hf", "dataset": dataset})
     assert_problem(r, 422, field="calibration.dataset")
-    from worker.config import data_spec
+    from svdforge.worker.config import data_spec
 
     with pytest.raises(UserError, match="dataset"):
         data_spec({"source": "hf", "dataset": dataset}, {}, "calibration")
@@ -314,8 +314,8 @@ def test_keys_never_reach_the_logs(settings, db, caplog, capfd):
 def test_keys_cli_prints_the_key_once_on_stdout_only(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from cli import service_cmds  # noqa: F401  (registers the commands)
-    from cli.main import app
+    from svdforge.cli import service_cmds  # noqa: F401  (registers the commands)
+    from svdforge.cli.main import app
 
     from .conftest import TEST_DATABASE_URL, fresh_database
 
@@ -394,8 +394,8 @@ def _remote_code_model(root: Path, tiny: Path, marker: Path) -> Path:
 
 @pytest.mark.parametrize("trusted", [False, True])
 def test_remote_code_runs_only_when_the_operator_trusts_it(tmp_path, db, tokens, tiny_model_root, trusted):
-    from persistence.storage import make_storage
-    from worker.runner import JobRunner
+    from svdforge.persistence.storage import make_storage
+    from svdforge.worker.runner import JobRunner
 
     root = tmp_path / "models"
     root.mkdir(exist_ok=True)

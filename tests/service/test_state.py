@@ -7,10 +7,10 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from persistence.jobs import create_job, recover_orphans
-from persistence.keys import create_key
-from persistence.models import Job, JobEvent, utcnow
-from persistence.state import (
+from svdforge.persistence.jobs import create_job, recover_orphans
+from svdforge.persistence.keys import create_key
+from svdforge.persistence.models import Job, JobEvent, utcnow
+from svdforge.persistence.state import (
     IllegalTransition,
     JobError,
     JobStatus,

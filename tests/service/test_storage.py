@@ -7,7 +7,7 @@ import boto3
 import pytest
 from moto import mock_aws
 
-from persistence.storage import LocalStorage, S3Storage, StorageError
+from svdforge.persistence.storage import LocalStorage, S3Storage, StorageError
 
 DATA = bytes(range(256)) * 40  # 10240 bytes
 

@@ -10,13 +10,13 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
-from api.main import create_app
-from core.config import CompressConfig, SweepConfig
-from persistence.keys import create_key
-from persistence.models import Job
-from persistence.storage import make_storage
-from worker.config import build_config
-from worker.runner import JobRunner
+from svdforge.api.main import create_app
+from svdforge.core.config import CompressConfig, SweepConfig
+from svdforge.persistence.keys import create_key
+from svdforge.persistence.models import Job
+from svdforge.persistence.storage import make_storage
+from svdforge.worker.config import build_config
+from svdforge.worker.runner import JobRunner
 
 from .conftest import TINY_REQUEST_OPTIONS, fresh_database, make_settings
 from .test_api_jobs import assert_problem, queued_messages
