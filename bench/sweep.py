@@ -4,7 +4,7 @@ In one process, on the same data and in the same calibration mode (`parallel`, t
 sweep shares; the stats cache off on both sides so that both really calibrate):
 
 1. a single-ratio job (`svdforge.core.pipeline.compress`) at `--single` (default 0.4);
-2. a sweep (`svdforge.core.pipeline.sweep`) over `--ratios` (default 0.2,0.4,0.6).
+2. a sweep (`svdforge.core.sweeps.sweep`) over `--ratios` (default 0.2,0.4,0.6).
 
 The measured figure is  sweep (calibrate + decompose) / single (calibrate + decompose);
 the issue's target is "well under 3" for 3 ratios. Calibration: 64 x 512 tokens of
@@ -60,7 +60,8 @@ def main() -> None:
 
     from svdforge.core.config import CompressConfig, DataSpec, EvalConfig, check_ratios
     from svdforge.core.models import load_model
-    from svdforge.core.pipeline import calibration_dtype, compress, default_threads, sweep
+    from svdforge.core.pipeline import calibration_dtype, compress, default_threads
+    from svdforge.core.sweeps import sweep
 
     import torch
 

@@ -1,6 +1,7 @@
 """`svdforge compress` and `svdforge evaluate`: the core library from the shell."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Annotated, Optional
@@ -8,8 +9,13 @@ from typing import Annotated, Optional
 import typer
 
 from svdforge.cli.app import app
-from svdforge.core.config import UPDATE_MIX, CompressConfig, DataSpec, EvalConfig, RecoverConfig
+from svdforge.core.config import CompressConfig, DataSpec, EvalConfig, RecoverConfig
 from svdforge.core.errors import UserError
+from svdforge.core.methods import method_names, method_options_help
+
+# Every default below is the library's own (one definition: svdforge.core.config).
+_DATA, _EVAL, _REC = DataSpec(), EvalConfig(), RecoverConfig()
+_CFG = {f.name: f.default for f in dataclasses.fields(CompressConfig) if f.default is not dataclasses.MISSING}
 
 
 def _data(file: Optional[Path], hf: Optional[str], hf_config: Optional[str], split: Optional[str],
@@ -22,6 +28,20 @@ def _data(file: Optional[Path], hf: Optional[str], hf_config: Optional[str], spl
         return DataSpec(source="hf", dataset=hf, config=hf_config, split=split, samples=samples,
                         seq_len=seq_len, seed=seed)
     return DataSpec(source="builtin", split=split or default_split, samples=samples, seq_len=seq_len, seed=seed)
+
+
+def _method_options(pairs: Optional[list[str]]) -> dict:
+    """`--method-option alpha=0.7` -> {"alpha": 0.7}; values are JSON where they parse as JSON."""
+    out = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--method-option must be KEY=VALUE, got {pair!r}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except ValueError:
+            out[key.strip()] = value
+    return out
 
 
 def _eval_config(no_eval: bool, eval_file, eval_hf, eval_hf_config, eval_split, eval_seq_len, eval_max_tokens,
@@ -49,50 +69,53 @@ def compress(
     out: Annotated[Path, typer.Option("--out", help="Output folder (must be empty or absent).")],
     ratio: Annotated[Optional[float], typer.Option("--ratio", help="Fraction of parameters removed per linear, in (0, 1).")] = None,
     ratios: Annotated[Optional[str], typer.Option("--ratios", help="A sweep: 2-8 ratios, comma separated (e.g. 0.2,0.4,0.6), from one parallel calibration; one artifact per ratio in OUT/ratio-0.40/ ...")] = None,
-    method: Annotated[str, typer.Option("--method", help="svd | svd-llm | asvd | fwsvd")] = "svd-llm",
-    allocation: Annotated[str, typer.Option("--allocation", help="uniform | global")] = "uniform",
-    targets: Annotated[str, typer.Option("--targets", help="all | attention | mlp | re:<regex>")] = "all",
+    method: Annotated[str, typer.Option("--method", help=" | ".join(method_names()))] = _CFG["method"],
+    method_option: Annotated[Optional[list[str]], typer.Option("--method-option", help=f"KEY=VALUE, repeatable: an option of --method ({method_options_help()}).")] = None,
+    allocation: Annotated[str, typer.Option("--allocation", help="uniform | global")] = _CFG["allocation"],
+    targets: Annotated[str, typer.Option("--targets", help="all | attention | mlp | re:<regex>")] = _CFG["targets"],
     mode: Annotated[Optional[str], typer.Option("--mode", help="sequential | parallel calibration (default: sequential; parallel for --ratios, the only mode a sweep can share)")] = None,
     calib_file: Annotated[Optional[Path], typer.Option("--calib-file", help="Calibration text file.")] = None,
     calib_hf: Annotated[Optional[str], typer.Option("--calib-hf", help="Calibration HF dataset id.")] = None,
     calib_hf_config: Annotated[Optional[str], typer.Option("--calib-hf-config")] = None,
     calib_split: Annotated[Optional[str], typer.Option("--calib-split")] = None,
-    calib_samples: Annotated[int, typer.Option("--calib-samples", help="N calibration windows.")] = 16,
-    seq_len: Annotated[int, typer.Option("--seq-len", help="Calibration window length L.")] = 256,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Calibration batch size.")] = 8,
+    calib_samples: Annotated[int, typer.Option("--calib-samples", help="N calibration windows.")] = _DATA.samples,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Calibration window length L.")] = _DATA.seq_len,
+    seed: Annotated[int, typer.Option("--seed")] = _CFG["seed"],
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Calibration batch size.")] = _CFG["calibration_batch_size"],
     adapter: Annotated[str, typer.Option("--adapter", help="none | update | lora | adalora")] = "none",
-    adapter_rank: Annotated[int, typer.Option("--adapter-rank")] = 8,
+    adapter_rank: Annotated[int, typer.Option("--adapter-rank")] = _REC.rank,
     adapter_steps: Annotated[Optional[int], typer.Option("--adapter-steps", help="Cap on optimizer steps.")] = None,
-    adapter_alpha: Annotated[int, typer.Option("--adapter-alpha", help="LoRA / AdaLoRA alpha.")] = 16,
-    init_r: Annotated[int, typer.Option("--init-r", help="AdaLoRA initial rank.")] = 12,
-    target_r: Annotated[int, typer.Option("--target-r", help="AdaLoRA target (average) rank.")] = 8,
-    adapter_objective: Annotated[str, typer.Option("--adapter-objective", help="ntp | kl | both")] = "kl",
-    adapter_lr: Annotated[float, typer.Option("--adapter-lr")] = 1e-4,
-    adapter_epochs: Annotated[int, typer.Option("--adapter-epochs")] = 1,
-    adapter_batch_size: Annotated[int, typer.Option("--adapter-batch-size")] = 4,
-    adapter_grad_accum: Annotated[int, typer.Option("--adapter-grad-accum")] = 1,
-    adapter_samples: Annotated[int, typer.Option("--adapter-samples", help="Training windows (same source as calibration, seed+1).")] = 64,
+    adapter_alpha: Annotated[int, typer.Option("--adapter-alpha", help="LoRA / AdaLoRA alpha.")] = _REC.alpha,
+    init_r: Annotated[int, typer.Option("--init-r", help="AdaLoRA initial rank.")] = _REC.init_r,
+    target_r: Annotated[int, typer.Option("--target-r", help="AdaLoRA target (average) rank.")] = _REC.target_r,
+    adapter_objective: Annotated[str, typer.Option("--adapter-objective", help="ntp | kl | both")] = _REC.objective,
+    adapter_lr: Annotated[float, typer.Option("--adapter-lr")] = _REC.lr,
+    adapter_epochs: Annotated[int, typer.Option("--adapter-epochs")] = _REC.epochs,
+    adapter_batch_size: Annotated[int, typer.Option("--adapter-batch-size")] = _REC.batch_size,
+    adapter_grad_accum: Annotated[int, typer.Option("--adapter-grad-accum")] = _REC.grad_accum,
+    adapter_samples: Annotated[int, typer.Option("--adapter-samples", help="Training windows (same source as calibration, seed+1).")] = _REC.data.samples,
     adapter_seq_len: Annotated[Optional[int], typer.Option("--adapter-seq-len", help="Training window length (default: --seq-len).")] = None,
     adapter_update: Annotated[bool, typer.Option("--adapter-update", help="Also apply the closed-form update before LoRA/AdaLoRA.")] = False,
-    update_mix: Annotated[float, typer.Option("--update-mix", help="Closed-form update: weight of the dense output in its target (0..1).")] = UPDATE_MIX,
-    adapter_autocast: Annotated[str, typer.Option("--adapter-autocast", help="none | bfloat16 | float16 training forward")] = "none",
+    update_mix: Annotated[float, typer.Option("--update-mix", help="Closed-form update: weight of the dense output in its target (0..1).")] = _REC.update_mix,
+    adapter_autocast: Annotated[str, typer.Option("--adapter-autocast", help="none | bfloat16 | float16 training forward")] = _REC.autocast,
     no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip evaluation.")] = False,
     eval_file: EvalFile = None, eval_hf: EvalHF = None, eval_hf_config: EvalHFConfig = None,
-    eval_split: EvalSplit = None, eval_seq_len: EvalSeqLen = 256, eval_max_tokens: EvalMaxTokens = 16384,
-    throughput_runs: ThroughputRuns = 5, zero_shot: ZeroShot = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="float32 | bfloat16 | float16 forward")] = "float32",
-    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda")] = "auto",
+    eval_split: EvalSplit = None, eval_seq_len: EvalSeqLen = _EVAL.seq_len, eval_max_tokens: EvalMaxTokens = _EVAL.max_tokens,
+    throughput_runs: ThroughputRuns = _EVAL.throughput_runs, zero_shot: ZeroShot = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="float32 | bfloat16 | float16 forward")] = _CFG["dtype"],
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda")] = _CFG["device"],
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow .bin/.pt weights (runs their code).")] = False,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Run the model repo's own code.")] = False,
-    streaming: Annotated[str, typer.Option("--streaming", help="auto | on | off: one decoder layer at a time from the shards")] = "auto",
+    streaming: Annotated[str, typer.Option("--streaming", help="auto | on | off: one decoder layer at a time from the shards")] = _CFG["streaming"],
     max_activation_bytes: Annotated[Optional[int], typer.Option("--max-activation-bytes", help="In-memory budget of calibration activations (past it: disk).")] = None,
     no_stats_cache: Annotated[bool, typer.Option("--no-stats-cache", help="Neither reuse nor store calibration statistics.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Compress MODEL and write the artifact plus OUT/report.json (--ratios: one artifact per ratio)."""
     from svdforge.core.config import check_ratios
-    from svdforge.core.pipeline import compress as run, default_threads, sweep
+    from svdforge.core.pipeline import compress as run
+    from svdforge.core.pipeline import default_threads
+    from svdforge.core.sweeps import sweep
     from svdforge.core.progress import TqdmBars
 
     if (ratio is None) == (ratios is None):
@@ -103,7 +126,8 @@ def compress(
                         "parallel (sequential statistics depend on the ratio); run one --ratio at a time instead")
     mode = mode or ("parallel" if sweep_ratios is not None else "sequential")
     config = CompressConfig(
-        model=model, ratio=ratio if ratio is not None else sweep_ratios[0], method=method, allocation=allocation,
+        model=model, ratio=ratio if ratio is not None else sweep_ratios[0], method=method,
+        method_options=_method_options(method_option), allocation=allocation,
         targets=targets, calibration_mode=mode, calibration_batch_size=batch_size,
         calibration=_data(calib_file, calib_hf, calib_hf_config, calib_split, calib_samples, seq_len, seed,
                           "calibration"),
@@ -144,8 +168,8 @@ def evaluate(
     artifact: Annotated[Path, typer.Argument(help="An artifact folder written by `svdforge compress`.")],
     teacher: Annotated[Optional[str], typer.Option("--teacher", help="Dense model to compare with (default: the artifact's).")] = None,
     eval_file: EvalFile = None, eval_hf: EvalHF = None, eval_hf_config: EvalHFConfig = None,
-    eval_split: EvalSplit = None, eval_seq_len: EvalSeqLen = 256, eval_max_tokens: EvalMaxTokens = 16384,
-    throughput_runs: ThroughputRuns = 5, zero_shot: ZeroShot = None,
+    eval_split: EvalSplit = None, eval_seq_len: EvalSeqLen = _EVAL.seq_len, eval_max_tokens: EvalMaxTokens = _EVAL.max_tokens,
+    throughput_runs: ThroughputRuns = _EVAL.throughput_runs, zero_shot: ZeroShot = None,
     device: Annotated[str, typer.Option("--device")] = "auto",
     out: Annotated[Optional[Path], typer.Option("--out", help="Write the report here (default ARTIFACT/evaluation.json).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,

@@ -1,6 +1,6 @@
 """svdforge core: truncation-aware SVD compression of Hugging Face causal LMs.
 
-The library imports nothing of the service (api/, worker/, persistence/).
+The library imports nothing of the service (svdforge.api, .worker, .persistence, .cli).
 
     from svdforge.core import CompressConfig, DataSpec, compress, load_artifact, sweep
     result = compress(CompressConfig(model="smollm2-135m", ratio=0.4), out_dir="out")
@@ -19,9 +19,12 @@ __all__ = [
 
 
 def __getattr__(name):  # lazy: importing `core` must not import torch/transformers
-    if name in ("compress", "sweep", "evaluate_artifact"):
+    if name in ("compress", "evaluate_artifact"):
         from svdforge.core import pipeline
         return getattr(pipeline, name)
+    if name == "sweep":
+        from svdforge.core.sweeps import sweep
+        return sweep
     if name == "load_artifact":
         from svdforge.core.artifact import load_artifact
         return load_artifact

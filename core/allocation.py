@@ -51,12 +51,12 @@ import time
 
 import torch
 
-from svdforge.core.calibrate import (StatsCollector, _cast_kwargs, _forward_copy, _layer_out, capture_layer0_inputs,
-                            decoder_layers, select_linears)
 from svdforge.core.errors import UserError
+from svdforge.core.layer_loop import Handler, LayerLoop, LayerStep, Stream
 from svdforge.core.linalg import saves_params, uniform_rank
-from svdforge.core.methods import get_method
+from svdforge.core.methods import Method, get_method
 from svdforge.core.progress import Reporter
+from svdforge.core.statistics import MAIN, Statistics
 
 
 def uniform_cost(m: int, n: int, ratio: float) -> int:
@@ -65,43 +65,35 @@ def uniform_cost(m: int, n: int, ratio: float) -> int:
     return k * (m + n) if saves_params(m, n, k) else m * n
 
 
-@torch.no_grad()
-def whitened_spectra(model, ids: torch.Tensor, method, targets: str = "all", batch_size: int = 8,
-                     device="cpu", fisher: dict | None = None, method_options: dict | None = None,
-                     forward_dtype: torch.dtype | None = None,
-                     reporter: Reporter | None = None) -> dict[str, tuple[int, int, torch.Tensor]]:
-    """name -> (m, n, singular values of the scaled weight), from one dense (parallel) pass.
+class Spectra(Handler):
+    """The layer loop's spectra pass: name -> (m, n, singular values of the scaled weight) of
+    every target linear, from its statistics; the model is not changed."""
 
-    The model is not changed. Statistics of one layer at a time, as in `compress_layers`.
-    """
-    rep = reporter or Reporter()
-    layers, prefix = decoder_layers(model)
-    inputs = capture_layer0_inputs(model, ids, batch_size, device)
-    fdt = forward_dtype or inputs.hidden.dtype
-    inputs.hidden = inputs.hidden.to(fdt)
-    inputs.kwargs = [_cast_kwargs(kw, fdt) for kw in inputs.kwargs]
-    scratch = torch.empty_like(inputs.hidden)
-    out: dict[str, tuple[int, int, torch.Tensor]] = {}
-    for li, layer in enumerate(layers):
-        rep.check_cancel()
-        name = f"{prefix}.{li}"
-        fwd = _forward_copy(layer, fdt)
-        collector = StatsCollector(select_linears(fwd, name, targets), method.needs - {"fisher"})
-        with collector:
-            for lo, hi, kw in inputs.batches():
-                collector.new_batch()
-                scratch[lo:hi] = _layer_out(fwd(inputs.hidden[lo:hi], **kw))
-        del fwd
-        for lname, lin in select_linears(layer, name, targets):
-            stats = collector.stats_for(lname)
-            stats.cache.update(method_options or {})
-            sigma = method.spectrum(lin.weight.detach().to(torch.float64), stats,
-                                    None if fisher is None else fisher.get(lname))
-            out[lname] = (lin.out_features, lin.in_features, sigma.double().cpu())
-        inputs.hidden, scratch = scratch, inputs.hidden
-        rep.progress("whiten", (li + 1) / len(layers), f"global allocation: spectra of layer {li + 1}/{len(layers)}",
-                     layer=li)
-    return out
+    def __init__(self, method: Method, fisher: dict | None = None):
+        self.method, self.fisher = method, fisher
+        self.spectra: dict[str, tuple[int, int, torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def on_decompose(self, step: LayerStep) -> None:
+        collector = step.state.pop("stats")
+        for name, lin in step.linears:
+            sigma = self.method.spectrum(lin.weight.detach().to(torch.float64), collector.stats_for(name),
+                                         None if self.fisher is None else self.fisher.get(name))
+            self.spectra[name] = (lin.out_features, lin.in_features, sigma.double().cpu())
+
+
+def whitened_spectra(model, ids: torch.Tensor, method: Method, targets: str = "all", batch_size: int = 8,
+                     device="cpu", fisher: dict | None = None, forward_dtype: torch.dtype | None = None,
+                     reporter: Reporter | None = None) -> dict[str, tuple[int, int, torch.Tensor]]:
+    """name -> (m, n, singular values of the scaled weight), from one dense (parallel) pass
+    of the layer loop. The model is not changed."""
+    spectra = Spectra(method, fisher)
+    statistics = Statistics(method.needs - {"fisher"}, reporter=reporter,
+                            progress="global allocation: spectra of layer {i}/{n}")
+    LayerLoop(model, [statistics, spectra], ids=ids, batch_size=batch_size, device=device,
+              forward_dtype=forward_dtype, streams=[Stream(MAIN, reuse=True)], targets=targets,
+              reporter=reporter).run()
+    return spectra.spectra
 
 
 def allocate(spectra: dict[str, tuple[int, int, torch.Tensor]], budget: int,
@@ -168,12 +160,12 @@ def global_spectra(model, calib_ids: torch.Tensor, config, device, rep: Reporter
                    fisher: dict | None = None, forward_dtype: torch.dtype | None = None):
     """name -> (m, n, spectrum) for every ratio's allocation (one dense pass; a sweep shares it)."""
     rep = rep or Reporter()
-    method = get_method(config.method)
+    method = get_method(config.method, config.method_options)
     if "fisher" in method.needs and fisher is None:
         raise UserError(f"global allocation with method {config.method!r} needs its Fisher information")
     rep.log("global allocation: one dense calibration pass for the spectra", "whiten")
     return whitened_spectra(model, calib_ids, method, config.targets, config.calibration_batch_size, device,
-                            fisher, {"alpha": config.asvd_alpha}, forward_dtype, rep)
+                            fisher, forward_dtype, rep)
 
 
 def allocate_ratio(spectra: dict[str, tuple[int, int, torch.Tensor]], ratio: float, seconds: float = 0.0):

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from svdforge.core.errors import UserError
+from svdforge.core.methods.base import MethodConfig, method_config
 
 DATA_SOURCES = ("builtin", "file", "hf")
-METHODS = ("svd", "svd-llm", "asvd", "fwsvd")
 ALLOCATIONS = ("uniform", "global")
 RECOVER_TYPES = ("none", "update", "lora", "adalora")
 OBJECTIVES = ("ntp", "kl", "both")
@@ -105,7 +105,7 @@ class EvalConfig:
     enabled: bool = True
     data: DataSpec = field(default_factory=lambda: DataSpec(split="evaluation"))
     seq_len: int = 256
-    max_tokens: int | None = 16384
+    max_tokens: int | None = 4096
     batch_size: int = 1
     throughput: bool = True
     throughput_runs: int = 5
@@ -210,8 +210,7 @@ class CompressConfig:
     calibration_dtype: str = "auto"
     recover: RecoverConfig = field(default_factory=RecoverConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
-    asvd_alpha: float = 0.5
-    fisher_samples: int = 16
+    method_options: MethodConfig | dict = field(default_factory=dict)
     device: str = "auto"
     dtype: str = "float32"
     allow_pickle: bool = False
@@ -230,7 +229,9 @@ class CompressConfig:
             self.evaluation = EvalConfig(**self.evaluation)
         _check(isinstance(self.model, str) and self.model.strip() != "", "model must be a non-empty string")
         self.ratio = check_ratio(self.ratio)
-        _choice("method", self.method, METHODS)
+        _check(isinstance(self.method_options, (dict, MethodConfig)),
+               f"method_options must be an object of the method's options, got {self.method_options!r}")
+        self.method_options = method_config(self.method, self.method_options)
         _choice("allocation", self.allocation, ALLOCATIONS)
         _choice("calibration_mode", self.calibration_mode, CALIBRATION_MODES)
         _choice("dtype", self.dtype, DTYPES)
@@ -240,9 +241,6 @@ class CompressConfig:
             _int_in("max_activation_bytes", self.max_activation_bytes, 0)
         _check(isinstance(self.stats_cache, bool), f"stats_cache must be true or false, got {self.stats_cache!r}")
         _int_in("calibration_batch_size", self.calibration_batch_size, 1, 4096)
-        _int_in("fisher_samples", self.fisher_samples, 1, 1_000_000)
-        _check(isinstance(self.asvd_alpha, (int, float)) and 0 < self.asvd_alpha <= 2,
-               f"asvd_alpha must be in (0, 2], got {self.asvd_alpha!r}")
         if self.targets.startswith("re:"):
             try:
                 re.compile(self.targets[3:])

@@ -10,13 +10,17 @@ import importlib.util
 import math
 import statistics
 import time
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from svdforge.core.errors import NumericalError
+from svdforge.core.checkpoint import CheckpointReader, materialize, release
+from svdforge.core.errors import NumericalError, UserError
+from svdforge.core.layer_loop import Handler, LayerLoop, LayerStep, Stream
+from svdforge.core.layers import decoder_layers
 from svdforge.core.lowrank import LowRankLinear
 
 
@@ -175,3 +179,53 @@ def zero_shot(model, tokenizer, tasks: list[str], offline: bool) -> dict:
     res = simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer), tasks=tasks, num_fewshot=0)
     return {"skipped": False, "results": {t: {k: v for k, v in r.items() if isinstance(v, (int, float))}
                                           for t, r in res["results"].items()}}
+
+
+class _LayerProgress(Handler):
+    def __init__(self, on_fraction: Callable[[float], None] | None, share: float):
+        self.on_fraction, self.share = on_fraction, share
+
+    def on_layer_done(self, step: LayerStep) -> None:
+        if self.on_fraction:
+            self.on_fraction(self.share * (step.index + 1) / step.n_layers)
+
+
+def _from_checkpoint(job, layers: nn.ModuleList, reader: CheckpointReader):
+    """A stream's module: layer i read from `reader` for its forward, then sent back to meta."""
+    @contextmanager
+    def module(step: LayerStep):
+        layer = layers[step.index]
+        materialize(layer, step.name, reader, job.dtype, job.device, job.model.config)
+        try:
+            yield layer
+        finally:
+            release(layer)
+    return module
+
+
+@torch.no_grad()
+def compare_streamed(job, windows: torch.Tensor, batch_size: int, on_batch=None, reporter=None) -> dict:
+    """`compare` for a streamed model (a `svdforge.core.streaming.StreamingJob`): the teacher's
+    and the student's hidden states of the evaluation windows go through the layer loop one
+    decoder layer at a time (dense layer from the checkpoint, compressed layer from the
+    artifact just written), then the final norm and `lm_head`. Holds two [N, L, hidden]
+    streams and one spare (offloaded past the budget) and one layer. Assumes logits =
+    lm_head(norm(h)) (Llama, Mistral, Qwen2; not soft-capped ones)."""
+    model = job.model
+    layers, _ = decoder_layers(model)
+    streams = [Stream("teacher", calibrate=False, reuse=False, module=_from_checkpoint(job, job.dense_layers, job.reader)),
+               Stream("student", calibrate=False, reuse=False,
+                      module=_from_checkpoint(job, layers, CheckpointReader(job.out)))]
+    LayerLoop(model, [_LayerProgress(on_batch, 0.9)], ids=windows, batch_size=batch_size, device=job.device,
+              streams=streams, activations=job.store, reporter=reporter).run()
+    base = getattr(model, model.base_model_prefix)
+    norm = next((getattr(base, a) for a in ("norm", "final_layernorm", "ln_f") if hasattr(base, a)), None)
+    head = model.get_output_embeddings()
+    if norm is None or head is None:
+        raise UserError("streaming evaluation cannot find the final norm / lm_head of this architecture")
+    acc = Fidelity()
+    teacher, student = streams[0].hidden, streams[1].hidden
+    for lo in range(0, windows.shape[0], batch_size):
+        hi = min(lo + batch_size, windows.shape[0])
+        acc.add(head(norm(teacher[lo:hi]))[:, :-1], head(norm(student[lo:hi]))[:, :-1], windows[lo:hi].to(job.device))
+    return acc.result()

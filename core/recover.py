@@ -3,7 +3,7 @@
 Two families, one module:
 
 - `update`: SVD-LLM's closed-form least-squares update of `W_u` given `W_v`. It runs inside
-  the layer loop of `svdforge.core.calibrate.compress_layers` (it needs the calibration activations
+  the layer loop (`svdforge.core.decompose.Decompose`: it needs the calibration activations
   of that very layer); the math is `least_squares_update` below and `recover()` only
   summarises what was done.
 - `lora` / `adalora`: peft adapters on the two factor linears `u` and `v` of every
@@ -218,18 +218,7 @@ def train_adapters(peft_model, ids: torch.Tensor, rc, device, rep: Reporter | No
         order = torch.randperm(ids.shape[0], generator=gen)
         batches = [order[i:i + rc.batch_size] for i in range(0, len(order), rc.batch_size)]
         for bi, idx in enumerate(batches):
-            batch = ids[idx].to(device)
-            teacher_logits = None
-            if teacher is not None and rc.objective in ("kl", "both"):
-                with torch.no_grad():
-                    teacher_logits = _forward(teacher, batch, ctx)
-            logits = _forward(peft_model, batch, ctx)
-            loss, parts = adapter_loss(logits, batch, teacher_logits, rc.objective)
-            if adalora:
-                parts["orth"] = float((orth := orthogonality_penalty(peft_model)).detach())
-                loss = loss + ADALORA_ORTH_REG * orth
-            if not torch.isfinite(loss):
-                raise NumericalError(f"non-finite training loss at step {step}")
+            loss, parts = _batch_loss(peft_model, ids[idx].to(device), teacher, rc, ctx, step)
             # the last accumulation group of an epoch may be short: weight by its real size
             first = (bi // rc.grad_accum) * rc.grad_accum
             group = min(rc.grad_accum, len(batches) - first)
@@ -253,9 +242,29 @@ def train_adapters(peft_model, ids: torch.Tensor, rc, device, rep: Reporter | No
             if step >= total:
                 break
     peft_model.eval()
+    return {"steps": step, "training_s": time.perf_counter() - t0, **_curve_report(curve, parts_curve)}
+
+
+def _batch_loss(peft_model, batch: torch.Tensor, teacher, rc, ctx, step: int) -> tuple[torch.Tensor, dict]:
+    """One micro-batch's training loss (and its parts), with AdaLoRA's orthogonality penalty."""
+    teacher_logits = None
+    if teacher is not None and rc.objective in ("kl", "both"):
+        with torch.no_grad():
+            teacher_logits = _forward(teacher, batch, ctx)
+    logits = _forward(peft_model, batch, ctx)
+    loss, parts = adapter_loss(logits, batch, teacher_logits, rc.objective)
+    if rc.type == "adalora":
+        parts["orth"] = float((orth := orthogonality_penalty(peft_model)).detach())
+        loss = loss + ADALORA_ORTH_REG * orth
+    if not torch.isfinite(loss):
+        raise NumericalError(f"non-finite training loss at step {step}")
+    return loss, parts
+
+
+def _curve_report(curve: list[float], parts_curve: list[dict]) -> dict:
+    """The loss curve thinned to at most LOSS_CURVE_POINTS points (the last one always kept)."""
     every = max(1, math.ceil(len(curve) / LOSS_CURVE_POINTS))
-    return {"steps": step, "training_s": time.perf_counter() - t0,
-            "loss_first": curve[0], "loss_last": curve[-1],
+    return {"loss_first": curve[0], "loss_last": curve[-1],
             "loss_curve": [[i + 1, curve[i]] for i in range(0, len(curve), every)] + (
                 [[len(curve), curve[-1]]] if (len(curve) - 1) % every else []),
             "loss_parts_last": parts_curve[-1]}

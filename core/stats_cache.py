@@ -1,7 +1,7 @@
 """Calibration cache: the per-layer input statistics of one calibration, kept on disk.
 
 A second job on the same model and data skips calibration entirely (no forward pass):
-`compress_layers` decomposes every layer from the cached Grams. The statistics are stored
+the layer loop's `Statistics` handler reads every layer's Grams from it. The statistics are stored
 under `$SVDFORGE_CACHE/stats/<sha256 of the key>/layer_XXXXX.safetensors` (fp64, each
 distinct linear input once) and the key holds everything they depend on:
 
@@ -29,6 +29,9 @@ import shutil
 from pathlib import Path
 
 import torch
+
+from svdforge.core.methods import InputStats
+from svdforge.core.statistics import CrossMoments, StatsCollector
 
 FORMAT = "svdforge-stats-v1"
 DEFAULT_MAX_BYTES = 8 * 2**30
@@ -76,7 +79,7 @@ def stats_key(config, source: str, calib_ids: torch.Tensor, needs, forward_dtype
     if config.calibration_mode == "sequential":
         key["ratio"] = config.ratio
         key["allocation"] = config.allocation
-        key["asvd_alpha"] = config.asvd_alpha
+        key["method_options"] = config.method_options.to_dict()
     return key
 
 
@@ -103,8 +106,6 @@ class StatsCache:
         """(StatsCollector, CrossMoments | None) for layer `index`, as the forward left them."""
         from safetensors import safe_open
 
-        from svdforge.core.calibrate import CrossMoments, StatsCollector
-        from svdforge.core.methods import InputStats
 
         path = self.dir / f"layer_{index:05d}.safetensors"
         with safe_open(path, framework="pt") as f:

@@ -6,21 +6,32 @@ read it. The factors come from the top-k left singular vectors of W S without ev
 inverting S (`svdforge.core.linalg.truncate_right`), so the calibration loss of a linear is exactly
 sum_{i>k} sigma_i^2 of its whitened spectrum.
 """
-from svdforge.core.linalg import RightTruncation, gram_sqrt
-from svdforge.core.methods import Method, register
+from dataclasses import dataclass
+
+from svdforge.core.methods.base import Method, MethodConfig
 
 
-@register
+@dataclass
+class SVDLLMConfig(MethodConfig):
+    """No options: the whitening is determined by the calibration data."""
+
+
 class SVDLLM(Method):
     name = "svd-llm"
+    summary = "truncation-aware whitening: SVD of W S with S S^T the input Gram (the default)"
     needs = frozenset({"gram"})
+    config_cls = SVDLLMConfig
 
     def whitening(self, stats):
+        from svdforge.core.linalg import gram_sqrt
+
         if "sqrt" not in stats.cache:
             stats.cache["sqrt"] = gram_sqrt(stats.gram)
         return stats.cache["sqrt"]
 
     def prepare(self, W, stats, fisher):
+        from svdforge.core.linalg import RightTruncation
+
         sq = self.whitening(stats)
         t = RightTruncation(W, sq.S.to(W.device))
         t.info["path"] = sq.path

@@ -9,7 +9,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from svdforge.core.allocation import allocate, global_ranks, params_of, uniform_cost  # noqa: E402
-from svdforge.core.calibrate import compress_layers  # noqa: E402
+from svdforge.core.decompose import compress_layers  # noqa: E402
 from svdforge.core.config import CompressConfig, DataSpec, EvalConfig  # noqa: E402
 from svdforge.core.errors import UserError  # noqa: E402
 from svdforge.core.linalg import saves_params  # noqa: E402

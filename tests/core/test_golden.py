@@ -26,8 +26,8 @@ CASES: dict[str, tuple[str, dict, list[float] | None]] = {
     "qwen2-svdllm-parallel-global": ("qwen2", {"ratio": 0.5, "calibration_mode": "parallel",
                                                "allocation": "global"}, None),
     "llama-asvd-attention": ("llama", {"ratio": 0.3, "method": "asvd", "targets": "attention",
-                                       "asvd_alpha": 0.7}, None),
-    "llama-fwsvd": ("llama", {"ratio": 0.4, "method": "fwsvd", "fisher_samples": 2}, None),
+                                       "method_options": {"alpha": 0.7}}, None),
+    "llama-fwsvd": ("llama", {"ratio": 0.4, "method": "fwsvd", "method_options": {"samples": 2}}, None),
     "qwen2-svd-mlp": ("qwen2", {"ratio": 0.4, "method": "svd", "targets": "mlp"}, None),
     "llama-streaming-disk": ("llama", {"ratio": 0.4, "streaming": "on", "max_activation_bytes": 0}, None),
     "mistral-streaming-update": ("mistral", {"ratio": 0.3, "streaming": "on", "recover": {"type": "update"}}, None),
@@ -194,11 +194,7 @@ def _regenerate(api, make_tiny_model, archs) -> None:
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        import svdforge.core as _api
-        from svdforge.core.testing import ARCHS, make_tiny_model
-    except ImportError:   # the layout before the single import root
-        sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-        import svdforge.core as _api
-        from svdforge.core.testing import ARCHS, make_tiny_model
+    import svdforge.core as _api
+    from svdforge.core.testing import ARCHS, make_tiny_model
+
     _regenerate(_api, make_tiny_model, ARCHS)

@@ -84,10 +84,10 @@ def test_fisher_weighting_prefers_important_rows():
 
 
 def test_gram_of_bf16_activations_is_close_and_fp32_is_exact():
-    """Grams of a bf16 calibration forward are multiplied in bf16 (core.calibrate.gram_of):
+    """Grams of a bf16 calibration forward are multiplied in bf16 (svdforge.core.statistics.gram_of):
     the result stays within bf16 rounding of the exact product, and whitening from it still
     reaches the exact truncation loss closely; fp32 activations are multiplied in fp32."""
-    from svdforge.core.calibrate import gram_of
+    from svdforge.core.statistics import gram_of
 
     torch.manual_seed(0)
     x = torch.randn(2048, 96) * torch.linspace(0.1, 10, 96)   # uneven channel scales

@@ -10,7 +10,7 @@ from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from svdforge.core.calibrate import compress_layers, uniform_ranks  # noqa: E402
+from svdforge.core.decompose import compress_layers, uniform_ranks  # noqa: E402
 from svdforge.core.config import CompressConfig, DataSpec, EvalConfig, RecoverConfig  # noqa: E402
 from svdforge.core.errors import UserError  # noqa: E402
 from svdforge.core.linalg import gram_sqrt, truncate_right  # noqa: E402

@@ -7,7 +7,8 @@ import time
 import pytest
 import torch
 
-import svdforge.core.calibrate as calibrate
+import svdforge.core.layer_loop as layer_loop
+import svdforge.core.statistics as statistics
 from svdforge.core import data as data_mod
 from svdforge.core.artifact import load_artifact
 from svdforge.core.config import CompressConfig, DataSpec, EvalConfig
@@ -82,8 +83,8 @@ def test_second_job_skips_calibration(tiny_llama, tmp_path, cache, monkeypatch, 
         raise AssertionError("calibration ran despite a cache hit")
 
     with monkeypatch.context() as m:   # a hit runs no calibration forward at all
-        m.setattr(calibrate.StatsCollector, "_accumulate", no_forward)
-        m.setattr(calibrate, "capture_layer0_inputs", no_forward)
+        m.setattr(statistics.StatsCollector, "_accumulate", no_forward)
+        m.setattr(layer_loop, "capture_layer0_inputs", no_forward)
         second = compress(cfg, tmp_path / "b")
     assert second["calibration_cache"]["status"] == "hit"
     assert second["calibration_cache"]["key"] == first["calibration_cache"]["key"]

@@ -1,4 +1,4 @@
-"""Sweeps (`svdforge.core.pipeline.sweep`): several ratios from one calibration.
+"""Sweeps (`svdforge.core.sweeps.sweep`): several ratios from one calibration.
 
 What is pinned: the calibration forward passes run once for all ratios (counted), every
 linear is decomposed once and truncated per ratio (counted), each ratio's artifact equals
@@ -13,6 +13,7 @@ import torch
 from transformers.models.llama import modeling_llama
 
 from svdforge.core import pipeline
+from svdforge.core import sweeps as sweep_mod
 from svdforge.core.artifact import load_artifact
 from svdforge.core.config import CompressConfig, DataSpec, EvalConfig, RecoverConfig, SweepConfig, check_ratios
 from svdforge.core.errors import UserError
@@ -65,7 +66,7 @@ def test_statistics_are_computed_once_for_every_ratio(tiny_llama, tmp_path, laye
 
     monkeypatch.setattr(svd_llm.SVDLLM, "prepare", counting_prepare)
     layer_forwards["n"] = 0
-    report = pipeline.sweep(config(tiny_llama), [0.2, 0.4, 0.6], tmp_path / "sweep")
+    report = sweep_mod.sweep(config(tiny_llama), [0.2, 0.4, 0.6], tmp_path / "sweep")
     # one calibration: exactly the decoder-layer forwards of ONE single-ratio job, not three
     assert layer_forwards["n"] == one_job
     # one decomposition (whitening + eigh of W S) per linear, truncated at three ranks
@@ -81,9 +82,10 @@ def test_statistics_are_computed_once_for_every_ratio(tiny_llama, tmp_path, laye
 @pytest.mark.parametrize(("method", "allocation"), [("svd-llm", "uniform"), ("svd-llm", "global"),
                                                     ("fwsvd", "uniform")])
 def test_each_ratio_equals_a_single_ratio_parallel_job(tiny_llama, tmp_path, method, allocation):
-    cfg = config(tiny_llama, method=method, allocation=allocation, fisher_samples=2)
+    cfg = config(tiny_llama, method=method, allocation=allocation,
+                 method_options={"samples": 2} if method == "fwsvd" else {})
     ratios = [0.3, 0.6]
-    report = pipeline.sweep(cfg, ratios, tmp_path / "sweep", figures=False)
+    report = sweep_mod.sweep(cfg, ratios, tmp_path / "sweep", figures=False)
     ids = torch.randint(0, 400, (2, 24), generator=torch.Generator().manual_seed(0))
     for r, entry in zip(ratios, report["sweep"]["ratios"]):
         single = pipeline.compress(dataclasses.replace(cfg, ratio=r), tmp_path / f"single-{r}")
@@ -98,7 +100,7 @@ def test_each_ratio_equals_a_single_ratio_parallel_job(tiny_llama, tmp_path, met
 
 def test_sweep_report_artifacts_and_figure(tiny_llama, tmp_path):
     out = tmp_path / "sweep"
-    report = pipeline.sweep(config(tiny_llama, evaluation=SMALL_EVAL), [0.6, 0.2, 0.4], out)
+    report = sweep_mod.sweep(config(tiny_llama, evaluation=SMALL_EVAL), [0.6, 0.2, 0.4], out)
     assert report["target_ratios"] == [0.2, 0.4, 0.6]        # sorted
     entries = report["sweep"]["ratios"]
     assert [e["ratio"] for e in entries] == [0.2, 0.4, 0.6]
@@ -128,7 +130,7 @@ def test_sweep_report_artifacts_and_figure(tiny_llama, tmp_path):
 
 def test_the_sweep_statistics_are_the_single_jobs_cache_entry(tiny_llama, tmp_path):
     cfg = config(tiny_llama, stats_cache=True, calibration=dataclasses.replace(CALIB, seed=7))
-    report = pipeline.sweep(cfg, [0.3, 0.5], tmp_path / "sweep", figures=False)
+    report = sweep_mod.sweep(cfg, [0.3, 0.5], tmp_path / "sweep", figures=False)
     assert report["calibration_cache"]["status"] == "stored"
     single = pipeline.compress(dataclasses.replace(cfg, ratio=0.4), tmp_path / "single")
     assert single["calibration_cache"] == {**report["calibration_cache"], "status": "hit"}
@@ -137,7 +139,7 @@ def test_the_sweep_statistics_are_the_single_jobs_cache_entry(tiny_llama, tmp_pa
 def test_lora_recovery_runs_per_ratio(tiny_llama, tmp_path):
     rc = RecoverConfig(type="lora", rank=2, max_steps=2, batch_size=2,
                        data=DataSpec(split="calibration", samples=4, seq_len=32, seed=1))
-    report = pipeline.sweep(config(tiny_llama, recover=rc), [0.3, 0.5], tmp_path / "sweep", figures=False)
+    report = sweep_mod.sweep(config(tiny_llama, recover=rc), [0.3, 0.5], tmp_path / "sweep", figures=False)
     for e in report["sweep"]["ratios"]:
         assert e["recover"]["type"] == "lora" and e["recover"]["optimizer_steps"] == 2
         assert e["timings_s"]["recover"] > 0
@@ -152,7 +154,7 @@ def test_lora_recovery_runs_per_ratio(tiny_llama, tmp_path):
 ])
 def test_what_a_sweep_cannot_share_is_refused(tiny_llama, tmp_path, kw, needle):
     with pytest.raises(UserError, match=needle):
-        pipeline.sweep(config(tiny_llama, **kw), [0.2, 0.4], tmp_path / "o")
+        sweep_mod.sweep(config(tiny_llama, **kw), [0.2, 0.4], tmp_path / "o")
     assert not (tmp_path / "o").exists()
 
 
@@ -170,5 +172,5 @@ def test_check_ratios(ratios, needle):
 
 
 def test_ratio_folders_are_distinct():
-    assert pipeline.ratio_dirs([0.2, 0.4]) == ["ratio-0.20", "ratio-0.40"]
-    assert pipeline.ratio_dirs([0.2, 0.205]) == ["ratio-0.200", "ratio-0.205"]
+    assert sweep_mod.ratio_dirs([0.2, 0.4]) == ["ratio-0.20", "ratio-0.40"]
+    assert sweep_mod.ratio_dirs([0.2, 0.205]) == ["ratio-0.200", "ratio-0.205"]
