@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 
 install: $(STAMP)
 
+# ruff (settings in pyproject.toml); .ci/run calls this before `make test`
+lint: install
+	$(VENV)/bin/ruff check --no-cache .
+
 test: install
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
