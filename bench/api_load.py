@@ -67,7 +67,7 @@ def free_port() -> int:
 
 def start_server(data_dir: Path, port: int, worker_threads: int) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "SVDFORGE_WORKER_THREADS": str(worker_threads)}
-    log = open(data_dir.parent / "serve.log", "w")  # noqa: SIM115
+    log = open(data_dir.parent / "serve.log", "w")  # noqa: SIM115 - the server child writes to it until it stops
     proc = subprocess.Popen([sys.executable, "-m", "svdforge.cli.service_cmds", "serve", "--port", str(port),
                              "--data-dir", str(data_dir)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
@@ -90,7 +90,7 @@ class Client:
     def __init__(self, kind: str, base: str, key: str, clients: int) -> None:
         self.kind, self.base, self.headers, self.clients = kind, base, {"Authorization": f"Bearer {key}"}, clients
 
-    async def __aenter__(self) -> "Client":
+    async def __aenter__(self) -> Client:
         if self.kind == "aiohttp":
             self.s = aiohttp.ClientSession(self.base, headers=self.headers,
                                            connector=aiohttp.TCPConnector(limit=self.clients),
@@ -100,10 +100,10 @@ class Client:
             self.s = httpx.AsyncClient(base_url=self.base, headers=self.headers, limits=limits, timeout=30)
         return self
 
-    async def __aexit__(self, *exc) -> None:  # noqa: ANN002
+    async def __aexit__(self, *exc) -> None:
         await (self.s.close() if self.kind == "aiohttp" else self.s.aclose())
 
-    async def request(self, method: str, path: str, json=None) -> tuple[int, dict | None]:  # noqa: ANN001
+    async def request(self, method: str, path: str, json=None) -> tuple[int, dict | None]:
         if self.kind == "aiohttp":
             async with self.s.request(method, path, json=json) as r:
                 if r.status >= 300:

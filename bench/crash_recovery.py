@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the test helpers (tests.integration), not svdforge: that is installed
 
-from tests.integration.servers import Servers, Stack, missing  # noqa: E402
+from tests.integration.servers import Servers, Stack, missing  # noqa: E402 - after the sys.path line above
 
 DOC = ROOT / "docs" / "crash_recovery.md"
 # Real request options that keep one stage busy for several seconds on the tiny model.
@@ -38,7 +38,7 @@ JOBS = {
 }
 
 
-def poll(client, job_id: str, until, timeout: float, interval: float = 0.05) -> dict:  # noqa: ANN001
+def poll(client, job_id: str, until, timeout: float, interval: float = 0.05) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = client.get(f"/v1/jobs/{job_id}").json()

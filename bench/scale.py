@@ -204,7 +204,7 @@ def write_docs(new_rows: list[dict], meta: dict) -> list[dict]:
     DOCS.mkdir(exist_ok=True)
     path = DOCS / "scale.json"
     old = json.loads(path.read_text())["rows"] if path.is_file() else []
-    key = lambda r: (r["hidden"], r["intermediate"], r["layers"])  # noqa: E731
+    key = lambda r: (r["hidden"], r["intermediate"], r["layers"])  # noqa: E731 - a one-line sort key
     merged = {key(r): r for r in old}
     merged.update({key(r): r for r in new_rows})
     rows = sorted(merged.values(), key=lambda r: r["disk_bytes"])

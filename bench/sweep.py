@@ -19,12 +19,10 @@ each phase: the machine is shared, so timings carry that noise.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -58,12 +56,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "docs", help="where sweep.md / sweep.json go")
     args = ap.parse_args()
 
+    import torch
+
     from svdforge.core.config import CompressConfig, DataSpec, EvalConfig, check_ratios
     from svdforge.core.models import load_model
     from svdforge.core.pipeline import calibration_dtype, compress, default_threads
     from svdforge.core.sweeps import sweep
-
-    import torch
 
     default_threads()
     ratios = check_ratios(args.ratios)
@@ -141,7 +139,7 @@ def render(r: dict) -> str:
         f"{r['load_average_1_5_15']['after_single']}, after the sweep {r['load_average_1_5_15']['after_sweep']} "
         "(the machine is shared: timings carry that noise).",
         "",
-        f"| | ratios | calibrate s | decompose s | calibrate + decompose s |",
+        "| | ratios | calibrate s | decompose s | calibrate + decompose s |",
         "|---|---|---:|---:|---:|",
         f"| single job | {r['single_ratio']} | {s['calibrate_s']:.1f} | {s['decompose_s']:.1f} | {s['calibrate_decompose_s']:.1f} |",
         f"| sweep | {', '.join(f'{x:g}' for x in r['ratios'])} | {w['calibrate_s']:.1f} | {w['decompose_s']:.1f} "

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -18,7 +18,7 @@ _DATA, _EVAL, _REC = DataSpec(), EvalConfig(), RecoverConfig()
 _CFG = {f.name: f.default for f in dataclasses.fields(CompressConfig) if f.default is not dataclasses.MISSING}
 
 
-def _data(file: Optional[Path], hf: Optional[str], hf_config: Optional[str], split: Optional[str],
+def _data(file: Path | None, hf: str | None, hf_config: str | None, split: str | None,
           samples: int, seq_len: int, seed: int, default_split: str) -> DataSpec:
     if file and hf:
         raise UserError("give either a text file or an HF dataset, not both")
@@ -30,7 +30,7 @@ def _data(file: Optional[Path], hf: Optional[str], hf_config: Optional[str], spl
     return DataSpec(source="builtin", split=split or default_split, samples=samples, seq_len=seq_len, seed=seed)
 
 
-def _method_options(pairs: Optional[list[str]]) -> dict:
+def _method_options(pairs: list[str] | None) -> dict:
     """`--method-option alpha=0.7` -> {"alpha": 0.7}; values are JSON where they parse as JSON."""
     out = {}
     for pair in pairs or ():
@@ -53,38 +53,38 @@ def _eval_config(no_eval: bool, eval_file, eval_hf, eval_hf_config, eval_split, 
                       zero_shot=[t for t in (zero_shot or "").split(",") if t])
 
 
-EvalFile = Annotated[Optional[Path], typer.Option("--eval-file", help="Evaluation text file (default: builtin corpus, evaluation split).")]
-EvalHF = Annotated[Optional[str], typer.Option("--eval-hf", help="Evaluation HF dataset id (needs network).")]
-EvalHFConfig = Annotated[Optional[str], typer.Option("--eval-hf-config")]
-EvalSplit = Annotated[Optional[str], typer.Option("--eval-split")]
+EvalFile = Annotated[Path | None, typer.Option("--eval-file", help="Evaluation text file (default: builtin corpus, evaluation split).")]
+EvalHF = Annotated[str | None, typer.Option("--eval-hf", help="Evaluation HF dataset id (needs network).")]
+EvalHFConfig = Annotated[str | None, typer.Option("--eval-hf-config")]
+EvalSplit = Annotated[str | None, typer.Option("--eval-split")]
 EvalSeqLen = Annotated[int, typer.Option("--eval-seq-len", help="Evaluation window length L.")]
 EvalMaxTokens = Annotated[int, typer.Option("--eval-max-tokens", help="Cap on evaluation tokens (0: the whole split).")]
 ThroughputRuns = Annotated[int, typer.Option("--throughput-runs", help="Timed forward runs per model (0: skip).")]
-ZeroShot = Annotated[Optional[str], typer.Option("--zero-shot", help="lm-eval tasks, comma separated (needs network).")]
+ZeroShot = Annotated[str | None, typer.Option("--zero-shot", help="lm-eval tasks, comma separated (needs network).")]
 
 
 @app.command()
 def compress(
     model: Annotated[str, typer.Argument(help="HF folder, .gguf file, hub id, or alias smollm2-135m.")],
     out: Annotated[Path, typer.Option("--out", help="Output folder (must be empty or absent).")],
-    ratio: Annotated[Optional[float], typer.Option("--ratio", help="Fraction of parameters removed per linear, in (0, 1).")] = None,
-    ratios: Annotated[Optional[str], typer.Option("--ratios", help="A sweep: 2-8 ratios, comma separated (e.g. 0.2,0.4,0.6), from one parallel calibration; one artifact per ratio in OUT/ratio-0.40/ ...")] = None,
+    ratio: Annotated[float | None, typer.Option("--ratio", help="Fraction of parameters removed per linear, in (0, 1).")] = None,
+    ratios: Annotated[str | None, typer.Option("--ratios", help="A sweep: 2-8 ratios, comma separated (e.g. 0.2,0.4,0.6), from one parallel calibration; one artifact per ratio in OUT/ratio-0.40/ ...")] = None,
     method: Annotated[str, typer.Option("--method", help=" | ".join(method_names()))] = _CFG["method"],
-    method_option: Annotated[Optional[list[str]], typer.Option("--method-option", help=f"KEY=VALUE, repeatable: an option of --method ({method_options_help()}).")] = None,
+    method_option: Annotated[list[str] | None, typer.Option("--method-option", help=f"KEY=VALUE, repeatable: an option of --method ({method_options_help()}).")] = None,
     allocation: Annotated[str, typer.Option("--allocation", help="uniform | global")] = _CFG["allocation"],
     targets: Annotated[str, typer.Option("--targets", help="all | attention | mlp | re:<regex>")] = _CFG["targets"],
-    mode: Annotated[Optional[str], typer.Option("--mode", help="sequential | parallel calibration (default: sequential; parallel for --ratios, the only mode a sweep can share)")] = None,
-    calib_file: Annotated[Optional[Path], typer.Option("--calib-file", help="Calibration text file.")] = None,
-    calib_hf: Annotated[Optional[str], typer.Option("--calib-hf", help="Calibration HF dataset id.")] = None,
-    calib_hf_config: Annotated[Optional[str], typer.Option("--calib-hf-config")] = None,
-    calib_split: Annotated[Optional[str], typer.Option("--calib-split")] = None,
+    mode: Annotated[str | None, typer.Option("--mode", help="sequential | parallel calibration (default: sequential; parallel for --ratios, the only mode a sweep can share)")] = None,
+    calib_file: Annotated[Path | None, typer.Option("--calib-file", help="Calibration text file.")] = None,
+    calib_hf: Annotated[str | None, typer.Option("--calib-hf", help="Calibration HF dataset id.")] = None,
+    calib_hf_config: Annotated[str | None, typer.Option("--calib-hf-config")] = None,
+    calib_split: Annotated[str | None, typer.Option("--calib-split")] = None,
     calib_samples: Annotated[int, typer.Option("--calib-samples", help="N calibration windows.")] = _DATA.samples,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Calibration window length L.")] = _DATA.seq_len,
     seed: Annotated[int, typer.Option("--seed")] = _CFG["seed"],
     batch_size: Annotated[int, typer.Option("--batch-size", help="Calibration batch size.")] = _CFG["calibration_batch_size"],
     adapter: Annotated[str, typer.Option("--adapter", help="none | update | lora | adalora")] = "none",
     adapter_rank: Annotated[int, typer.Option("--adapter-rank")] = _REC.rank,
-    adapter_steps: Annotated[Optional[int], typer.Option("--adapter-steps", help="Cap on optimizer steps.")] = None,
+    adapter_steps: Annotated[int | None, typer.Option("--adapter-steps", help="Cap on optimizer steps.")] = None,
     adapter_alpha: Annotated[int, typer.Option("--adapter-alpha", help="LoRA / AdaLoRA alpha.")] = _REC.alpha,
     init_r: Annotated[int, typer.Option("--init-r", help="AdaLoRA initial rank.")] = _REC.init_r,
     target_r: Annotated[int, typer.Option("--target-r", help="AdaLoRA target (average) rank.")] = _REC.target_r,
@@ -94,7 +94,7 @@ def compress(
     adapter_batch_size: Annotated[int, typer.Option("--adapter-batch-size")] = _REC.batch_size,
     adapter_grad_accum: Annotated[int, typer.Option("--adapter-grad-accum")] = _REC.grad_accum,
     adapter_samples: Annotated[int, typer.Option("--adapter-samples", help="Training windows (same source as calibration, seed+1).")] = _REC.data.samples,
-    adapter_seq_len: Annotated[Optional[int], typer.Option("--adapter-seq-len", help="Training window length (default: --seq-len).")] = None,
+    adapter_seq_len: Annotated[int | None, typer.Option("--adapter-seq-len", help="Training window length (default: --seq-len).")] = None,
     adapter_update: Annotated[bool, typer.Option("--adapter-update", help="Also apply the closed-form update before LoRA/AdaLoRA.")] = False,
     update_mix: Annotated[float, typer.Option("--update-mix", help="Closed-form update: weight of the dense output in its target (0..1).")] = _REC.update_mix,
     adapter_autocast: Annotated[str, typer.Option("--adapter-autocast", help="none | bfloat16 | float16 training forward")] = _REC.autocast,
@@ -107,7 +107,7 @@ def compress(
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow .bin/.pt weights (runs their code).")] = False,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Run the model repo's own code.")] = False,
     streaming: Annotated[str, typer.Option("--streaming", help="auto | on | off: one decoder layer at a time from the shards")] = _CFG["streaming"],
-    max_activation_bytes: Annotated[Optional[int], typer.Option("--max-activation-bytes", help="In-memory budget of calibration activations (past it: disk).")] = None,
+    max_activation_bytes: Annotated[int | None, typer.Option("--max-activation-bytes", help="In-memory budget of calibration activations (past it: disk).")] = None,
     no_stats_cache: Annotated[bool, typer.Option("--no-stats-cache", help="Neither reuse nor store calibration statistics.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
@@ -115,8 +115,8 @@ def compress(
     from svdforge.core.config import check_ratios
     from svdforge.core.pipeline import compress as run
     from svdforge.core.pipeline import default_threads
-    from svdforge.core.sweeps import sweep
     from svdforge.core.progress import TqdmBars
+    from svdforge.core.sweeps import sweep
 
     if (ratio is None) == (ratios is None):
         raise UserError("give either --ratio (one compression) or --ratios (a sweep), not both or neither")
@@ -166,12 +166,12 @@ def compress(
 @app.command()
 def evaluate(
     artifact: Annotated[Path, typer.Argument(help="An artifact folder written by `svdforge compress`.")],
-    teacher: Annotated[Optional[str], typer.Option("--teacher", help="Dense model to compare with (default: the artifact's).")] = None,
+    teacher: Annotated[str | None, typer.Option("--teacher", help="Dense model to compare with (default: the artifact's).")] = None,
     eval_file: EvalFile = None, eval_hf: EvalHF = None, eval_hf_config: EvalHFConfig = None,
     eval_split: EvalSplit = None, eval_seq_len: EvalSeqLen = _EVAL.seq_len, eval_max_tokens: EvalMaxTokens = _EVAL.max_tokens,
     throughput_runs: ThroughputRuns = _EVAL.throughput_runs, zero_shot: ZeroShot = None,
     device: Annotated[str, typer.Option("--device")] = "auto",
-    out: Annotated[Optional[Path], typer.Option("--out", help="Write the report here (default ARTIFACT/evaluation.json).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Write the report here (default ARTIFACT/evaluation.json).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Re-evaluate an artifact against its dense teacher with the same options as compress."""

@@ -45,7 +45,7 @@ class CheckpointReader:
             self.weight_map = {}
             for name in files:
                 with safe_open(self.folder / name, framework="pt") as f:
-                    self.weight_map.update({k: name for k in f.keys()})
+                    self.weight_map.update({k: name for k in f.keys()})  # noqa: SIM118 - safe_open is not iterable
 
     @property
     def files(self) -> list[Path]:
@@ -194,7 +194,8 @@ class ShardWriter:
             if self._entries and self._size + nb > self.max:
                 self.flush()
             if self._data is None:
-                self._data = open(self.out / f".shard-{len(self.shards):05d}.data", "w+b")
+                # open across add() calls until the shard is full; flush() closes it
+                self._data = open(self.out / f".shard-{len(self.shards):05d}.data", "w+b")  # noqa: SIM115 - open until flush()
             if t.dtype not in _ST_DTYPES:
                 raise UserError(f"cannot write tensor {name} of dtype {t.dtype}")
             if nb:

@@ -123,7 +123,8 @@ class EvalConfig:
         _int_in("throughput_seq_len", self.throughput_seq_len, 1, 1_048_576)
 
 
-# Default weight of the dense model's own output in the update's target (`svdforge.core.recover.least_squares_update`). Chosen
+# Default weight of the dense model's own output in the update's target
+# (`svdforge.core.recover.least_squares_update`). Chosen
 # by measurement on SmolLM2 at ratio 0.4 (svd-llm, sequential, 32 x 512 WikiText-2 valid
 # windows, first 4096 test tokens): mix 0 (= no update) PPL 99.5,
 # 0.05 -> 84.4, 0.1 -> 76.3, 0.2 -> 70.1, 0.3 -> 70.8, 0.5 -> 95.1, 1.0 -> 511.5.
@@ -253,7 +254,7 @@ class CompressConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "CompressConfig":
+    def from_dict(cls, d: dict[str, Any]) -> CompressConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         _check(not unknown, f"unknown field(s): {', '.join(sorted(unknown))}")

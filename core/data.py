@@ -89,7 +89,7 @@ def _file_lines(path: str) -> list[str]:
 def _hf_lines(spec: DataSpec) -> list[str]:
     if importlib.util.find_spec("datasets") is None:
         raise UserError("HF dataset sources need the 'datasets' package (pip install 'svdforge[hf-datasets]')")
-    import datasets  # noqa: PLC0415
+    import datasets
 
     try:
         ds = datasets.load_dataset(spec.dataset, spec.config, split=spec.split or "train")

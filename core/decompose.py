@@ -13,8 +13,8 @@ feeds it the dense layer's outputs (one forward per layer instead of two).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn

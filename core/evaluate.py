@@ -10,8 +10,8 @@ import importlib.util
 import math
 import statistics
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -170,11 +170,12 @@ def zero_shot(model, tokenizer, tasks: list[str], offline: bool) -> dict:
     if not tasks:
         return {"skipped": True, "reason": "no zero-shot tasks requested"}
     if importlib.util.find_spec("lm_eval") is None:
-        return {"skipped": True, "tasks": tasks, "reason": "lm-evaluation-harness is not installed (pip install lm-eval)"}
+        return {"skipped": True, "tasks": tasks,
+                "reason": "lm-evaluation-harness is not installed (pip install lm-eval)"}
     if offline:
         return {"skipped": True, "tasks": tasks, "reason": "offline: the task datasets cannot be downloaded"}
-    from lm_eval import simple_evaluate  # noqa: PLC0415
-    from lm_eval.models.huggingface import HFLM  # noqa: PLC0415
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
 
     res = simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer), tasks=tasks, num_fewshot=0)
     return {"skipped": False, "results": {t: {k: v for k, v in r.items() if isinstance(v, (int, float))}
@@ -213,7 +214,8 @@ def compare_streamed(job, windows: torch.Tensor, batch_size: int, on_batch=None,
     lm_head(norm(h)) (Llama, Mistral, Qwen2; not soft-capped ones)."""
     model = job.model
     layers, _ = decoder_layers(model)
-    streams = [Stream("teacher", calibrate=False, reuse=False, module=_from_checkpoint(job, job.dense_layers, job.reader)),
+    streams = [Stream("teacher", calibrate=False, reuse=False,
+                      module=_from_checkpoint(job, job.dense_layers, job.reader)),
                Stream("student", calibrate=False, reuse=False,
                       module=_from_checkpoint(job, layers, CheckpointReader(job.out)))]
     LayerLoop(model, [_LayerProgress(on_batch, 0.9)], ids=windows, batch_size=batch_size, device=job.device,

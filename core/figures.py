@@ -36,7 +36,7 @@ def _finite(x: Any) -> float | None:
     return f if math.isfinite(f) else None
 
 
-def _new_figure(width: float, height: float):  # noqa: ANN202
+def _new_figure(width: float, height: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -45,7 +45,7 @@ def _new_figure(width: float, height: float):  # noqa: ANN202
     return fig
 
 
-def _save(fig, path: Path) -> None:  # noqa: ANN001
+def _save(fig, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png", metadata={"Software": None})
 

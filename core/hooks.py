@@ -14,7 +14,7 @@ same shape).
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 
@@ -39,7 +39,7 @@ class Hooks:
     def __len__(self) -> int:
         return len(self._handles)
 
-    def __enter__(self) -> "Hooks":
+    def __enter__(self) -> Hooks:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -35,9 +35,9 @@ from __future__ import annotations
 
 import copy
 import time
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, ContextManager, Iterator
 
 import torch
 from torch import nn
@@ -140,7 +140,7 @@ class Stream:
     name: str
     calibrate: bool = True
     reuse: bool = True
-    module: Callable[["LayerStep"], ContextManager[nn.Module]] | None = None
+    module: Callable[[LayerStep], AbstractContextManager[nn.Module]] | None = None
     hidden: object = None          # [N, L, H] tensor or DiskTensor
     pending: object = None         # its calibration-forward outputs of the current layer
 
@@ -169,7 +169,7 @@ class Handler:
 
     needs_forward: bool = False
 
-    def on_start(self, loop: "LayerLoop") -> None: ...
+    def on_start(self, loop: LayerLoop) -> None: ...
     def on_layer_start(self, step: LayerStep) -> None: ...
     def on_inputs_ready(self, step: LayerStep) -> None: ...
     def on_batch_start(self, step: LayerStep) -> None: ...
@@ -177,7 +177,7 @@ class Handler:
     def on_statistics(self, step: LayerStep) -> None: ...
     def on_decompose(self, step: LayerStep) -> None: ...
     def on_layer_done(self, step: LayerStep) -> None: ...
-    def on_finish(self, loop: "LayerLoop") -> None: ...
+    def on_finish(self, loop: LayerLoop) -> None: ...
 
 
 class InMemoryLayers:
@@ -234,7 +234,7 @@ class LayerLoop:
             self.timings[what] += time.perf_counter() - t0
 
     @torch.no_grad()
-    def run(self) -> "LayerLoop":
+    def run(self) -> LayerLoop:
         self._each("on_start", self)
         self.calibrating = any(h.needs_forward for h in self.handlers) and any(s.calibrate for s in self.streams)
         if self.ids is not None and (self.calibrating or any(not s.calibrate for s in self.streams)):

@@ -65,7 +65,7 @@ def uniform_rank(m: int, n: int, ratio: float) -> int:
 
 
 def saves_params(m: int, n: int, k: int) -> bool:
-    return 1 <= k and k * (m + n) < m * n
+    return k >= 1 and k * (m + n) < m * n
 
 
 @dataclass

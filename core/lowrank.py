@@ -24,7 +24,7 @@ class LowRankLinear(nn.Module):
 
     @classmethod
     def from_factors(cls, u: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
-                     dtype: torch.dtype, device=None) -> "LowRankLinear":
+                     dtype: torch.dtype, device=None) -> LowRankLinear:
         m, k = u.shape
         n = v.shape[1]
         mod = cls(n, m, k, bias=bias is not None, dtype=dtype, device=device)

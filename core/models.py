@@ -85,7 +85,7 @@ def _load_gguf(path: Path, dtype):
     try:
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - any loader failure is a bad input: one line for the user
         raise UserError(f"could not load GGUF {path}: {_first_line(e)}") from None
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None:  # weights are already dequantised to plain floats
@@ -153,7 +153,7 @@ def load_tokenizer(source: str, gguf_file: str | None = None, trust_remote_code:
     _quiet_transformers()
     try:
         tok = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - any loader failure is a bad input: one line for the user
         raise UserError(f"could not load the tokenizer of {source!r}: {_first_line(e)}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

@@ -6,7 +6,7 @@ An event is a plain dict: {"type": "stage_started"|"stage_finished"|"progress"|"
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from svdforge.core.errors import Cancelled
 

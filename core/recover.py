@@ -142,7 +142,7 @@ def optimizer_steps(n_windows: int, rc) -> int:
 
 def attach_adapters(model: nn.Module, rc, total_steps: int):
     """Wrap `model` in a peft model with adapters on the `u`/`v` of every LowRankLinear."""
-    from peft import AdaLoraConfig, LoraConfig, get_peft_model  # noqa: PLC0415
+    from peft import AdaLoraConfig, LoraConfig, get_peft_model
 
     names = lowrank_names(model)
     if not names:
@@ -349,8 +349,8 @@ def recover(model, tok, config, calib, device, rep: Reporter | None = None, cali
     for a KL objective, load the dense teacher once and free it afterwards (unless the
     caller holds it already and passes it as `teacher`: a sweep does).
     """
-    from svdforge.core import data as data_mod  # noqa: PLC0415
-    from svdforge.core.models import load_model  # noqa: PLC0415
+    from svdforge.core import data as data_mod
+    from svdforge.core.models import load_model
 
     rc = config.recover
     rep = rep or Reporter()

@@ -9,7 +9,7 @@ of `fwsvd` needs gradients through the whole model: `collect_fisher`, before the
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -64,7 +64,7 @@ class StatsCollector:
         for name, mod in self.linears:
             hooks.pre(mod, self._hook(name, step))
 
-    def __enter__(self) -> "StatsCollector":
+    def __enter__(self) -> StatsCollector:
         self._hooks = Hooks()
         self.attach(self._hooks)
         return self

@@ -111,7 +111,7 @@ class StatsCache:
         with safe_open(path, framework="pt") as f:
             meta = json.loads(f.metadata()["svdforge"])
             device = linears[0][1].weight.device if linears else "cpu"   # where the layer is
-            tensors = {k: f.get_tensor(k).to(device, copy=True) for k in f.keys()}
+            tensors = {k: f.get_tensor(k).to(device, copy=True) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
         col = StatsCollector(linears, needs)
         col.group_of = {n: int(g) for n, g in meta["group_of"].items()}
         col.stats = [InputStats(gram=tensors.get(f"g{i}.gram"), abs_sum=tensors.get(f"g{i}.abs_sum"), tokens=t)

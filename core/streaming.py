@@ -28,8 +28,18 @@ import torch
 from torch import nn
 
 from svdforge.core.activations import ActivationStore, default_activation_budget
-from svdforge.core.checkpoint import (DTYPES, MAX_SHARD_BYTES, CheckpointReader, ShardWriter, build_skeleton, is_streamable,
-                                      materialize, non_layer_state, release, save_config)
+from svdforge.core.checkpoint import (
+    DTYPES,
+    MAX_SHARD_BYTES,
+    CheckpointReader,
+    ShardWriter,
+    build_skeleton,
+    is_streamable,
+    materialize,
+    non_layer_state,
+    release,
+    save_config,
+)
 from svdforge.core.errors import UserError
 from svdforge.core.layers import decoder_layers
 from svdforge.core.memory import trim_heap

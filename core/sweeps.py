@@ -40,8 +40,19 @@ from svdforge.core.config import CompressConfig, check_ratios
 from svdforge.core.decompose import CalibrationResult, SweepTarget, compress_layers, uniform_ranks
 from svdforge.core.errors import UserError
 from svdforge.core.memory import peak_rss_bytes
-from svdforge.core.pipeline import (Loaded, Run, activation_store, calibration_dtype, check_inputs,
-                                    estimate_fisher, evaluate_models, load, safetensors_bytes, start, stats_cache)
+from svdforge.core.pipeline import (
+    Loaded,
+    Run,
+    activation_store,
+    calibration_dtype,
+    check_inputs,
+    estimate_fisher,
+    evaluate_models,
+    load,
+    safetensors_bytes,
+    start,
+    stats_cache,
+)
 from svdforge.core.recover import recover
 from svdforge.core.report import compressed_report, count_paths, sweep_report, write_report_and_manifest
 

@@ -23,21 +23,28 @@ import uuid
 from pathlib import Path
 
 try:
-    import svdforge_client  # noqa: F401
+    import svdforge_client  # noqa: F401 - only: is the client installed?
 except ImportError:  # run from a checkout without installing the client
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "clients" / "python"))
 
 from svdforge_client import AuthenticatedClient
 from svdforge_client.api.files import upload_file
 from svdforge_client.api.jobs import create_job, get_job, get_job_report, list_job_artifacts, list_job_events
-from svdforge_client.models import (BodyUploadFile, BodyUploadFilePurpose, BuiltinEvaluation, FileData, JobCreate,
-                                    JobStatus, Problem)
+from svdforge_client.models import (
+    BodyUploadFile,
+    BodyUploadFilePurpose,
+    BuiltinEvaluation,
+    FileData,
+    JobCreate,
+    JobStatus,
+    Problem,
+)
 from svdforge_client.types import UNSET, File
 
 TERMINAL = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED}
 
 
-def ok(result, what: str):  # noqa: ANN001, ANN201
+def ok(result, what: str):
     """The parsed body, or exit with the server's problem document."""
     if result is None or isinstance(result, Problem):
         detail = f"{result.status} {result.code}: {result.detail}" if isinstance(result, Problem) else "no response"
@@ -54,7 +61,7 @@ def api_key(args: argparse.Namespace) -> str:
     return key
 
 
-def follow(client: AuthenticatedClient, job_id: str, timeout_s: float, poll_s: float):  # noqa: ANN201
+def follow(client: AuthenticatedClient, job_id: str, timeout_s: float, poll_s: float):
     """Print the job's events (progress as one line per stage step) until it ends."""
     after, last_line = UNSET, ""
     deadline = time.monotonic() + timeout_s
@@ -79,13 +86,13 @@ def follow(client: AuthenticatedClient, job_id: str, timeout_s: float, poll_s: f
     raise SystemExit(f"job {job_id} did not finish in {timeout_s:.0f} s")
 
 
-def download(client: AuthenticatedClient, artifact, dest: Path) -> str:  # noqa: ANN001
+def download(client: AuthenticatedClient, artifact, dest: Path) -> str:
     """Stream one artifact to `dest`; return the sha256 of the bytes received."""
     digest = hashlib.sha256()
     dest.parent.mkdir(parents=True, exist_ok=True)
     with dest.open("wb") as f:
         if isinstance(artifact.download_url, str):  # presigned (S3): no API key goes to the store
-            with urllib.request.urlopen(artifact.download_url, timeout=60) as resp:  # noqa: S310
+            with urllib.request.urlopen(artifact.download_url, timeout=60) as resp:  # noqa: S310 - the https/http URL the API returned
                 while block := resp.read(1 << 20):
                     digest.update(block)
                     f.write(block)

@@ -5,8 +5,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("SVDFORGE_CACHE", os.path.join(os.path.dirname(os.path.dirname(__file__)), ".cache", "svdforge"))
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 # Tiny models gain nothing from threads, and OpenMP spin-waits badly when the 2 cores are
 # shared (measured: a tiny compress 0.15 s on 1 thread vs 2.8 s on 2 under load).

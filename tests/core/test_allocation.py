@@ -1,21 +1,17 @@
 """Global rank allocation from the whitened spectra (core.allocation)."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from svdforge.core.allocation import allocate, global_ranks, params_of, uniform_cost  # noqa: E402
-from svdforge.core.decompose import compress_layers  # noqa: E402
-from svdforge.core.config import CompressConfig, DataSpec, EvalConfig  # noqa: E402
-from svdforge.core.errors import UserError  # noqa: E402
-from svdforge.core.linalg import saves_params  # noqa: E402
-from svdforge.core.methods import get_method  # noqa: E402
-from svdforge.core.models import load_model  # noqa: E402
-from svdforge.core.testing import make_tiny_model  # noqa: E402
+from svdforge.core.allocation import allocate, global_ranks, params_of, uniform_cost
+from svdforge.core.config import CompressConfig, DataSpec, EvalConfig
+from svdforge.core.decompose import compress_layers
+from svdforge.core.errors import UserError
+from svdforge.core.linalg import saves_params
+from svdforge.core.methods import get_method
+from svdforge.core.models import load_model
+from svdforge.core.testing import make_tiny_model
 
 
 def _spectra(seed=0, count=12):
@@ -24,7 +20,8 @@ def _spectra(seed=0, count=12):
     for i in range(count):
         m, n = [int(x) for x in torch.randint(8, 64, (2,), generator=g)]
         decay = float(torch.rand((), generator=g)) * 0.5
-        sigma = torch.exp(-decay * torch.arange(min(m, n), dtype=torch.float64)) * float(torch.rand((), generator=g) * 100)
+        scale = float(torch.rand((), generator=g) * 100)
+        sigma = torch.exp(-decay * torch.arange(min(m, n), dtype=torch.float64)) * scale
         out[f"l{i}"] = (m, n, sigma)
     return out
 
@@ -98,7 +95,8 @@ def test_pipeline_global_vs_uniform_params(tiny_path):
 
     reports = {}
     for alloc in ("uniform", "global"):
-        cfg = CompressConfig(model=str(tiny_path), ratio=0.3, allocation=alloc, calibration=DataSpec(samples=4, seq_len=32),
+        cfg = CompressConfig(model=str(tiny_path), ratio=0.3, allocation=alloc,
+                             calibration=DataSpec(samples=4, seq_len=32),
                              evaluation=EvalConfig(enabled=False))
         reports[alloc] = compress(cfg)
     u, g = reports["uniform"]["params"], reports["global"]["params"]

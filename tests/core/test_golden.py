@@ -130,7 +130,8 @@ def _close(a, b, path: str, errors: list[str]) -> None:
             return
         bad = [i for i, (x, y) in enumerate(zip(a, b)) if not _num_close(x, y)]
         if bad and not all(isinstance(x, (list, dict)) for x in a):
-            errors.append(f"{path}: {len(bad)} of {len(a)} entries differ (first at {bad[0]}: {a[bad[0]]} vs {b[bad[0]]})")
+            first = bad[0]
+            errors.append(f"{path}: {len(bad)} of {len(a)} entries differ (first at {first}: {a[first]} vs {b[first]})")
         elif bad:
             for i in bad:
                 _close(a[i], b[i], f"{path}[{i}]", errors)

@@ -5,16 +5,16 @@ import pytest
 import torch
 
 from svdforge.core.artifact import load_artifact, read_manifest, verify_files
-from svdforge.core.layer_loop import capture_layer0_inputs
-from svdforge.core.layers import decoder_layers, select_linears
-from svdforge.core.statistics import StatsCollector
 from svdforge.core.config import CompressConfig, DataSpec, EvalConfig
 from svdforge.core.errors import Cancelled, NumericalError, UserError
 from svdforge.core.evaluate import Fidelity, compare
+from svdforge.core.layer_loop import capture_layer0_inputs
+from svdforge.core.layers import decoder_layers, select_linears
 from svdforge.core.lowrank import LowRankLinear
 from svdforge.core.methods import REGISTRY
 from svdforge.core.models import load_model
 from svdforge.core.pipeline import compress
+from svdforge.core.statistics import StatsCollector
 
 
 def _cfg(model, **kw):
@@ -116,8 +116,8 @@ def test_artifact_reloads_to_identical_logits(tiny_llama, tmp_path):
     assert not list(out.glob("*.bin")) and not list(out.glob("*.pt"))
 
     # rebuild the in-memory compressed model deterministically, compare with the reload
-    from svdforge.core.decompose import compress_layers, uniform_ranks
     from svdforge.core.data import calibration_windows
+    from svdforge.core.decompose import compress_layers, uniform_ranks
     from svdforge.core.methods import get_method
     from svdforge.core.pipeline import calibration_dtype
 

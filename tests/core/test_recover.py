@@ -2,24 +2,27 @@
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
 from torch import nn
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from svdforge.core.decompose import compress_layers, uniform_ranks  # noqa: E402
-from svdforge.core.config import CompressConfig, DataSpec, EvalConfig, RecoverConfig  # noqa: E402
-from svdforge.core.errors import UserError  # noqa: E402
-from svdforge.core.linalg import gram_sqrt, truncate_right  # noqa: E402
-from svdforge.core.lowrank import LowRankLinear  # noqa: E402
-from svdforge.core.methods import get_method  # noqa: E402
-from svdforge.core.models import load_model  # noqa: E402
-from svdforge.core.recover import (adapter_loss, attach_adapters, least_squares_update, merge_adapters,  # noqa: E402
-                          optimizer_steps, recover_with_adapters)
-from svdforge.core.testing import make_tiny_model  # noqa: E402
+from svdforge.core.config import CompressConfig, DataSpec, EvalConfig, RecoverConfig
+from svdforge.core.decompose import compress_layers, uniform_ranks
+from svdforge.core.errors import UserError
+from svdforge.core.linalg import gram_sqrt, truncate_right
+from svdforge.core.lowrank import LowRankLinear
+from svdforge.core.methods import get_method
+from svdforge.core.models import load_model
+from svdforge.core.recover import (
+    adapter_loss,
+    attach_adapters,
+    least_squares_update,
+    merge_adapters,
+    optimizer_steps,
+    recover_with_adapters,
+)
+from svdforge.core.testing import make_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +203,8 @@ def test_kl_objective_needs_and_uses_the_teacher(tiny_path, tiny_ids):
 def test_adalora_budget_shrinks_to_target(tiny_path, tiny_ids):
     ids = _text_ids(tiny_path)
     model, _ = _compressed(tiny_path, tiny_ids)
-    rc = RecoverConfig(type="adalora", objective="ntp", lr=5e-3, batch_size=2, epochs=2, max_steps=12, init_r=6, target_r=3)
+    rc = RecoverConfig(type="adalora", objective="ntp", lr=5e-3, batch_size=2, epochs=2, max_steps=12,
+                       init_r=6, target_r=3)
     out = recover_with_adapters(model, ids, rc, "cpu")
     ranks = out["final_ranks"]
     assert len(ranks) == out["adapted_modules"] == 2 * 14

@@ -46,7 +46,8 @@ def remote_code_copy(tiny: Path, dest_parent: Path, marker: Path) -> Path:
     (d / "config.json").write_text(json.dumps(cfg))
     (d / "configuration_custom.py").write_text(
         f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
-        f"from transformers import LlamaConfig\n\n\nclass CustomConfig(LlamaConfig):\n    model_type = {model_type!r}\n")
+        "from transformers import LlamaConfig\n\n\n"
+        f"class CustomConfig(LlamaConfig):\n    model_type = {model_type!r}\n")
     (d / "modeling_custom.py").write_text(
         "from transformers import LlamaForCausalLM\n\nfrom .configuration_custom import CustomConfig\n\n\n"
         "class CustomLM(LlamaForCausalLM):\n    config_class = CustomConfig\n")
@@ -76,7 +77,7 @@ def test_remote_code_does_not_run_unless_trusted(tiny_llama, tmp_path):
 
 def test_cli_refuses_both_by_default(tiny_llama, tmp_path):
     marker = tmp_path / "marker"
-    for model, needle in ((pickled_copy(tiny_llama, tmp_path / "pickled"), "--allow-pickle"),
+    for model, _needle in ((pickled_copy(tiny_llama, tmp_path / "pickled"), "--allow-pickle"),
                           (remote_code_copy(tiny_llama, tmp_path, marker), "trust_remote_code")):
         p = cli("compress", model, "--ratio", "0.4", "--out", tmp_path / "out")
         assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr

@@ -4,14 +4,14 @@ import json
 import pytest
 import torch
 
+from svdforge.core.activations import ActivationStore, DiskTensor
 from svdforge.core.artifact import _state_dict_from_safetensors, load_artifact
+from svdforge.core.checkpoint import ShardWriter, build_skeleton
 from svdforge.core.config import CompressConfig, DataSpec, EvalConfig, RecoverConfig
 from svdforge.core.errors import UserError
+from svdforge.core.layers import decoder_layers
 from svdforge.core.models import load_model
 from svdforge.core.pipeline import compress
-from svdforge.core.activations import ActivationStore, DiskTensor
-from svdforge.core.checkpoint import ShardWriter, build_skeleton
-from svdforge.core.layers import decoder_layers
 from svdforge.core.streaming import StreamingLayers
 from svdforge.core.testing import make_tiny_model
 
