@@ -16,9 +16,9 @@ from svdforge.api.deps import reject_unknown_query
 from svdforge.api.limits import BodyLimitMiddleware, KeyBeforeBodyMiddleware
 from svdforge.api.routes import files, health, jobs
 from svdforge.persistence.db import Database
+from svdforge.persistence.queue import make_celery
 from svdforge.persistence.settings import Settings, get_settings
 from svdforge.persistence.storage import make_storage
-from svdforge.worker.app import make_celery
 
 VERSION = "0.1.0"
 TAGS = [

@@ -67,7 +67,7 @@ def check(data_dir: DataDir = None) -> None:
     from svdforge.persistence import migrate as mig
     from svdforge.persistence.db import Database
     from svdforge.persistence.storage import make_storage
-    from svdforge.worker.app import make_celery
+    from svdforge.persistence.queue import make_celery
 
     settings = _settings(data_dir)
 

@@ -19,10 +19,10 @@ from svdforge.api.schemas import ArtifactList, ArtifactOut, JobCreate, JobEventL
 from svdforge.persistence import jobs as jobs_repo
 from svdforge.persistence.modelref import ModelRefError, check_hub_name, check_model_ref
 from svdforge.persistence.models import ApiKey, Artifact, File, Job, JobEvent, utcnow
+from svdforge.persistence.queue import enqueue
 from svdforge.persistence.settings import Settings
 from svdforge.persistence.state import TERMINAL, JobStatus, StaleTransition, transition
 from svdforge.persistence.storage import StorageError
-from svdforge.worker.app import enqueue
 
 log = logging.getLogger("svdforge.api")
 router = APIRouter(prefix="/jobs", tags=["jobs"])

@@ -176,7 +176,7 @@ def test_idempotency_key(client, auth, other_auth, settings):
 
 def test_broker_down_keeps_the_job_and_replay_enqueues_it(client, auth, app, settings, db):
     """A failed enqueue loses nothing: the job stays queued (enqueued_at empty) until it is sent."""
-    from svdforge.worker.app import make_celery
+    from svdforge.persistence.queue import make_celery
 
     good = app.state.celery
     app.state.celery = make_celery(settings.model_copy(update={"broker_url": "redis://127.0.0.1:9/0"}))
@@ -312,7 +312,7 @@ def test_health_and_readiness(client, app):
 
 
 def test_readiness_reports_what_is_down(client, app, settings):
-    from svdforge.worker.app import make_celery
+    from svdforge.persistence.queue import make_celery
 
     app.state.celery = make_celery(settings.model_copy(update={"broker_url": "redis://127.0.0.1:9/0"}))
     r = client.get("/readyz")

@@ -420,7 +420,8 @@ def _stop(proc: subprocess.Popen, timeout: float = 60) -> int:
 
 
 def test_image_install_holds_the_service_and_its_migrations(image_site):
-    for path in ("api/main.py", "worker/app.py", "cli/main.py", "persistence/migrate.py", "core/pipeline.py",
+    for path in ("api/main.py", "worker/app.py", "cli/main.py", "persistence/migrate.py",
+                 "persistence/queue.py", "core/pipeline.py",
                  "migrations/env.py", "migrations/versions/0001_initial.py", "migrations/script.py.mako"):
         path = f"svdforge/{path}"
         assert (image_site / path).is_file(), path
