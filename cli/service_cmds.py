@@ -27,7 +27,7 @@ def serve(host: Annotated[str, typer.Option("--host", help="Address to listen on
           port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8000,
           data_dir: DataDir = None) -> None:
     """Run the API and a worker on this machine (SQLite, local files, no queue server)."""
-    from svdforge.worker.embedded import serve as run
+    from svdforge.cli.embedded import serve as run
 
     run(_settings(data_dir), host=host, port=port)
 
@@ -36,7 +36,7 @@ def serve(host: Annotated[str, typer.Option("--host", help="Address to listen on
 def worker(data_dir: DataDir = None,
            name: Annotated[str, typer.Option("--name", help="Celery node name.")] = "worker") -> None:
     """Run one production worker (queue `gpu`, one job at a time) against SVDFORGE_BROKER_URL."""
-    from svdforge.worker.embedded import worker_command
+    from svdforge.cli.embedded import worker_command
 
     settings = _settings(data_dir)
     settings.ensure_dirs()

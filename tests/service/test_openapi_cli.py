@@ -82,7 +82,7 @@ def test_keys_cli(tmp_path, monkeypatch):
 
 def test_embedded_prepare_creates_one_local_key(tmp_path):
     from svdforge.persistence.keys import find_key
-    from svdforge.worker.embedded import prepare
+    from svdforge.cli.embedded import prepare
 
     from .conftest import make_settings
 
