@@ -26,10 +26,10 @@ from svdforge.persistence import migrate
 from svdforge.persistence.db import Database
 from svdforge.persistence.jobs import artifact_prefix, recover_orphans
 from svdforge.persistence.keys import create_key, find_key
-from svdforge.persistence.models import ApiKey
 from svdforge.persistence.queue import QUEUE
 from svdforge.persistence.settings import Settings
 from svdforge.persistence.storage import make_storage
+from svdforge.persistence.tables import ApiKey
 
 log = logging.getLogger("svdforge.serve")
 

@@ -133,7 +133,7 @@ def keys_list(data_dir: DataDir = None) -> None:
     """List keys (id, name, prefix, created, revoked); never the keys themselves."""
     from sqlalchemy import select
 
-    from svdforge.persistence.models import ApiKey
+    from svdforge.persistence.tables import ApiKey
 
     db = _db(data_dir)
     with db.session() as s:

@@ -24,7 +24,7 @@ from sqlalchemy import or_, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
-from svdforge.persistence.models import Job, JobEvent, utcnow
+from svdforge.persistence.tables import Job, JobEvent, utcnow
 
 
 class JobStatus(StrEnum):

@@ -43,10 +43,10 @@ from svdforge.core.errors import Cancelled, NumericalError, UserError
 from svdforge.persistence.db import Database
 from svdforge.persistence.ids import new_id
 from svdforge.persistence.jobs import add_event, artifact_prefix
-from svdforge.persistence.models import Artifact, File, Job, JobEvent, utcnow
 from svdforge.persistence.settings import Settings
 from svdforge.persistence.state import ACTIVE, JobError, JobStatus, Stage, StaleTransition, transition
 from svdforge.persistence.storage import Storage, StorageError
+from svdforge.persistence.tables import Artifact, File, Job, JobEvent, utcnow
 from svdforge.worker.config import build_config
 from svdforge.worker.figures import link_figures, render_job_figures
 

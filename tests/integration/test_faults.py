@@ -14,7 +14,7 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from svdforge.persistence.models import Job, JobEvent
+from svdforge.persistence.tables import Job, JobEvent
 
 from .conftest import TERMINAL, TINY, wait_job
 

@@ -8,8 +8,8 @@ import os
 import pytest
 from sqlalchemy import select
 
-from svdforge.persistence.models import Job
 from svdforge.persistence.state import JobStatus, transition
+from svdforge.persistence.tables import Job
 
 PROBLEM = "application/problem+json"
 MINIMAL = {"model": "smollm2-135m", "ratio": 0.4}

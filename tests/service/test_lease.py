@@ -13,9 +13,9 @@ from sqlalchemy import select, update
 
 from svdforge.core.pipeline import compress as real_compress
 from svdforge.persistence.jobs import claim_sends
-from svdforge.persistence.models import Artifact, Job, JobEvent, utcnow
 from svdforge.persistence.state import JobStatus, StaleTransition, transition
 from svdforge.persistence.storage import LocalStorage, make_storage
+from svdforge.persistence.tables import Artifact, Job, JobEvent, utcnow
 from svdforge.worker.reaper import Reaper
 from svdforge.worker.runner import JobRunner
 

@@ -17,9 +17,9 @@ from svdforge.core.config import UPDATE_MIX, CompressConfig
 from svdforge.core.errors import Cancelled, NumericalError, UserError
 from svdforge.persistence.jobs import create_job
 from svdforge.persistence.keys import create_key
-from svdforge.persistence.models import Artifact, File, Job, JobEvent, utcnow
 from svdforge.persistence.state import JobStatus, transition
 from svdforge.persistence.storage import LocalStorage, make_storage
+from svdforge.persistence.tables import Artifact, File, Job, JobEvent, utcnow
 from svdforge.worker.config import build_config
 from svdforge.worker.runner import JobRunner
 
