@@ -49,7 +49,7 @@ def job_out(job: Job) -> JobOut:
 
 
 def stages_out(job: Job) -> list[StageOut]:
-    """All five stages in order; the ones a job has not reached are pending (or skipped)."""
+    """Every stage in order; the ones a job has not reached are pending (or skipped)."""
     recorded = job.stages or {}
     request = job.request or {}
     skipped = set()

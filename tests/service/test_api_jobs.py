@@ -48,7 +48,7 @@ def test_create_minimal_job_has_explicit_defaults(client, auth, settings, db):
     assert job["request"]["calibration"] == {"source": "builtin", "samples": 16, "seq_len": 256, "seed": 0}
     assert job["request"]["evaluation"]["max_tokens"] == 4096 and job["request"]["evaluation"]["seq_len"] == 256
     assert job["request"]["method"] == "svd-llm" and job["request"]["adapter"] == {"type": "none"}
-    assert [s["name"] for s in job["stages"]] == ["whiten", "svd", "recover", "evaluate", "upload"]
+    assert [s["name"] for s in job["stages"]] == ["load", "whiten", "svd", "recover", "evaluate", "upload"]
     assert {s["name"]: s["status"] for s in job["stages"]}["recover"] == "skipped"
     # enqueued after commit: the message carries only the id, and the row says it was sent
     messages = queued_messages(settings)

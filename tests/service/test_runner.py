@@ -43,7 +43,7 @@ FILES = {"model.safetensors": b"\x00" * 5000, "config.json": b"{}", "report.json
 
 
 def ok_compress(config, out_dir, progress=None, should_cancel=None, **_hooks):  # noqa: ANN001, ANN003
-    for stage in ("whiten", "svd"):
+    for stage in ("load", "whiten", "svd"):
         progress({"type": "stage_started", "stage": stage, "fraction": 0.0, "message": ""})
         progress({"type": "progress", "stage": stage, "fraction": 0.5, "message": "layer 1/2"})
         progress({"type": "stage_finished", "stage": stage, "fraction": 1.0, "seconds": 0.25})
@@ -81,6 +81,7 @@ def test_success_uploads_then_succeeds(db, storage, settings):
     assert job.status == "succeeded" and job.attempt == 1 and job.progress == 1.0 and job.stage is None
     assert job.report["metrics"]["compressed"] == {"ppl": 12.5, "teacher_kl": None}  # strict JSON
     assert job.stages["whiten"]["status"] == "completed" and job.stages["whiten"]["seconds"] == 0.25
+    assert job.stages["load"]["status"] == "completed"  # core's `load` is the job's first stage
     assert job.stages["upload"]["status"] == "completed"
     with db.session() as s:
         arts = {a.name: a for a in s.scalars(select(Artifact).where(Artifact.job_id == job_id))}
@@ -132,6 +133,18 @@ def test_errors_fail_the_job_with_a_code(db, storage, settings, exc, code, messa
     assert [e for e in events(db, job_id) if e.type == "error"][0].data == {"code": code}
     assert not (settings.storage_dir / "artifacts" / job_id).exists()
     assert not (settings.work_dir / job_id).exists()
+
+
+def test_a_model_that_cannot_load_fails_in_the_load_stage(db, storage, settings):
+    def unloadable(config, out_dir, progress=None, should_cancel=None, **_hooks):  # noqa: ANN001, ANN003
+        progress({"type": "stage_started", "stage": "load", "message": "loading model"})
+        raise UserError("model 'x' is not a folder")
+
+    job_id = new_job(db)
+    assert runner(db, storage, settings, unloadable).run(job_id) == "failed"
+    job = job_row(db, job_id)
+    assert (job.error_code, job.error_stage, job.stages["load"]["status"]) == ("invalid_input", "load", "failed")
+    assert [e.stage for e in events(db, job_id) if e.type == "stage_started"] == ["load"]
 
 
 def _cancel_when_running(db, job_id, delay=0.0) -> threading.Thread:
