@@ -8,6 +8,7 @@ import os
 import pytest
 from sqlalchemy import select
 
+from svdforge.core.config import EvalConfig, RecoverConfig
 from svdforge.persistence.state import JobStatus, transition
 from svdforge.persistence.tables import Job
 
@@ -46,7 +47,8 @@ def test_create_minimal_job_has_explicit_defaults(client, auth, settings, db):
     assert r.headers["location"].endswith(f"/v1/jobs/{job['id']}")
     assert job["object"] == "job" and job["status"] == "queued" and job["attempt"] == 0
     assert job["request"]["calibration"] == {"source": "builtin", "samples": 16, "seq_len": 256, "seed": 0}
-    assert job["request"]["evaluation"]["max_tokens"] == 4096 and job["request"]["evaluation"]["seq_len"] == 256
+    assert job["request"]["evaluation"]["max_tokens"] == EvalConfig().max_tokens  # core's default
+    assert job["request"]["evaluation"]["seq_len"] == 256
     assert job["request"]["method"] == "svd-llm" and job["request"]["adapter"] == {"type": "none"}
     assert [s["name"] for s in job["stages"]] == ["load", "whiten", "svd", "recover", "evaluate", "upload"]
     assert {s["name"]: s["status"] for s in job["stages"]}["recover"] == "skipped"
@@ -66,7 +68,9 @@ def test_create_full_example_request(client, auth):
     assert r.status_code == 201, r.text
     req = r.json()["request"]
     assert req["adapter"]["type"] == "lora" and req["adapter"]["rank"] == 8 and req["adapter"]["alpha"] == 16
-    assert req["adapter"]["data"]["source"] == "builtin"
+    train = RecoverConfig().data  # the training text left out: core's default, stored explicitly
+    assert req["adapter"]["data"] == {"source": "builtin", "samples": train.samples, "seq_len": train.seq_len,
+                                      "seed": train.seed}
     assert req["calibration"]["samples"] == 64 and req["evaluation"]["max_tokens"] == 16384
     assert r.json()["metadata"] == {"team": "search"}
     assert {s["name"]: s["status"] for s in r.json()["stages"]}["recover"] == "pending"

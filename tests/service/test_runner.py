@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import select
 
 from svdforge.api.schemas import JobCreate
-from svdforge.core.config import UPDATE_MIX, CompressConfig
+from svdforge.core.config import UPDATE_MIX, CompressConfig, DataSpec, EvalConfig, RecoverConfig
 from svdforge.core.errors import Cancelled, NumericalError, UserError
 from svdforge.persistence.jobs import create_job
 from svdforge.persistence.keys import create_key
@@ -307,14 +307,17 @@ def test_build_config_maps_the_request(settings, tmp_path):
         "smollm2-135m", 0.3, "asvd", "global", "mlp")
     assert (config.recover.type, config.recover.init_r, config.recover.target_r, config.recover.max_steps,
             config.recover.lr) == ("adalora", 16, 4, 5, 0.001)
-    assert config.recover.data.source == "builtin" and config.recover.data.samples == 32
+    train = RecoverConfig().data  # the training text left out: core's default
+    assert (config.recover.data.source, config.recover.data.samples, config.recover.data.seed) == (
+        "builtin", train.samples, train.seed)
     assert (config.calibration.source, config.calibration.dataset, config.calibration.split,
             config.calibration.samples, config.calibration.seq_len) == ("hf", "org/data", "train", 8, 64)
     assert (config.evaluation.data.path, config.evaluation.max_tokens, config.evaluation.seq_len,
             config.evaluation.throughput) == (str(tmp_path / "a.txt"), None, 128, False)
     minimal = build_config(JobCreate(model="smollm2-135m", ratio=0.4).model_dump(mode="json"), {}, settings)
     assert (minimal.calibration.samples, minimal.calibration.seq_len, minimal.evaluation.max_tokens,
-            minimal.evaluation.data.split) == (16, 256, 4096, "evaluation")
+            minimal.evaluation.data.split) == (DataSpec().samples, DataSpec().seq_len, EvalConfig().max_tokens,
+                                               "evaluation")
     with pytest.raises(UserError, match="model"):  # re-checked in the worker
         build_config({**body, "model": "/etc"}, {}, settings)
     upd = build_config(JobCreate(model="smollm2-135m", ratio=0.4, adapter={"type": "update", "mix": 0.3})
@@ -323,6 +326,23 @@ def test_build_config_maps_the_request(settings, tmp_path):
     both = build_config(JobCreate(model="smollm2-135m", ratio=0.4, adapter={"type": "lora", "update": True})
                         .model_dump(mode="json"), {}, settings)
     assert (both.recover.type, both.recover.update, both.recover.update_mix) == ("lora", True, UPDATE_MIX)
+
+
+@pytest.mark.parametrize("stored", ["validated", "old row"])
+def test_request_defaults_are_cores(settings, stored):
+    """What a job leaves out is core's default: the API fills core's defaults in before it stores
+    the request, and the worker, reading a row that lacks a key, falls back to core's too."""
+    def request(**fields):  # noqa: ANN003, ANN202
+        body = {"model": "smollm2-135m", "ratio": 0.4, **fields}
+        return JobCreate(**body).model_dump(mode="json") if stored == "validated" else body
+
+    config = build_config(request(), {}, settings)
+    assert config == CompressConfig(model=config.model, ratio=0.4, device=settings.device,
+                                    allow_pickle=settings.allow_pickle, trust_remote_code=settings.trust_remote_code)
+    for kind in ("update", "lora", "adalora"):
+        assert build_config(request(adapter={"type": kind}), {}, settings).recover == RecoverConfig(type=kind)
+    partial = {"type": "lora", "data": {"source": "builtin", "samples": 8}}  # what a source leaves out: DataSpec's
+    assert build_config(request(adapter=partial), {}, settings).recover.data == DataSpec(split="calibration", samples=8)
 
 
 def test_api_model_aliases_match_core():
