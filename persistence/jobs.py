@@ -15,8 +15,8 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from svdforge.persistence.ids import new_id
-from svdforge.persistence.models import Job, JobEvent, utcnow
 from svdforge.persistence.state import JobError, JobStatus, StaleTransition, transition
+from svdforge.persistence.tables import Job, JobEvent, utcnow
 
 
 def request_hash(request: dict[str, Any]) -> str:

@@ -14,7 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from svdforge.persistence.ids import new_id
-from svdforge.persistence.models import ApiKey, utcnow
+from svdforge.persistence.tables import ApiKey, utcnow
 
 TOKEN_PREFIX = "svdf_"
 

@@ -5,20 +5,27 @@ that what runs in tests is what runs in production.
 """
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
 
-import svdforge.migrations
 from svdforge.persistence.db import Database
 
-SCRIPTS = Path(svdforge.migrations.__file__).resolve().parent   # wherever the package is installed
+# Alembic's scripts: the `svdforge.migrations` package's folder, wherever it is installed. Found
+# by name, like alembic.ini's `script_location`, not imported: the migrations depend on
+# persistence (env.py reads the tables), not the other way round.
+MIGRATIONS_PACKAGE = "svdforge.migrations"
+
+
+def scripts_dir() -> Path:
+    return Path(str(resources.files(MIGRATIONS_PACKAGE))).resolve()
 
 
 def alembic_config(database_url: str) -> Config:
     cfg = Config()
-    cfg.set_main_option("script_location", str(SCRIPTS))
+    cfg.set_main_option("script_location", str(scripts_dir()))
     cfg.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
     cfg.attributes["configure_logging"] = False
     return cfg

@@ -24,7 +24,7 @@ from sqlalchemy import or_, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
-from svdforge.persistence.models import Job, JobEvent, utcnow
+from svdforge.persistence.tables import Job, JobEvent, utcnow
 
 
 class JobStatus(StrEnum):
@@ -36,12 +36,15 @@ class JobStatus(StrEnum):
     CANCELLED = "cancelled"
 
 
+# A job's stages, in the order they run (the worker maps core's stage names onto them). No
+# docstring: it would become the OpenAPI description of the public `Stage` enum.
 class Stage(StrEnum):
-    WHITEN = "whiten"
-    SVD = "svd"
-    RECOVER = "recover"
-    EVALUATE = "evaluate"
-    UPLOAD = "upload"
+    LOAD = "load"          # reading the model and its tokenizer
+    WHITEN = "whiten"      # calibration: forward passes and each linear's activation statistics
+    SVD = "svd"            # the decompositions at each linear's rank
+    RECOVER = "recover"    # the recovery adapter: update, LoRA or AdaLoRA (skipped for `none`)
+    EVALUATE = "evaluate"  # perplexity and fidelity against the dense model, throughput
+    UPLOAD = "upload"      # writing the artifact, then storing its files
 
 
 TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})

@@ -3,8 +3,9 @@
 One import root. The folders of the repository are its subpackages (pyproject.toml maps them):
 
     svdforge.core         the library: the math, the layer loop, the pipeline (imports nothing of the service)
-    svdforge.persistence  settings, database tables, job state, artifact storage
-    svdforge.queue        the Celery app and `enqueue`, shared by the API and the worker
+    svdforge.persistence  settings, database tables, job state, artifact storage, and the queue
+                          (`persistence.queue`: the Celery app factory and `enqueue`, shared by
+                          the API and the worker)
     svdforge.api          the FastAPI app
     svdforge.worker       the Celery task and the job runner
     svdforge.cli          the `svdforge` command

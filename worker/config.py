@@ -3,21 +3,44 @@
 
 The request was validated when it was accepted; core validates again on construction and
 raises `UserError`, which fails the job with `invalid_input` rather than crashing.
+
+Defaults: the API stores requests with every default filled in, and those defaults are
+core's (`svdforge.core.config`). A key an older stored request lacks takes core's default
+too, the one the API would have filled in: no default is written here, a value is passed
+on only when the request has it. A text source left out is core's default text for its
+use (calibration, training, evaluation); a key left out of a source is `DataSpec`'s.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
-from svdforge.core.config import UPDATE_MIX, CompressConfig, DataSpec, EvalConfig, RecoverConfig, SweepConfig
+from svdforge.core.config import CompressConfig, DataSpec, EvalConfig, RecoverConfig, SweepConfig
 from svdforge.core.errors import UserError
 from svdforge.persistence.modelref import ModelRefError, check_hub_name, check_model_ref
 from svdforge.persistence.settings import Settings
 
+# request keys passed on as they are, when present
+COMPRESS_KEYS = ("method", "allocation", "targets")
+TRAINING_KEYS = ("epochs", "max_steps", "lr", "batch_size", "objective", "rank", "alpha", "dropout", "init_r",
+                 "target_r", "update", "update_mix")
+EVAL_KEYS = ("enabled", "seq_len", "max_tokens", "batch_size", "throughput")
+
+
+def _given(request: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    return {k: request[k] for k in keys if k in request}
+
+
+def _default_calibration() -> DataSpec:
+    field = next(f for f in dataclasses.fields(CompressConfig) if f.name == "calibration")
+    return field.default_factory()
+
 
 def data_spec(spec: dict[str, Any], files: dict[str, Path], split: str | None) -> DataSpec:
-    """One text source; an uploaded file id becomes the local path the worker copied it to."""
-    common = {"samples": spec.get("samples", 16), "seq_len": spec.get("seq_len", 256), "seed": spec.get("seed", 0)}
+    """One text source. `split` is the builtin corpus's part (the callers pass the split of core's
+    default text for the use); an uploaded file id becomes the local path the worker copied it to."""
+    common = _given(spec, ("samples", "seq_len", "seed"))
     source = spec.get("source", "builtin")
     if source == "builtin":
         return DataSpec(source="builtin", split=split, **common)
@@ -29,29 +52,27 @@ def data_spec(spec: dict[str, Any], files: dict[str, Path], split: str | None) -
         except ModelRefError as e:
             raise UserError(f"dataset: {e}") from None
         return DataSpec(source="hf", dataset=spec["dataset"], config=spec.get("config"), split=spec.get("split"),
-                        text_field=spec.get("text_field", "text"), **common)
+                        **_given(spec, ("text_field",)), **common)
     raise UserError(f"unknown data source {source!r}")
 
 
 def recover_config(adapter: dict[str, Any], files: dict[str, Path]) -> RecoverConfig:
-    kind = adapter.get("type", "none")
+    default = RecoverConfig()
+    kind = adapter.get("type", default.type)
     if kind == "none":
         return RecoverConfig(type="none")
-    if kind == "update":
-        return RecoverConfig(type="update", update_mix=adapter.get("mix", UPDATE_MIX))
-    keys = ("epochs", "max_steps", "lr", "batch_size", "objective", "rank", "alpha", "dropout", "init_r", "target_r",
-            "update", "update_mix")
-    options = {k: adapter[k] for k in keys if k in adapter}
-    data = adapter.get("data") or {"source": "builtin", "samples": 32, "seed": 1}
-    return RecoverConfig(type=kind, data=data_spec(data, files, "calibration"), **options)
+    if kind == "update":  # the API names core's `update_mix` `mix` on this adapter
+        return RecoverConfig(type="update", **({"update_mix": adapter["mix"]} if "mix" in adapter else {}))
+    data = data_spec(adapter["data"], files, default.data.split) if adapter.get("data") else default.data
+    return RecoverConfig(type=kind, data=data, **_given(adapter, TRAINING_KEYS))
 
 
 def eval_config(evaluation: dict[str, Any], files: dict[str, Path]) -> EvalConfig:
-    seq_len = evaluation.get("seq_len", 256)
-    spec = {**evaluation, "seq_len": seq_len}
-    return EvalConfig(enabled=evaluation.get("enabled", True), data=data_spec(spec, files, "evaluation"),
-                      seq_len=seq_len, max_tokens=evaluation.get("max_tokens", 4096),
-                      batch_size=evaluation.get("batch_size", 1), throughput=evaluation.get("throughput", True))
+    """The text is cut at the evaluation's own `seq_len`."""
+    default = EvalConfig()
+    options = _given(evaluation, EVAL_KEYS)
+    spec = {**evaluation, "seq_len": options.get("seq_len", default.seq_len)}
+    return EvalConfig(data=data_spec(spec, files, default.data.split), **options)
 
 
 def build_config(request: dict[str, Any], files: dict[str, Path], settings: Settings) -> CompressConfig | SweepConfig:
@@ -64,13 +85,12 @@ def build_config(request: dict[str, Any], files: dict[str, Path], settings: Sett
     ratios = request.get("ratios")
     config = CompressConfig(
         model=model, ratio=request["ratio"] if ratios is None else min(ratios),
-        method=request.get("method", "svd-llm"),
-        allocation=request.get("allocation", "uniform"), targets=request.get("targets", "all"),
-        calibration=data_spec(request.get("calibration") or {}, files, "calibration"),
+        calibration=data_spec(request.get("calibration") or {}, files, _default_calibration().split),
         calibration_mode="sequential" if ratios is None else "parallel",
         recover=recover_config(request.get("adapter") or {}, files),
         evaluation=eval_config(request.get("evaluation") or {}, files),
         device=settings.device,
         allow_pickle=settings.allow_pickle, trust_remote_code=settings.trust_remote_code,
+        **_given(request, COMPRESS_KEYS),
     )
     return config if ratios is None else SweepConfig(config, ratios)

@@ -20,9 +20,9 @@ from collections.abc import Callable
 
 from svdforge.persistence.db import Database
 from svdforge.persistence.jobs import Recovery, artifact_prefix, claim_sends, recover_orphans, unmark_sent
-from svdforge.persistence.models import utcnow
 from svdforge.persistence.settings import Settings
 from svdforge.persistence.storage import Storage, StorageError
+from svdforge.persistence.tables import utcnow
 
 log = logging.getLogger("svdforge.reaper")
 

@@ -11,7 +11,7 @@ and the job ends `cancelled` instead. Whatever happens, the local scratch folder
 Crash safety (README "Crash safety"): the claim is one conditional UPDATE (queued ->
 running, attempt + 1, lease), the monitor thread renews the lease as long as the row still
 names this worker and attempt, and every write that ends the job re-checks that. Once the
-artifact is saved (after whiten, svd and recover) its files go to storage under the
+artifact is saved (after load, whiten, svd and recover) its files go to storage under the
 attempt's prefix and `jobs.checkpoint` points at them; an attempt that finds a checkpoint
 downloads it and runs only evaluate and upload. Storage layout: `artifacts/<job>/<attempt>/`;
 a job that succeeds keeps only its last attempt's folder, a job that fails or is cancelled
@@ -43,18 +43,25 @@ from svdforge.core.errors import Cancelled, NumericalError, UserError
 from svdforge.persistence.db import Database
 from svdforge.persistence.ids import new_id
 from svdforge.persistence.jobs import add_event, artifact_prefix
-from svdforge.persistence.models import Artifact, File, Job, JobEvent, utcnow
 from svdforge.persistence.settings import Settings
 from svdforge.persistence.state import ACTIVE, JobError, JobStatus, Stage, StaleTransition, transition
 from svdforge.persistence.storage import Storage, StorageError
+from svdforge.persistence.tables import Artifact, File, Job, JobEvent, utcnow
 from svdforge.worker.config import build_config
 from svdforge.worker.figures import link_figures, render_job_figures
 
 log = logging.getLogger("svdforge.worker")
 
 CompressFn = Callable[..., dict]
-# core's stage names -> the job's stages (`save` writes the artifact: part of `upload`)
-STAGE_OF = {"whiten": Stage.WHITEN, "svd": Stage.SVD, "recover": Stage.RECOVER,
+# core's stage names -> the job's stages (`persistence.state.Stage`). Each job stage covers:
+#   load      core's `load`: the model and tokenizer read (from the hub, a folder or a .gguf file)
+#   whiten    core's `whiten`: calibration forwards and statistics (Fisher and global-allocation
+#             spectra too)
+#   svd       core's `svd`: each linear's decomposition and truncation
+#   recover   core's `recover`: the recovery adapter (update, LoRA or AdaLoRA)
+#   evaluate  core's `evaluate`: perplexity, fidelity, throughput
+#   upload    core's `save` (writing the artifact folder) and the worker's own `upload` (storing it)
+STAGE_OF = {"load": Stage.LOAD, "whiten": Stage.WHITEN, "svd": Stage.SVD, "recover": Stage.RECOVER,
             "evaluate": Stage.EVALUATE, "save": Stage.UPLOAD, "upload": Stage.UPLOAD}
 
 

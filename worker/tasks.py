@@ -1,7 +1,7 @@
 """The Celery task: the message is only a job id; `JobRunner` does the work.
 
-One runner (database engine, storage client) per worker process, built on first use so
-that the API, which imports this module through the Celery app, never builds one.
+One runner (database engine, storage client) per worker process, built on first use, not
+when Celery imports this module.
 """
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from functools import lru_cache
 from celery.signals import worker_ready, worker_shutting_down
 
 from svdforge.persistence.db import Database
+from svdforge.persistence.queue import RUN_JOB, enqueue
 from svdforge.persistence.settings import get_settings
 from svdforge.persistence.storage import make_storage
-from svdforge.worker.app import RUN_JOB, celery_app, enqueue
+from svdforge.worker.app import celery_app
 from svdforge.worker.reaper import Reaper
 from svdforge.worker.runner import JobRunner
 

@@ -7,10 +7,10 @@ from typing import Annotated, Any
 from fastapi import Query, Request
 
 from svdforge.api.schemas import ArtifactOut, FileOut, JobEventOut, JobOut, Problem, StageOut
-from svdforge.persistence.models import Artifact, File, Job, JobEvent, utcnow
 from svdforge.persistence.settings import Settings
 from svdforge.persistence.state import JobStatus, Stage
 from svdforge.persistence.storage import Storage
+from svdforge.persistence.tables import Artifact, File, Job, JobEvent, utcnow
 
 
 def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -49,7 +49,7 @@ def job_out(job: Job) -> JobOut:
 
 
 def stages_out(job: Job) -> list[StageOut]:
-    """All five stages in order; the ones a job has not reached are pending (or skipped)."""
+    """Every stage in order; the ones a job has not reached are pending (or skipped)."""
     recorded = job.stages or {}
     request = job.request or {}
     skipped = set()

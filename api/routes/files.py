@@ -18,8 +18,8 @@ from svdforge.api.problems import ProblemError, field_error
 from svdforge.api.routes.common import After, Limit, file_out, list_response, page, problems
 from svdforge.api.schemas import FileDeleted, FileList, FileOut
 from svdforge.persistence.ids import new_id
-from svdforge.persistence.models import File as FileRow
 from svdforge.persistence.storage import StorageError
+from svdforge.persistence.tables import File as FileRow
 
 router = APIRouter(prefix="/files", tags=["files"])
 

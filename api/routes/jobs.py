@@ -18,11 +18,11 @@ from svdforge.api.routes.common import After, Limit, artifact_out, event_out, jo
 from svdforge.api.schemas import ArtifactList, ArtifactOut, JobCreate, JobEventList, JobList, JobOut, JobReport
 from svdforge.persistence import jobs as jobs_repo
 from svdforge.persistence.modelref import ModelRefError, check_hub_name, check_model_ref
-from svdforge.persistence.models import ApiKey, Artifact, File, Job, JobEvent, utcnow
+from svdforge.persistence.queue import enqueue
 from svdforge.persistence.settings import Settings
 from svdforge.persistence.state import TERMINAL, JobStatus, StaleTransition, transition
 from svdforge.persistence.storage import StorageError
-from svdforge.worker.app import enqueue
+from svdforge.persistence.tables import ApiKey, Artifact, File, Job, JobEvent, utcnow
 
 log = logging.getLogger("svdforge.api")
 router = APIRouter(prefix="/jobs", tags=["jobs"])

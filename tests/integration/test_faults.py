@@ -14,7 +14,7 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from svdforge.persistence.models import Job, JobEvent
+from svdforge.persistence.tables import Job, JobEvent
 
 from .conftest import TERMINAL, TINY, wait_job
 
@@ -224,7 +224,7 @@ def test_jobs_queued_when_redis_restarts_still_run(make_stack, model_root, serve
 def test_two_workers_never_run_the_same_job_at_once(make_stack, model_root):
     """Two workers, and every job's message sent three times (a redelivery, a reaper's resend):
     each job runs exactly once; every extra message is dropped by the claim."""
-    from svdforge.worker.app import enqueue, make_celery
+    from svdforge.persistence.queue import enqueue, make_celery
 
     stack = make_stack()
     stack.start_api()

@@ -41,7 +41,7 @@ def fresh_database(settings: Settings) -> Database:
     if not settings.is_sqlite:
         from sqlalchemy import text
 
-        from svdforge.persistence.models import Base
+        from svdforge.persistence.tables import Base
 
         with database.write_engine.begin() as conn:
             Base.metadata.drop_all(conn)

@@ -8,8 +8,9 @@ import os
 import pytest
 from sqlalchemy import select
 
-from svdforge.persistence.models import Job
+from svdforge.core.config import EvalConfig, RecoverConfig
 from svdforge.persistence.state import JobStatus, transition
+from svdforge.persistence.tables import Job
 
 PROBLEM = "application/problem+json"
 MINIMAL = {"model": "smollm2-135m", "ratio": 0.4}
@@ -46,9 +47,10 @@ def test_create_minimal_job_has_explicit_defaults(client, auth, settings, db):
     assert r.headers["location"].endswith(f"/v1/jobs/{job['id']}")
     assert job["object"] == "job" and job["status"] == "queued" and job["attempt"] == 0
     assert job["request"]["calibration"] == {"source": "builtin", "samples": 16, "seq_len": 256, "seed": 0}
-    assert job["request"]["evaluation"]["max_tokens"] == 4096 and job["request"]["evaluation"]["seq_len"] == 256
+    assert job["request"]["evaluation"]["max_tokens"] == EvalConfig().max_tokens  # core's default
+    assert job["request"]["evaluation"]["seq_len"] == 256
     assert job["request"]["method"] == "svd-llm" and job["request"]["adapter"] == {"type": "none"}
-    assert [s["name"] for s in job["stages"]] == ["whiten", "svd", "recover", "evaluate", "upload"]
+    assert [s["name"] for s in job["stages"]] == ["load", "whiten", "svd", "recover", "evaluate", "upload"]
     assert {s["name"]: s["status"] for s in job["stages"]}["recover"] == "skipped"
     # enqueued after commit: the message carries only the id, and the row says it was sent
     messages = queued_messages(settings)
@@ -66,7 +68,9 @@ def test_create_full_example_request(client, auth):
     assert r.status_code == 201, r.text
     req = r.json()["request"]
     assert req["adapter"]["type"] == "lora" and req["adapter"]["rank"] == 8 and req["adapter"]["alpha"] == 16
-    assert req["adapter"]["data"]["source"] == "builtin"
+    train = RecoverConfig().data  # the training text left out: core's default, stored explicitly
+    assert req["adapter"]["data"] == {"source": "builtin", "samples": train.samples, "seq_len": train.seq_len,
+                                      "seed": train.seed}
     assert req["calibration"]["samples"] == 64 and req["evaluation"]["max_tokens"] == 16384
     assert r.json()["metadata"] == {"team": "search"}
     assert {s["name"]: s["status"] for s in r.json()["stages"]}["recover"] == "pending"
@@ -176,7 +180,7 @@ def test_idempotency_key(client, auth, other_auth, settings):
 
 def test_broker_down_keeps_the_job_and_replay_enqueues_it(client, auth, app, settings, db):
     """A failed enqueue loses nothing: the job stays queued (enqueued_at empty) until it is sent."""
-    from svdforge.worker.app import make_celery
+    from svdforge.persistence.queue import make_celery
 
     good = app.state.celery
     app.state.celery = make_celery(settings.model_copy(update={"broker_url": "redis://127.0.0.1:9/0"}))
@@ -312,7 +316,7 @@ def test_health_and_readiness(client, app):
 
 
 def test_readiness_reports_what_is_down(client, app, settings):
-    from svdforge.worker.app import make_celery
+    from svdforge.persistence.queue import make_celery
 
     app.state.celery = make_celery(settings.model_copy(update={"broker_url": "redis://127.0.0.1:9/0"}))
     r = client.get("/readyz")

@@ -5,7 +5,7 @@ import gc
 
 from fastapi.testclient import TestClient
 
-import svdforge.api.limits
+from svdforge.api import limits
 from svdforge.api.main import create_app
 
 
@@ -19,13 +19,13 @@ def test_startup_objects_are_frozen_out_of_the_collector_while_the_app_runs(sett
 
 def test_a_submission_looks_its_key_up_once(client, auth, monkeypatch):
     calls = []
-    real = api.limits.find_key
+    real = limits.find_key
 
     def counting(session, token):  # noqa: ANN001, ANN202
         calls.append(token)
         return real(session, token)
 
-    monkeypatch.setattr(api.limits, "find_key", counting)
+    monkeypatch.setattr(limits, "find_key", counting)
     r = client.post("/v1/jobs", json={"model": "smollm2-135m", "ratio": 0.4}, headers=auth)
     assert r.status_code == 201, r.text
     assert len(calls) == 1

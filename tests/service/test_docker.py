@@ -337,7 +337,7 @@ def test_dockerignore_keeps_what_the_build_needs():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     needed = ["pyproject.toml", "constraints.txt", "alembic.ini", project["project"]["readme"],
               "migrations/versions/0001_initial.py", "migrations/env.py"]
-    needed += [p.split("*")[0] for p in project["tool"]["setuptools"]["packages"]["find"]["include"]]
+    needed += list(project["tool"]["setuptools"]["package-dir"].values())  # the package folders
     for path in needed:
         assert (ROOT / path).exists() and not dockerignored(path), path
     for path in (".git", ".venv", "tests/service/test_docker.py", "core/__pycache__/x.pyc", "var/svdforge.db"):
@@ -420,7 +420,8 @@ def _stop(proc: subprocess.Popen, timeout: float = 60) -> int:
 
 
 def test_image_install_holds_the_service_and_its_migrations(image_site):
-    for path in ("api/main.py", "worker/app.py", "cli/main.py", "persistence/migrate.py", "core/pipeline.py",
+    for path in ("api/main.py", "worker/app.py", "cli/main.py", "persistence/migrate.py",
+                 "persistence/queue.py", "core/pipeline.py",
                  "migrations/env.py", "migrations/versions/0001_initial.py", "migrations/script.py.mako"):
         path = f"svdforge/{path}"
         assert (image_site / path).is_file(), path
@@ -469,7 +470,7 @@ def test_the_images_commands_run(compose, image_site, tmp_path):
 
         worker = subprocess.Popen(local(image_cmd("Dockerfile.worker")), cwd=cwd, env=env,
                                   stdout=logs["worker"], stderr=subprocess.STDOUT)
-        _wait_for(lambda: " ready." in (tmp_path / "svdforge.worker.log").read_text(), 120, "the worker was not ready",
+        _wait_for(lambda: " ready." in (tmp_path / "worker.log").read_text(), 120, "the worker was not ready",
                   [worker])
         check = run(worker_check)
         assert check.returncode == 0, check.stderr

@@ -1,4 +1,4 @@
-"""Alembic: the migrations build exactly the models' schema, go down and up again, and
+"""Alembic: the migrations build exactly the tables' schema, go down and up again, and
 render for PostgreSQL. With SVDFORGE_TEST_DATABASE_URL=postgresql://... the whole service
 suite, this file included, runs on a live PostgreSQL instead of SQLite."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ from sqlalchemy import inspect
 
 from svdforge.persistence import migrate
 from svdforge.persistence.db import Database
-from svdforge.persistence.models import Base
+from svdforge.persistence.tables import Base
 
 from .conftest import fresh_database, make_settings
 
@@ -22,7 +22,7 @@ def _diff(db: Database) -> list:
         return compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
 
 
-def test_upgrade_matches_models_and_downgrades(tmp_path):
+def test_upgrade_matches_the_tables_and_downgrades(tmp_path):
     """On SQLite, or on PostgreSQL when SVDFORGE_TEST_DATABASE_URL names one."""
     db = fresh_database(make_settings(tmp_path))
     assert _diff(db) == []

@@ -41,13 +41,29 @@ def test_errors_are_declared_as_problem_json(client):
 
 
 def test_schema_documents_the_defaults(client):
+    """Every default the schema shows is the one of core's dataclasses (svdforge.core.config)."""
+    from svdforge.core.config import DataSpec, EvalConfig, RecoverConfig
+
     schemas = client.get("/openapi.json").json()["components"]["schemas"]
     # `ratio` or `ratios` (a sweep): exactly one, checked by the model (tests/service/test_sweep.py)
     assert schemas["JobCreate"]["required"] == ["model"]
     assert {"ratio", "ratios"} <= set(schemas["JobCreate"]["properties"])
-    assert schemas["BuiltinData"]["properties"]["samples"]["default"] == 16
-    assert schemas["BuiltinEvaluation"]["properties"]["max_tokens"]["default"] == 4096
     assert schemas["JobCreate"]["additionalProperties"] is False
+
+    def defaults(name: str) -> dict:
+        return {k: v.get("default") for k, v in schemas[name]["properties"].items()}  # null: not shown
+
+    data, evaluation, recover = DataSpec(), EvalConfig(), RecoverConfig()
+    for name in ("BuiltinData", "FileData", "HfData"):
+        assert defaults(name).items() >= {"samples": data.samples, "seq_len": data.seq_len, "seed": data.seed}.items()
+    for name in ("BuiltinEvaluation", "FileEvaluation", "HfEvaluation"):
+        assert defaults(name).items() >= {k: getattr(evaluation, k) for k in (
+            "enabled", "seq_len", "max_tokens", "batch_size", "throughput")}.items()
+    training = ("update", "update_mix", "epochs", "max_steps", "lr", "batch_size", "objective", "alpha")
+    assert defaults("LoraAdapter").items() >= {k: getattr(recover, k) for k in (*training, "rank", "dropout")}.items()
+    assert defaults("AdaLoraAdapter").items() >= {k: getattr(recover, k) for k in (*training, "init_r", "target_r")
+                                                  }.items()
+    assert defaults("UpdateAdapter")["mix"] == recover.update_mix  # the public name of core's update_mix
 
 
 def test_keys_cli(tmp_path, monkeypatch):
@@ -82,7 +98,7 @@ def test_keys_cli(tmp_path, monkeypatch):
 
 def test_embedded_prepare_creates_one_local_key(tmp_path):
     from svdforge.persistence.keys import find_key
-    from svdforge.worker.embedded import prepare
+    from svdforge.cli.embedded import prepare
 
     from .conftest import make_settings
 

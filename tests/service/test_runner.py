@@ -13,13 +13,13 @@ import pytest
 from sqlalchemy import select
 
 from svdforge.api.schemas import JobCreate
-from svdforge.core.config import UPDATE_MIX, CompressConfig
+from svdforge.core.config import UPDATE_MIX, CompressConfig, DataSpec, EvalConfig, RecoverConfig
 from svdforge.core.errors import Cancelled, NumericalError, UserError
 from svdforge.persistence.jobs import create_job
 from svdforge.persistence.keys import create_key
-from svdforge.persistence.models import Artifact, File, Job, JobEvent, utcnow
 from svdforge.persistence.state import JobStatus, transition
 from svdforge.persistence.storage import LocalStorage, make_storage
+from svdforge.persistence.tables import Artifact, File, Job, JobEvent, utcnow
 from svdforge.worker.config import build_config
 from svdforge.worker.runner import JobRunner
 
@@ -43,7 +43,7 @@ FILES = {"model.safetensors": b"\x00" * 5000, "config.json": b"{}", "report.json
 
 
 def ok_compress(config, out_dir, progress=None, should_cancel=None, **_hooks):  # noqa: ANN001, ANN003
-    for stage in ("whiten", "svd"):
+    for stage in ("load", "whiten", "svd"):
         progress({"type": "stage_started", "stage": stage, "fraction": 0.0, "message": ""})
         progress({"type": "progress", "stage": stage, "fraction": 0.5, "message": "layer 1/2"})
         progress({"type": "stage_finished", "stage": stage, "fraction": 1.0, "seconds": 0.25})
@@ -81,6 +81,7 @@ def test_success_uploads_then_succeeds(db, storage, settings):
     assert job.status == "succeeded" and job.attempt == 1 and job.progress == 1.0 and job.stage is None
     assert job.report["metrics"]["compressed"] == {"ppl": 12.5, "teacher_kl": None}  # strict JSON
     assert job.stages["whiten"]["status"] == "completed" and job.stages["whiten"]["seconds"] == 0.25
+    assert job.stages["load"]["status"] == "completed"  # core's `load` is the job's first stage
     assert job.stages["upload"]["status"] == "completed"
     with db.session() as s:
         arts = {a.name: a for a in s.scalars(select(Artifact).where(Artifact.job_id == job_id))}
@@ -132,6 +133,18 @@ def test_errors_fail_the_job_with_a_code(db, storage, settings, exc, code, messa
     assert [e for e in events(db, job_id) if e.type == "error"][0].data == {"code": code}
     assert not (settings.storage_dir / "artifacts" / job_id).exists()
     assert not (settings.work_dir / job_id).exists()
+
+
+def test_a_model_that_cannot_load_fails_in_the_load_stage(db, storage, settings):
+    def unloadable(config, out_dir, progress=None, should_cancel=None, **_hooks):  # noqa: ANN001, ANN003
+        progress({"type": "stage_started", "stage": "load", "message": "loading model"})
+        raise UserError("model 'x' is not a folder")
+
+    job_id = new_job(db)
+    assert runner(db, storage, settings, unloadable).run(job_id) == "failed"
+    job = job_row(db, job_id)
+    assert (job.error_code, job.error_stage, job.stages["load"]["status"]) == ("invalid_input", "load", "failed")
+    assert [e.stage for e in events(db, job_id) if e.type == "stage_started"] == ["load"]
 
 
 def _cancel_when_running(db, job_id, delay=0.0) -> threading.Thread:
@@ -294,14 +307,17 @@ def test_build_config_maps_the_request(settings, tmp_path):
         "smollm2-135m", 0.3, "asvd", "global", "mlp")
     assert (config.recover.type, config.recover.init_r, config.recover.target_r, config.recover.max_steps,
             config.recover.lr) == ("adalora", 16, 4, 5, 0.001)
-    assert config.recover.data.source == "builtin" and config.recover.data.samples == 32
+    train = RecoverConfig().data  # the training text left out: core's default
+    assert (config.recover.data.source, config.recover.data.samples, config.recover.data.seed) == (
+        "builtin", train.samples, train.seed)
     assert (config.calibration.source, config.calibration.dataset, config.calibration.split,
             config.calibration.samples, config.calibration.seq_len) == ("hf", "org/data", "train", 8, 64)
     assert (config.evaluation.data.path, config.evaluation.max_tokens, config.evaluation.seq_len,
             config.evaluation.throughput) == (str(tmp_path / "a.txt"), None, 128, False)
     minimal = build_config(JobCreate(model="smollm2-135m", ratio=0.4).model_dump(mode="json"), {}, settings)
     assert (minimal.calibration.samples, minimal.calibration.seq_len, minimal.evaluation.max_tokens,
-            minimal.evaluation.data.split) == (16, 256, 4096, "evaluation")
+            minimal.evaluation.data.split) == (DataSpec().samples, DataSpec().seq_len, EvalConfig().max_tokens,
+                                               "evaluation")
     with pytest.raises(UserError, match="model"):  # re-checked in the worker
         build_config({**body, "model": "/etc"}, {}, settings)
     upd = build_config(JobCreate(model="smollm2-135m", ratio=0.4, adapter={"type": "update", "mix": 0.3})
@@ -310,6 +326,23 @@ def test_build_config_maps_the_request(settings, tmp_path):
     both = build_config(JobCreate(model="smollm2-135m", ratio=0.4, adapter={"type": "lora", "update": True})
                         .model_dump(mode="json"), {}, settings)
     assert (both.recover.type, both.recover.update, both.recover.update_mix) == ("lora", True, UPDATE_MIX)
+
+
+@pytest.mark.parametrize("stored", ["validated", "old row"])
+def test_request_defaults_are_cores(settings, stored):
+    """What a job leaves out is core's default: the API fills core's defaults in before it stores
+    the request, and the worker, reading a row that lacks a key, falls back to core's too."""
+    def request(**fields):  # noqa: ANN003, ANN202
+        body = {"model": "smollm2-135m", "ratio": 0.4, **fields}
+        return JobCreate(**body).model_dump(mode="json") if stored == "validated" else body
+
+    config = build_config(request(), {}, settings)
+    assert config == CompressConfig(model=config.model, ratio=0.4, device=settings.device,
+                                    allow_pickle=settings.allow_pickle, trust_remote_code=settings.trust_remote_code)
+    for kind in ("update", "lora", "adalora"):
+        assert build_config(request(adapter={"type": kind}), {}, settings).recover == RecoverConfig(type=kind)
+    partial = {"type": "lora", "data": {"source": "builtin", "samples": 8}}  # what a source leaves out: DataSpec's
+    assert build_config(request(adapter=partial), {}, settings).recover.data == DataSpec(split="calibration", samples=8)
 
 
 def test_api_model_aliases_match_core():

@@ -26,8 +26,8 @@ from sqlalchemy import inspect, select, text
 from svdforge.api.main import create_app
 from svdforge.core.errors import UserError
 from svdforge.persistence.keys import create_key, revoke_key
-from svdforge.persistence.models import ApiKey
 from svdforge.persistence.settings import Settings
+from svdforge.persistence.tables import ApiKey
 from svdforge.worker.config import build_config
 
 from .conftest import TINY_REQUEST_OPTIONS, make_settings

@@ -9,7 +9,7 @@ from sqlalchemy import select
 
 from svdforge.persistence.jobs import create_job, recover_orphans
 from svdforge.persistence.keys import create_key
-from svdforge.persistence.models import Job, JobEvent, utcnow
+from svdforge.persistence.tables import Job, JobEvent, utcnow
 from svdforge.persistence.state import (
     IllegalTransition,
     JobError,

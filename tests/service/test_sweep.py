@@ -13,8 +13,8 @@ from fastapi.testclient import TestClient
 from svdforge.api.main import create_app
 from svdforge.core.config import CompressConfig, SweepConfig
 from svdforge.persistence.keys import create_key
-from svdforge.persistence.models import Job
 from svdforge.persistence.storage import make_storage
+from svdforge.persistence.tables import Job
 from svdforge.worker.config import build_config
 from svdforge.worker.runner import JobRunner
 

@@ -32,7 +32,8 @@ class AdaLoraAdapter:
         batch_size (int | Unset):  Default: 4.
         objective (AdaLoraAdapterObjective | Unset): next-token loss, distillation KL, or both Default:
             AdaLoraAdapterObjective.KL.
-        data (BuiltinData | FileData | HfData | Unset): Training text (defaults to 32 builtin windows).
+        data (BuiltinData | FileData | HfData | Unset): Training text (defaults to 64 builtin windows of 256 tokens,
+            seed 1).
         init_r (int | Unset):  Default: 12.
         target_r (int | Unset):  Default: 8.
         alpha (int | Unset):  Default: 16.

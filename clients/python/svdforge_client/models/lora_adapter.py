@@ -32,7 +32,8 @@ class LoraAdapter:
         batch_size (int | Unset):  Default: 4.
         objective (LoraAdapterObjective | Unset): next-token loss, distillation KL, or both Default:
             LoraAdapterObjective.KL.
-        data (BuiltinData | FileData | HfData | Unset): Training text (defaults to 32 builtin windows).
+        data (BuiltinData | FileData | HfData | Unset): Training text (defaults to 64 builtin windows of 256 tokens,
+            seed 1).
         rank (int | Unset):  Default: 8.
         alpha (int | Unset):  Default: 16.
         dropout (float | Unset):  Default: 0.0.

@@ -3,6 +3,7 @@ from enum import StrEnum
 
 class Stage(StrEnum):
     EVALUATE = "evaluate"
+    LOAD = "load"
     RECOVER = "recover"
     SVD = "svd"
     UPLOAD = "upload"

@@ -5,6 +5,9 @@ same Celery task as production, with the worker in a child process (`celery work
 solo -c 1`), so a job's compute never holds the API's GIL and a crashing job cannot
 take the API down. The parent migrates the database, makes a local API key on first
 start, requeues what a previous run left behind, then serves HTTP until interrupted.
+
+It lives in the CLI because it composes the API with a worker process: the API and the
+worker never import each other.
 """
 from __future__ import annotations
 
@@ -23,15 +26,16 @@ from svdforge.persistence import migrate
 from svdforge.persistence.db import Database
 from svdforge.persistence.jobs import artifact_prefix, recover_orphans
 from svdforge.persistence.keys import create_key, find_key
-from svdforge.persistence.models import ApiKey
+from svdforge.persistence.queue import QUEUE
 from svdforge.persistence.settings import Settings
 from svdforge.persistence.storage import make_storage
+from svdforge.persistence.tables import ApiKey
 
 log = logging.getLogger("svdforge.serve")
 
 
 def worker_command(settings: Settings, name: str = "embedded") -> list[str]:
-    return [sys.executable, "-m", "celery", "-A", "svdforge.worker.app", "worker", "-Q", "gpu", "-c", "1", "-P", "solo",
+    return [sys.executable, "-m", "celery", "-A", "svdforge.worker.app", "worker", "-Q", QUEUE, "-c", "1", "-P", "solo",
             "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "INFO", "-n", f"{name}@%h"]
 
 
