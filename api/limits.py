@@ -91,7 +91,7 @@ def bearer_token(scope: Scope) -> str | None:
     return None
 
 
-def lookup_key(db, token: str):  # noqa: ANN001, ANN201
+def lookup_key(db, token: str):
     """The active key for `token` or None, from a short read session (the row stays readable)."""
     with db.session() as s:
         return find_key(s, token)

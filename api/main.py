@@ -35,7 +35,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     db = Database(settings)
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):  # noqa: ANN202
+    async def lifespan(app: FastAPI):
         # Everything built so far (FastAPI, pydantic, SQLAlchemy, Celery: ~100k objects) lives
         # as long as the process: out of the collector's sight, a full collection takes ~10 ms
         # instead of ~100 ms, a pause every request in flight used to wait for (p99 latency,

@@ -15,8 +15,23 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from svdforge.core.config import CompressConfig, DataSpec, EvalConfig, RecoverConfig
+from svdforge.core.config import (
+    ALLOCATIONS,
+    OBJECTIVES,
+    TARGET_PRESETS,
+    CompressConfig,
+    DataSpec,
+    EvalConfig,
+    RecoverConfig,
+)
+from svdforge.core.methods import method_names
 from svdforge.persistence.state import JobStatus, Stage
+
+# The names come from core: the method registry, and the choices its config validates.
+MethodName = Literal[method_names()]
+Allocation = Literal[ALLOCATIONS]
+Objective = Literal[OBJECTIVES]
+TargetPreset = Literal[TARGET_PRESETS]   # `re:<regex>` targets are the library's and the CLI's only
 
 
 def _compress_default(name: str) -> Any:
@@ -105,7 +120,7 @@ class _EvalOptions(Strict):
     throughput: bool = Field(_EVAL.throughput, description="Also time dense vs compressed forward passes.")
 
     @model_validator(mode="after")
-    def _window_fits(self) -> "_EvalOptions":
+    def _window_fits(self) -> _EvalOptions:
         if self.max_tokens is not None and self.max_tokens < self.seq_len:
             raise ValueError(f"max_tokens ({self.max_tokens}) must be >= seq_len ({self.seq_len})")
         return self
@@ -154,7 +169,7 @@ class _Training(Strict):
     max_steps: Annotated[int, Field(ge=1, le=1_000_000)] | None = _RECOVER.max_steps
     lr: Annotated[float, Field(gt=0, lt=1)] = _RECOVER.lr
     batch_size: Annotated[int, Field(ge=1, le=256)] = _RECOVER.batch_size
-    objective: Literal["ntp", "kl", "both"] = Field(_RECOVER.objective,
+    objective: Objective = Field(_RECOVER.objective,
                                                     description="next-token loss, distillation KL, or both")
     data: DataSource = Field(default_factory=lambda: _builtin(_RECOVER.data), description=(
         f"Training text (defaults to {_RECOVER.data.samples} builtin windows of {_RECOVER.data.seq_len} tokens, "
@@ -183,7 +198,7 @@ class AdaLoraAdapter(_Training):
     alpha: Annotated[int, Field(ge=1, le=4096)] = _RECOVER.alpha
 
     @model_validator(mode="after")
-    def _target_below_init(self) -> "AdaLoraAdapter":
+    def _target_below_init(self) -> AdaLoraAdapter:
         if self.target_r > self.init_r:
             raise ValueError(f"target_r ({self.target_r}) must be <= init_r ({self.init_r})")
         return self
@@ -222,9 +237,9 @@ class JobCreate(Strict):
             "computed once and shared, with each linear's decomposition). Each ratio gets its own artifact "
             "folder (`ratio-0.40/model.safetensors`, ...) and metrics under the report's `sweep.ratios`; "
             "`ppl_vs_ratio.png` compares them. Give this or `ratio`. Not with adapter `update`."))
-    method: Literal["svd", "svd-llm", "asvd", "fwsvd"] = _compress_default("method")
-    allocation: Literal["uniform", "global"] = _compress_default("allocation")
-    targets: Literal["all", "attention", "mlp"] = _compress_default("targets")
+    method: MethodName = _compress_default("method")
+    allocation: Allocation = _compress_default("allocation")
+    targets: TargetPreset = _compress_default("targets")
     adapter: Adapter = Field(default_factory=NoAdapter, description="Recovery after compression.")
     calibration: DataSource = Field(default_factory=lambda: _builtin(_CALIBRATION))
     evaluation: Evaluation = Field(default_factory=BuiltinEvaluation)
@@ -253,7 +268,7 @@ class JobCreate(Strict):
         return v
 
     @model_validator(mode="after")
-    def _one_ratio_field(self) -> "JobCreate":
+    def _one_ratio_field(self) -> JobCreate:
         if self.ratio is None and self.ratios is None:
             _field_error("ratio", "give `ratio` (one compression) or `ratios` (a sweep)", self.ratio)
         if self.ratio is not None and self.ratios is not None:

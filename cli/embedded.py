@@ -40,10 +40,10 @@ def worker_command(settings: Settings, name: str = "embedded") -> list[str]:
 
 
 @contextmanager
-def data_dir_lock(settings: Settings):  # noqa: ANN201
+def data_dir_lock(settings: Settings):
     """One `serve` per data folder: two would each believe every running job is theirs."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    f = open(settings.data_dir / "serve.lock", "w")  # noqa: SIM115
+    f = open(settings.data_dir / "serve.lock", "w")  # noqa: SIM115 - held open, and locked, while serve runs
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -105,7 +105,7 @@ def _prepare_worker_process() -> None:
 
 def start_worker(settings: Settings) -> subprocess.Popen:
     env = {**os.environ, **settings.as_env()}
-    return subprocess.Popen(worker_command(settings), env=env, preexec_fn=_prepare_worker_process)  # noqa: PLW1509
+    return subprocess.Popen(worker_command(settings), env=env, preexec_fn=_prepare_worker_process)  # noqa: PLW1509 - no threads yet; the child must die with serve
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:

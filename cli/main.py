@@ -9,9 +9,9 @@ from svdforge.cli.app import app
 
 
 def _register() -> None:
-    from svdforge.cli import core_cmds  # noqa: F401  (registers compress / evaluate)
+    from svdforge.cli import core_cmds  # noqa: F401 - registers compress / evaluate
     try:
-        from svdforge.cli import service_cmds  # noqa: F401  (registers serve / keys)
+        from svdforge.cli import service_cmds  # noqa: F401 - registers serve / keys
     except ImportError as e:  # service extras missing: the library CLI still works
         if "service_cmds" not in str(e):
             raise
@@ -21,9 +21,9 @@ def main() -> None:
     _register()
     try:
         app(standalone_mode=False)
-    except SystemExit as e:
+    except SystemExit:
         raise
-    except Exception as e:  # noqa: BLE001 - one line, exit 2, never a traceback for user errors
+    except Exception as e:
         from svdforge.core.errors import Cancelled, UserError
 
         if type(e).__name__ == "Abort":

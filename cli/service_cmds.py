@@ -6,17 +6,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from svdforge.cli.app import app
 
-DataDir = Annotated[Optional[Path],
+DataDir = Annotated[Path | None,
                     typer.Option("--data-dir", help="Data folder (default: $SVDFORGE_DATA_DIR or ./var).")]
 
 
-def _settings(data_dir: Optional[Path]):  # noqa: ANN202
+def _settings(data_dir: Path | None):
     from svdforge.persistence.settings import Settings
 
     return Settings(data_dir=data_dir) if data_dir is not None else Settings()
@@ -66,8 +66,8 @@ def check(data_dir: DataDir = None) -> None:
     """
     from svdforge.persistence import migrate as mig
     from svdforge.persistence.db import Database
-    from svdforge.persistence.storage import make_storage
     from svdforge.persistence.queue import make_celery
+    from svdforge.persistence.storage import make_storage
 
     settings = _settings(data_dir)
 
@@ -103,7 +103,7 @@ keys = typer.Typer(help="API keys (stored hashed; a key is shown once, when it i
 app.add_typer(keys, name="keys")
 
 
-def _db(data_dir: Optional[Path]):  # noqa: ANN202
+def _db(data_dir: Path | None):
     from svdforge.persistence import migrate as mig
     from svdforge.persistence.db import Database
 

@@ -39,7 +39,7 @@ from svdforge.core.report import compressed_report, count_paths, write_report_an
 from svdforge.core.stats_cache import DEFAULT_MAX_BYTES, StatsCache, stats_key
 
 # The stages a resumed run skips: everything up to and including writing the weights.
-RESUMED_STAGES = ("whiten", "svd", "recover", "save")
+RESUMED_STAGES = ("load", "whiten", "svd", "recover", "save")
 
 
 def calibration_dtype(config: CompressConfig, device: str) -> torch.dtype:

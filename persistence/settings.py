@@ -59,7 +59,7 @@ class Settings(BaseSettings):
     device: str = "auto"
 
     @model_validator(mode="after")
-    def _fill_paths(self) -> "Settings":
+    def _fill_paths(self) -> Settings:
         # absolute, so that the worker process and every cwd agree on the same files
         self.data_dir = Path(self.data_dir).expanduser().absolute()
         if not self.database_url:

@@ -124,7 +124,7 @@ class LocalStorage:
             raise StorageError(f"{self.root} is not writable")
 
 
-def _read_range(f, start: int, end: int | None) -> Iterator[bytes]:  # noqa: ANN001
+def _read_range(f, start: int, end: int | None) -> Iterator[bytes]:
     with f:
         f.seek(start)
         remaining = None if end is None else end - start + 1
@@ -143,7 +143,7 @@ class S3Storage:
     name = "s3"
 
     def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None,
-                 region: str | None = None, client=None) -> None:  # noqa: ANN001
+                 region: str | None = None, client=None) -> None:
         import boto3
         from botocore.config import Config
 
@@ -156,7 +156,7 @@ class S3Storage:
     def _key(self, key: str) -> str:
         return self.prefix + _check_key(key)
 
-    def _errors(self):  # noqa: ANN202
+    def _errors(self):
         from botocore.exceptions import BotoCoreError, ClientError
         return (BotoCoreError, ClientError)
 
@@ -221,7 +221,7 @@ class S3Storage:
             raise StorageError(f"bucket {self.bucket!r} not reachable: {e}") from e
 
 
-def _stream_body(body) -> Iterator[bytes]:  # noqa: ANN001
+def _stream_body(body) -> Iterator[bytes]:
     try:
         yield from body.iter_chunks(CHUNK)
     finally:

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import ast
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -152,9 +153,16 @@ def test_the_service_loads_no_bare_top_level_module():
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
+    """The wheel, built from a copy of the sources (setuptools leaves build/ where it builds)."""
     out = tmp_path_factory.mktemp("wheel")
+    src = out / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, src / name)
+    for folder in ("svdforge", *FOLDERS):
+        shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
     p = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                        "--disable-pip-version-check", "-w", str(out), str(ROOT)],
+                        "--disable-pip-version-check", "-w", str(out), str(src)],
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr
     (whl,) = out.glob("svdforge-*.whl")

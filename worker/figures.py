@@ -25,7 +25,7 @@ def render_job_figures(report: dict[str, Any], out_dir: Path) -> tuple[dict[str,
         from svdforge.core.figures import render_figures
 
         return render_figures(report, out_dir), None
-    except Exception as e:  # noqa: BLE001 - figures are a courtesy: never lose a finished job to them
+    except Exception as e:
         log.exception("figures could not be drawn")
         from svdforge.core.figures import FIGURES
 
@@ -36,7 +36,7 @@ def render_job_figures(report: dict[str, Any], out_dir: Path) -> tuple[dict[str,
 
 
 def link_figures(report: dict[str, Any] | None, job_id: str, figures: dict[str, str], error: str | None,
-                 uploaded: list) -> dict[str, Any] | None:  # noqa: ANN001  (worker.runner.Uploaded)
+                 uploaded: list) -> dict[str, Any] | None:  # worker.runner.Uploaded
     """The report with a `figures` entry naming each figure's artifact and content URL."""
     if report is None or (not figures and error is None):
         return report

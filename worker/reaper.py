@@ -64,7 +64,7 @@ class Reaper:
         return found, sent
 
     # --- the periodic thread ---------------------------------------------------------
-    def start(self) -> "Reaper":
+    def start(self) -> Reaper:
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="svdforge-reaper", daemon=True)
             self._thread.start()
@@ -79,6 +79,6 @@ class Reaper:
         while not self._stop.is_set():
             try:
                 self.sweep()
-            except Exception:  # noqa: BLE001 - a database outage: try again next time
+            except Exception:
                 log.exception("reaper sweep failed")
             self._stop.wait(self.settings.reap_every_s)

@@ -19,8 +19,8 @@ keeps nothing.
 """
 from __future__ import annotations
 
-import hashlib
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -123,7 +123,7 @@ class JobMonitor:
     # --- called by the pipeline (compute thread) ---------------------------------------
     def __call__(self, event: dict[str, Any]) -> None:
         kind = str(event.get("type", "log"))
-        stage = STAGE_OF.get(event.get("stage") or "", None)
+        stage = STAGE_OF.get(event.get("stage") or "")
         stage_name = stage.value if stage else None
         now = utcnow()
         with self._lock:
@@ -167,7 +167,7 @@ class JobMonitor:
                     self._stages[name] = dict(info)
             self._dirty = True
 
-    def _start_stage(self, name: str, now) -> None:  # noqa: ANN001
+    def _start_stage(self, name: str, now) -> None:
         info = self._stages.setdefault(name, {"status": "running", "started_at": now.isoformat(), "seconds": 0.0})
         info.setdefault("started_at", now.isoformat())
         info.setdefault("seconds", 0.0)
@@ -175,7 +175,7 @@ class JobMonitor:
         self._started[name] = time.monotonic()
         self._stage, self._progress = name, 0.0
 
-    def _finish_stage(self, name: str, now, seconds: Any) -> None:  # noqa: ANN001
+    def _finish_stage(self, name: str, now, seconds: Any) -> None:
         info = self._stages.setdefault(name, {"started_at": now.isoformat(), "seconds": 0.0})
         began = self._started.pop(name, None)
         if isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds >= 0:
@@ -188,7 +188,7 @@ class JobMonitor:
             self._progress = 1.0
 
     # --- the monitor thread ---------------------------------------------------------
-    def start(self) -> "JobMonitor":
+    def start(self) -> JobMonitor:
         self._thread.start()
         return self
 
@@ -201,7 +201,7 @@ class JobMonitor:
             try:
                 self.flush()
                 self._renewed_at = time.monotonic()
-            except Exception:  # noqa: BLE001 - a failed heartbeat is retried next tick
+            except Exception:
                 log.exception("job %s: progress write failed", self.job_id)
                 silent = time.monotonic() - self._renewed_at
                 if silent > 0.8 * self.settings.lease_s and not self.lease_lost:
@@ -211,7 +211,7 @@ class JobMonitor:
                     self.lease_lost = True
                     self._cancel.set()
 
-    def flush(self, session=None) -> None:  # noqa: ANN001
+    def flush(self, session=None) -> None:
         """Write buffered state; inside `session` (no commit) or in a transaction of its own."""
         with self._lock:
             events, self._events = self._events, []
@@ -230,7 +230,7 @@ class JobMonitor:
                 self._dirty = self._dirty or dirty
             raise
 
-    def _write(self, session, events: list[dict], values: dict, dirty: bool) -> None:  # noqa: ANN001
+    def _write(self, session, events: list[dict], values: dict, dirty: bool) -> None:
         """Renew the lease (and write progress) if the job is still this attempt's, then log.
 
         The heartbeat: a conditional UPDATE on (attempt, worker, active status), so a worker
@@ -306,7 +306,7 @@ class JobRunner:
         except StorageError as e:
             log.exception("job %s: storage failed", job_id)
             return self._fail(job_id, monitor, "storage_error", str(e))
-        except Exception as e:  # noqa: BLE001 - any other failure is ours: keep the message, log the trace
+        except Exception as e:
             log.exception("job %s failed", job_id)
             return self._fail(job_id, monitor, "internal_error", f"{type(e).__name__}: {e}")
         finally:
@@ -394,7 +394,8 @@ class JobRunner:
             saved[name] = {"key": f"{prefix}/{name}", "sha256": digest, "bytes": size}
             done += size
             monitor({"type": "progress", "stage": "upload", "fraction": done / total, "message": f"checkpoint {name}"})
-        monitor({"type": "stage_finished", "stage": "upload", "message": f"checkpoint: {len(saved)} files, {done} bytes"})
+        monitor({"type": "stage_finished", "stage": "upload",
+                 "message": f"checkpoint: {len(saved)} files, {done} bytes"})
         record = {"attempt": monitor.attempt, "files": saved, "report": _jsonable(report),
                   "stages": monitor.stages_snapshot(), "created_at": utcnow().isoformat()}
         with self.db.begin() as s:

@@ -50,23 +50,24 @@ def _warm_up() -> None:
     worker takes its first job, rather than while it holds one. In the worker's main thread:
     transformers' lazy imports are not safe to run from two threads at once."""
     try:
-        import svdforge.core.pipeline  # noqa: F401
-        import transformers.models.auto.modeling_auto  # noqa: F401
-        import matplotlib.backends.backend_agg  # noqa: F401
-        import matplotlib.figure  # noqa: F401
-    except Exception:  # noqa: BLE001 - only an optimisation: the job imports them itself
+        import matplotlib.backends.backend_agg
+        import matplotlib.figure  # noqa: F401 - imported to warm up only
+        import transformers.models.auto.modeling_auto  # noqa: F401 - imported to warm up only
+
+        import svdforge.core.pipeline  # noqa: F401 - imported to warm up only
+    except Exception:
         log.debug("warm-up failed", exc_info=True)
 
 
 @worker_ready.connect
-def _start_reaper(sender=None, **_kwargs) -> None:  # noqa: ANN001
+def _start_reaper(sender=None, **_kwargs) -> None:
     """Sweep once now (what a crash or a broker outage left behind), then every reap interval."""
     get_reaper().start()
     _warm_up()
 
 
 @worker_shutting_down.connect
-def _stop_running_job(**_kwargs) -> None:  # noqa: ANN003
+def _stop_running_job(**_kwargs) -> None:
     """Warm shutdown: the running job stops at its next stage or layer boundary and is requeued."""
     get_runner().stopping.set()
     get_reaper().stop()

@@ -90,7 +90,7 @@ def upload_file(file: Annotated[UploadFile, File(description="UTF-8 text, not em
     return file_out(row)
 
 
-def _owned_file(session, file_id: str, key) -> FileRow:  # noqa: ANN001
+def _owned_file(session, file_id: str, key) -> FileRow:
     f = session.get(FileRow, file_id)
     if f is None or f.owner_id != key.id:
         raise ProblemError(404, "not_found", f"no file {file_id}")

@@ -19,7 +19,7 @@ def healthz() -> Health:
     return Health()
 
 
-def _check(fn) -> str:  # noqa: ANN001
+def _check(fn) -> str:
     try:
         fn()
         return "ok"

@@ -59,7 +59,7 @@ def _validate_references(body: JobCreate, session: Session, key: ApiKey, setting
                 raise field_error(f"{field}.file_id", f"no uploaded file {spec.file_id}")
 
 
-def _enqueue(celery, session: Session, job: Job) -> None:  # noqa: ANN001
+def _enqueue(celery, session: Session, job: Job) -> None:
     """Send the job id (its row is committed); if the queue is down the job waits, it is not lost."""
     try:
         enqueue(celery, job.id)
@@ -77,7 +77,7 @@ def _created(job: Job, request: Request, response: Response, replayed: bool = Fa
     return job_out(job)
 
 
-def _replay(existing: Job, payload: dict, celery, session: Session, request: Request,  # noqa: ANN001
+def _replay(existing: Job, payload: dict, celery, session: Session, request: Request,
             response: Response) -> JobOut:
     if existing.request_hash != jobs_repo.request_hash(payload):
         raise ProblemError(422, "idempotency_key_reused",

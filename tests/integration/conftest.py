@@ -26,7 +26,7 @@ TINY = {"calibration": {"source": "builtin", "samples": 4, "seq_len": 32},
         "evaluation": {"source": "builtin", "seq_len": 32, "max_tokens": 256, "throughput": False}}
 
 
-def pytest_collection_modifyitems(config, items):  # noqa: ANN001
+def pytest_collection_modifyitems(config, items):
     here = Path(__file__).parent
     for item in items:
         if Path(str(item.fspath)).is_relative_to(here):
@@ -80,13 +80,13 @@ def make_stack(servers, model_root, tmp_path, request):
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
-def pytest_runtest_makereport(item, call):  # noqa: ANN001
+def pytest_runtest_makereport(item, call):
     outcome = yield
     rep = outcome.get_result()
     setattr(item, f"rep_{rep.when}", rep)
 
 
-def wait_job(client, job_id: str, until=lambda job: job["status"] in TERMINAL, timeout: float = 120,  # noqa: ANN001
+def wait_job(client, job_id: str, until=lambda job: job["status"] in TERMINAL, timeout: float = 120,
              interval: float = 0.1) -> dict:
     """Poll GET /v1/jobs/{id} until `until(job)`; tolerates an API that is down for a while."""
     import httpx

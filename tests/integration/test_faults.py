@@ -28,7 +28,7 @@ LONG = {
 }
 
 
-def submit(client, model_root, options: dict, key: str | None = None) -> str:  # noqa: ANN001
+def submit(client, model_root, options: dict, key: str | None = None) -> str:
     headers = {"Idempotency-Key": key} if key else {}
     r = client.post("/v1/jobs", json={"model": str(model_root / "tiny"), "ratio": 0.4, **options}, headers=headers)
     assert r.status_code == 201, r.text
@@ -46,7 +46,7 @@ def status_path(stack, job_id: str) -> list[tuple[str, int]]:
         db.dispose()
 
 
-def checkpoint_of(stack, job_id: str) -> dict | None:  # noqa: ANN001
+def checkpoint_of(stack, job_id: str) -> dict | None:
     db = stack.database()
     try:
         with db.session() as s:
@@ -55,7 +55,7 @@ def checkpoint_of(stack, job_id: str) -> dict | None:  # noqa: ANN001
         db.dispose()
 
 
-def downloaded_artifacts(client, job_id: str) -> dict[str, str]:  # noqa: ANN001
+def downloaded_artifacts(client, job_id: str) -> dict[str, str]:
     """{name: sha256} of every artifact, each downloaded and checked against its record."""
     out = {}
     for a in client.get(f"/v1/jobs/{job_id}/artifacts", params={"limit": 100}).json()["data"]:
@@ -120,7 +120,7 @@ def test_kill_9_of_the_worker_mid_job(make_stack, model_root, stage):
         messages = [e["message"] for e in client.get(f"/v1/jobs/{job_id}/events", params={"limit": 1000})
                     .json()["data"]]
         if stage == "evaluate":  # checkpointed before it died: whiten/svd/recover/save not run again
-            assert report["resumed"]["skipped_stages"] == ["whiten", "svd", "recover", "save"]
+            assert report["resumed"]["skipped_stages"] == ["load", "whiten", "svd", "recover", "save"]
             assert any(m.startswith("resumed from the checkpoint of attempt 1") for m in messages)
         else:  # died before its checkpoint: attempt 2 ran everything
             assert "resumed" not in report
@@ -277,7 +277,7 @@ def test_concurrent_claims_on_postgresql_have_one_winner(make_stack):
         for job_id in ids:
             barrier, wins = threading.Barrier(8), []
 
-            def claim(i: int, job_id: str = job_id) -> None:
+            def claim(i: int, job_id: str = job_id, barrier=barrier, wins=wins) -> None:
                 barrier.wait()
                 if JobRunner(db, storage, stack.settings, worker_id=f"w{i}")._claim(job_id) is not None:
                     wins.append(i)

@@ -8,13 +8,11 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from svdforge.api.main import create_app  # noqa: E402
-from svdforge.persistence import migrate  # noqa: E402
-from svdforge.persistence.db import Database  # noqa: E402
-from svdforge.persistence.keys import create_key  # noqa: E402
-from svdforge.persistence.settings import Settings  # noqa: E402
+from svdforge.api.main import create_app
+from svdforge.persistence import migrate
+from svdforge.persistence.db import Database
+from svdforge.persistence.keys import create_key
+from svdforge.persistence.settings import Settings
 
 TINY_REQUEST_OPTIONS = {
     "calibration": {"source": "builtin", "samples": 4, "seq_len": 32},

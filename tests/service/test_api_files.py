@@ -5,7 +5,7 @@ import hashlib
 
 from .test_api_jobs import MINIMAL, assert_problem
 
-TEXT = "To be, or not to be, that is the question.\nWhether 'tis nobler in the mind to suffer.\n".encode()
+TEXT = b"To be, or not to be, that is the question.\nWhether 'tis nobler in the mind to suffer.\n"
 
 
 def upload(client, headers, content=TEXT, purpose="calibration", name="corpus.txt"):

@@ -329,7 +329,7 @@ def test_job_rows_are_committed_before_enqueue(client, auth, app, db, settings):
     seen = []
 
     class Spy:
-        def send_task(self, name, args, **kwargs):  # noqa: ANN001, ANN003
+        def send_task(self, name, args, **kwargs):
             with db.session() as s:  # another connection: only committed rows are visible
                 seen.append(s.scalar(select(Job.status).where(Job.id == args[0])))
 

@@ -21,7 +21,7 @@ def test_a_submission_looks_its_key_up_once(client, auth, monkeypatch):
     calls = []
     real = limits.find_key
 
-    def counting(session, token):  # noqa: ANN001, ANN202
+    def counting(session, token):
         calls.append(token)
         return real(session, token)
 

@@ -7,13 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .test_e2e import server  # noqa: F401  (the module-scoped embedded service fixture)
+from .test_e2e import server  # noqa: F401 - the module-scoped embedded service fixture
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "compress_with_client.py"
 
 
-def test_example_runs_against_the_embedded_service(server, tmp_path):  # noqa: F811
+def test_example_runs_against_the_embedded_service(server, tmp_path):  # noqa: F811 - the fixture imported above
     text = tmp_path / "calib.txt"
     lines = [f"Paragraph {i}: the quick brown fox jumps over the lazy dog while the king speaks of "
              f"honour, love and the sea, and the players answer in verse number {i}." for i in range(400)]

@@ -20,7 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 CLIENTS = ROOT / "clients"
 sys.path.insert(0, str(CLIENTS))
-import generate  # noqa: E402  (clients/generate.py)
+import generate  # noqa: E402 - clients/generate.py
 
 GENERATOR = Path(sys.executable).with_name("openapi-python-client")
 needs_generator = pytest.mark.skipif(

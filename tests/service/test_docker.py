@@ -51,7 +51,7 @@ VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}|\$([A
 
 
 # --- helpers -------------------------------------------------------------------------
-def interpolate(value, env: dict[str, str]):  # noqa: ANN001, ANN201
+def interpolate(value, env: dict[str, str]):
     """Compose's variable substitution in the parsed file's strings (so "false" stays a string):
     $$, ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?err}, ${VAR?err}."""
     if isinstance(value, dict):
@@ -397,7 +397,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_for(predicate, timeout: float, what: str, procs=()) -> None:  # noqa: ANN001
+def _wait_for(predicate, timeout: float, what: str, procs=()) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -434,7 +434,8 @@ def test_the_images_commands_run(compose, image_site, tmp_path):
     image installs it (embedded backends: SQLite, local folder, filesystem queue)."""
     services = compose["services"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("SVDFORGE_")}
-    env.update(PYTHONPATH=str(image_site), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", SVDFORGE_DATA_DIR=str(tmp_path / "var"),
+    env.update(PYTHONPATH=str(image_site), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+               SVDFORGE_DATA_DIR=str(tmp_path / "var"),
                SVDFORGE_MODEL_ROOT=str(tmp_path / "models"), SVDFORGE_CACHE=str(tmp_path / "cache"))
     (tmp_path / "models").mkdir()
     cwd = tmp_path / "home"
@@ -448,7 +449,7 @@ def test_the_images_commands_run(compose, image_site, tmp_path):
     migrated = run(services["migrate"]["command"])
     assert migrated.returncode == 0, migrated.stderr
     port = _free_port()
-    logs = {name: open(tmp_path / f"{name}.log", "w+") for name in ("api", "worker")}  # noqa: SIM115
+    logs = {name: open(tmp_path / f"{name}.log", "w+") for name in ("api", "worker")}  # noqa: SIM115 - the children write to them until they stop
     api = subprocess.Popen(local(image_cmd("Dockerfile.api"), port=port), cwd=cwd, env=env,
                            stdout=logs["api"], stderr=subprocess.STDOUT)
     worker = None
@@ -466,7 +467,7 @@ def test_the_images_commands_run(compose, image_site, tmp_path):
         token = created.stdout.strip()
         assert created.returncode == 0 and token.startswith("svdf_") and token not in created.stderr
         req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/jobs", headers={"Authorization": f"Bearer {token}"})
-        assert urllib.request.urlopen(req, timeout=10).status == 200
+        assert urllib.request.urlopen(req, timeout=10).status == 200  # noqa: S310 - a loopback http URL
 
         worker = subprocess.Popen(local(image_cmd("Dockerfile.worker")), cwd=cwd, env=env,
                                   stdout=logs["worker"], stderr=subprocess.STDOUT)

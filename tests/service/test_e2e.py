@@ -38,7 +38,7 @@ def server(tmp_path_factory, tiny_model_root):
     if TEST_DATABASE_URL:  # the same run on PostgreSQL
         fresh_database(make_settings(data.parent)).dispose()
         env["SVDFORGE_DATABASE_URL"] = TEST_DATABASE_URL
-    log = open(data.parent / "serve.log", "w")  # noqa: SIM115
+    log = open(data.parent / "serve.log", "w")  # noqa: SIM115 - the service child writes to it until it stops
     proc = subprocess.Popen([sys.executable, "-m", "svdforge.cli.service_cmds", "serve", "--port", str(port),
                              "--data-dir", str(data)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"

@@ -70,7 +70,7 @@ def test_keys_cli(tmp_path, monkeypatch):
     from fastapi.testclient import TestClient
 
     from svdforge.api.main import create_app
-    from svdforge.cli import service_cmds  # noqa: F401  (registers the commands)
+    from svdforge.cli import service_cmds  # noqa: F401 - registers the commands
     from svdforge.cli.main import app
 
     from .conftest import TEST_DATABASE_URL, fresh_database, make_settings
@@ -97,8 +97,8 @@ def test_keys_cli(tmp_path, monkeypatch):
 
 
 def test_embedded_prepare_creates_one_local_key(tmp_path):
-    from svdforge.persistence.keys import find_key
     from svdforge.cli.embedded import prepare
+    from svdforge.persistence.keys import find_key
 
     from .conftest import make_settings
 

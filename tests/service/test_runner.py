@@ -42,7 +42,7 @@ def write_artifact(out_dir: Path, files: dict[str, bytes]) -> None:
 FILES = {"model.safetensors": b"\x00" * 5000, "config.json": b"{}", "report.json": b'{"metrics": {}}'}
 
 
-def ok_compress(config, out_dir, progress=None, should_cancel=None, **_hooks):  # noqa: ANN001, ANN003
+def ok_compress(config, out_dir, progress=None, should_cancel=None, **_hooks):
     for stage in ("load", "whiten", "svd"):
         progress({"type": "stage_started", "stage": stage, "fraction": 0.0, "message": ""})
         progress({"type": "progress", "stage": stage, "fraction": 0.5, "message": "layer 1/2"})
@@ -97,7 +97,7 @@ def test_success_uploads_then_succeeds(db, storage, settings):
 
 
 def test_progress_writes_are_throttled(db, storage, settings):
-    def chatty(config, out_dir, progress=None, should_cancel=None, **_hooks):  # noqa: ANN001, ANN003
+    def chatty(config, out_dir, progress=None, should_cancel=None, **_hooks):
         progress({"type": "stage_started", "stage": "svd"})
         for i in range(2000):
             progress({"type": "progress", "stage": "svd", "fraction": i / 2000, "message": f"layer {i}"})
@@ -119,7 +119,7 @@ def test_progress_writes_are_throttled(db, storage, settings):
     (KeyError("boom"), "internal_error", "KeyError: 'boom'"),
 ])
 def test_errors_fail_the_job_with_a_code(db, storage, settings, exc, code, message):
-    def failing(config, out_dir, progress=None, should_cancel=None, **_hooks):  # noqa: ANN001, ANN003
+    def failing(config, out_dir, progress=None, should_cancel=None, **_hooks):
         progress({"type": "stage_started", "stage": "whiten"})
         progress({"type": "stage_started", "stage": "svd"})
         write_artifact(Path(out_dir), FILES)  # partial output must not survive
@@ -136,7 +136,7 @@ def test_errors_fail_the_job_with_a_code(db, storage, settings, exc, code, messa
 
 
 def test_a_model_that_cannot_load_fails_in_the_load_stage(db, storage, settings):
-    def unloadable(config, out_dir, progress=None, should_cancel=None, **_hooks):  # noqa: ANN001, ANN003
+    def unloadable(config, out_dir, progress=None, should_cancel=None, **_hooks):
         progress({"type": "stage_started", "stage": "load", "message": "loading model"})
         raise UserError("model 'x' is not a folder")
 
@@ -167,7 +167,7 @@ def _cancel_when_running(db, job_id, delay=0.0) -> threading.Thread:
 def test_cancel_stops_at_a_layer_boundary(db, storage, settings):
     layers_done = []
 
-    def slow(config, out_dir, progress=None, should_cancel=None, **_hooks):  # noqa: ANN001, ANN003
+    def slow(config, out_dir, progress=None, should_cancel=None, **_hooks):
         write_artifact(Path(out_dir), FILES)
         for layer in range(500):
             if should_cancel():
@@ -195,7 +195,7 @@ def test_cancel_during_upload_removes_uploaded_files(db, settings):
     class CancellingStorage(LocalStorage):
         """Requests the cancel as soon as the first file is stored."""
 
-        def put_file(self, key, path, **kw):  # noqa: ANN001, ANN003
+        def put_file(self, key, path, **kw):
             super().put_file(key, path, **kw)
             with db.begin() as s:
                 job = s.get(Job, job_id)
@@ -212,7 +212,7 @@ def test_cancel_during_upload_removes_uploaded_files(db, settings):
 def test_messages_for_jobs_not_queued_are_skipped(db, storage, settings):
     called = []
 
-    def spy(*a, **k):  # noqa: ANN002, ANN003
+    def spy(*a, **k):
         called.append(1)
         return ok_compress(*a, **k)
 
@@ -248,7 +248,7 @@ def test_a_stale_worker_does_not_touch_the_job_that_replaced_it(db, storage, set
     """A reaper requeued the job and another worker took it: the first one must stand down."""
     job_id = new_job(db)
 
-    def hijacked(config, out_dir, progress=None, should_cancel=None, **_hooks):  # noqa: ANN001, ANN003
+    def hijacked(config, out_dir, progress=None, should_cancel=None, **_hooks):
         with db.begin() as s:
             job = s.get(Job, job_id)
             transition(s, job, JobStatus.QUEUED, message="requeued by a reaper")
@@ -275,7 +275,7 @@ def test_uploaded_files_reach_the_pipeline(client, auth, db, settings):
                          headers=auth).json()["id"]
     seen = {}
 
-    def reads(config, out_dir, progress=None, should_cancel=None, **_hooks):  # noqa: ANN001, ANN003
+    def reads(config, out_dir, progress=None, should_cancel=None, **_hooks):
         seen["source"] = config.calibration.source
         seen["text"] = Path(config.calibration.path).read_bytes()
         write_artifact(Path(out_dir), FILES)
@@ -332,7 +332,7 @@ def test_build_config_maps_the_request(settings, tmp_path):
 def test_request_defaults_are_cores(settings, stored):
     """What a job leaves out is core's default: the API fills core's defaults in before it stores
     the request, and the worker, reading a row that lacks a key, falls back to core's too."""
-    def request(**fields):  # noqa: ANN003, ANN202
+    def request(**fields):
         body = {"model": "smollm2-135m", "ratio": 0.4, **fields}
         return JobCreate(**body).model_dump(mode="json") if stored == "validated" else body
 

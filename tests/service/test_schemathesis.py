@@ -42,10 +42,10 @@ schema = schemathesis.openapi.from_asgi("/openapi.json", app)
 class BearerKey:
     """A valid key on every request that the schema says needs one (negative tests may drop it)."""
 
-    def get(self, case, ctx):  # noqa: ANN001, ANN201
+    def get(self, case, ctx):
         return TOKEN
 
-    def set(self, case, data, ctx):  # noqa: ANN001, ANN201
+    def set(self, case, data, ctx):
         case.headers = {**(case.headers or {}), "Authorization": f"Bearer {data}"}
 
 

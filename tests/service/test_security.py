@@ -314,7 +314,7 @@ def test_keys_never_reach_the_logs(settings, db, caplog, capfd):
 def test_keys_cli_prints_the_key_once_on_stdout_only(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from svdforge.cli import service_cmds  # noqa: F401  (registers the commands)
+    from svdforge.cli import service_cmds  # noqa: F401 - registers the commands
     from svdforge.cli.main import app
 
     from .conftest import TEST_DATABASE_URL, fresh_database

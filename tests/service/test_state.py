@@ -9,7 +9,6 @@ from sqlalchemy import select
 
 from svdforge.persistence.jobs import create_job, recover_orphans
 from svdforge.persistence.keys import create_key
-from svdforge.persistence.tables import Job, JobEvent, utcnow
 from svdforge.persistence.state import (
     IllegalTransition,
     JobError,
@@ -17,6 +16,7 @@ from svdforge.persistence.state import (
     StaleTransition,
     transition,
 )
+from svdforge.persistence.tables import Job, JobEvent, utcnow
 
 Q, R, CI, S, F, CD = (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.CANCELLING, JobStatus.SUCCEEDED,
                       JobStatus.FAILED, JobStatus.CANCELLED)

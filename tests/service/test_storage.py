@@ -86,6 +86,5 @@ def test_presign(storage, tmp_path):
 def test_s3_check_fails_for_a_missing_bucket(monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
-    with mock_aws():
-        with pytest.raises(StorageError):
-            S3Storage("nope", region="us-east-1").check()
+    with mock_aws(), pytest.raises(StorageError):
+        S3Storage("nope", region="us-east-1").check()

@@ -16,7 +16,7 @@ class BuiltinEvaluation:
     Attributes:
         enabled (bool | Unset): Measure perplexity and fidelity against the dense model. Default: True.
         seq_len (int | Unset): Tokens per window. Default: 256.
-        max_tokens (int | None | Unset): Evaluation tokens (null: the whole text). Default: 16384.
+        max_tokens (int | None | Unset): Evaluation tokens (null: the whole text). Default: 4096.
         batch_size (int | Unset):  Default: 1.
         throughput (bool | Unset): Also time dense vs compressed forward passes. Default: True.
         source (Literal['builtin'] | Unset):  Default: 'builtin'.
@@ -24,7 +24,7 @@ class BuiltinEvaluation:
 
     enabled: bool | Unset = True
     seq_len: int | Unset = 256
-    max_tokens: int | None | Unset = 16384
+    max_tokens: int | None | Unset = 4096
     batch_size: int | Unset = 1
     throughput: bool | Unset = True
     source: Literal["builtin"] | Unset = "builtin"

@@ -18,7 +18,7 @@ class HfEvaluation:
         dataset (str):
         enabled (bool | Unset): Measure perplexity and fidelity against the dense model. Default: True.
         seq_len (int | Unset): Tokens per window. Default: 256.
-        max_tokens (int | None | Unset): Evaluation tokens (null: the whole text). Default: 16384.
+        max_tokens (int | None | Unset): Evaluation tokens (null: the whole text). Default: 4096.
         batch_size (int | Unset):  Default: 1.
         throughput (bool | Unset): Also time dense vs compressed forward passes. Default: True.
         config (None | str | Unset):
@@ -30,7 +30,7 @@ class HfEvaluation:
     dataset: str
     enabled: bool | Unset = True
     seq_len: int | Unset = 256
-    max_tokens: int | None | Unset = 16384
+    max_tokens: int | None | Unset = 4096
     batch_size: int | Unset = 1
     throughput: bool | Unset = True
     config: None | str | Unset = UNSET
