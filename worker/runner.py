@@ -66,7 +66,8 @@ STAGE_OF = {"load": Stage.LOAD, "whiten": Stage.WHITEN, "svd": Stage.SVD, "recov
 
 
 def default_compress(config: Any, *args: Any, **kwargs: Any) -> dict:
-    from svdforge.core.pipeline import compress, sweep  # torch is imported only where a job runs
+    from svdforge.core.pipeline import compress  # torch is imported only where a job runs
+    from svdforge.core.sweeps import sweep
 
     if isinstance(config, SweepConfig):  # figures: drawn below with the job's other figures
         return sweep(config.config, config.ratios, *args, figures=False, **kwargs)
