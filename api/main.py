@@ -16,12 +16,12 @@ from svdforge.api.deps import reject_unknown_query
 from svdforge.api.limits import BodyLimitMiddleware, KeyBeforeBodyMiddleware
 from svdforge.api.routes import files, health, jobs
 from svdforge.persistence.db import Database
+from svdforge.persistence.jobs import API_PREFIX
 from svdforge.persistence.queue import make_celery
 from svdforge.persistence.settings import Settings, get_settings
 from svdforge.persistence.storage import make_storage
 
 VERSION = "0.1.0"
-API_PREFIX = "/v1"  # every route but the health probes
 TAGS = [
     {"name": "jobs", "description": "Compression jobs: create, follow, cancel, read reports, download artifacts."},
     {"name": "files", "description": "Uploaded text for calibration, training or evaluation."},

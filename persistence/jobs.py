@@ -18,6 +18,10 @@ from svdforge.persistence.ids import new_id
 from svdforge.persistence.state import JobError, JobStatus, StaleTransition, transition
 from svdforge.persistence.tables import Job, JobEvent, utcnow
 
+# The public API's path prefix (every route but the health probes): the API mounts its routers
+# under it and the worker writes job links (a report's figure URLs) with it.
+API_PREFIX = "/v1"
+
 
 def request_hash(request: dict[str, Any]) -> str:
     """Canonical hash of a validated request: the Idempotency-Key compares these."""

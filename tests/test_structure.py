@@ -192,7 +192,7 @@ def test_a_plain_install_runs_from_another_folder(wheel, tmp_path):
     elsewhere.mkdir()
     code = ("import sys, svdforge.cli.main as m, svdforge.persistence.migrate as mig; "
             "assert m.__file__.startswith(sys.argv[1]), m.__file__; "
-            "assert (mig.SCRIPTS / 'env.py').is_file(); print('ok')")
+            "assert (mig.scripts_dir() / 'env.py').is_file(); print('ok')")
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(site), "HOME": str(tmp_path)}
     p = subprocess.run([sys.executable, "-c", code, str(site)], cwd=elsewhere, capture_output=True, text=True,
                        env=env, timeout=300)

@@ -16,6 +16,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from svdforge.persistence.jobs import API_PREFIX
+
 log = logging.getLogger("svdforge.worker")
 
 
@@ -46,7 +48,7 @@ def link_figures(report: dict[str, Any] | None, job_id: str, figures: dict[str, 
         u = by_name.get(name)
         if u is not None:
             links[figure] = {"name": name, "artifact_id": u.id,
-                             "content_url": f"/v1/jobs/{job_id}/artifacts/{u.id}/content"}
+                             "content_url": f"{API_PREFIX}/jobs/{job_id}/artifacts/{u.id}/content"}
     report = {**report, "figures": links}
     if error is not None:
         report["figures_error"] = error
