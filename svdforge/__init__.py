@@ -8,7 +8,7 @@ One import root. The folders of the repository are its subpackages (pyproject.to
                           the API and the worker)
     svdforge.api          the FastAPI app
     svdforge.worker       the Celery task and the job runner
-    svdforge.cli          the `svdforge` command
+    svdforge.cli          the `svdforge` command and `svdforge serve` (API + worker on one machine)
     svdforge.migrations   Alembic
 
 docs/architecture.md is the map.
