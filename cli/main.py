@@ -23,7 +23,7 @@ def main() -> None:
         app(standalone_mode=False)
     except SystemExit:
         raise
-    except Exception as e:
+    except Exception as e:  # one line, exit 2, never a traceback for user errors
         from svdforge.core.errors import Cancelled, UserError
 
         if type(e).__name__ == "Abort":

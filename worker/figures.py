@@ -27,7 +27,7 @@ def render_job_figures(report: dict[str, Any], out_dir: Path) -> tuple[dict[str,
         from svdforge.core.figures import render_figures
 
         return render_figures(report, out_dir), None
-    except Exception as e:
+    except Exception as e:  # figures are a courtesy: never lose a finished job to them
         log.exception("figures could not be drawn")
         from svdforge.core.figures import FIGURES
 

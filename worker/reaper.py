@@ -79,6 +79,6 @@ class Reaper:
         while not self._stop.is_set():
             try:
                 self.sweep()
-            except Exception:
+            except Exception:  # a database outage: try again next time
                 log.exception("reaper sweep failed")
             self._stop.wait(self.settings.reap_every_s)

@@ -202,7 +202,7 @@ class JobMonitor:
             try:
                 self.flush()
                 self._renewed_at = time.monotonic()
-            except Exception:
+            except Exception:  # a failed heartbeat is retried next tick
                 log.exception("job %s: progress write failed", self.job_id)
                 silent = time.monotonic() - self._renewed_at
                 if silent > 0.8 * self.settings.lease_s and not self.lease_lost:
@@ -307,7 +307,7 @@ class JobRunner:
         except StorageError as e:
             log.exception("job %s: storage failed", job_id)
             return self._fail(job_id, monitor, "storage_error", str(e))
-        except Exception as e:
+        except Exception as e:  # any other failure is ours: keep the message, log the trace
             log.exception("job %s failed", job_id)
             return self._fail(job_id, monitor, "internal_error", f"{type(e).__name__}: {e}")
         finally:

@@ -55,7 +55,7 @@ def _warm_up() -> None:
         import transformers.models.auto.modeling_auto  # noqa: F401 - imported to warm up only
 
         import svdforge.core.pipeline  # noqa: F401 - imported to warm up only
-    except Exception:
+    except Exception:  # only an optimisation: the job imports them itself
         log.debug("warm-up failed", exc_info=True)
 
 
