@@ -8,7 +8,6 @@ here rather than written again, so the API, the worker and the library agree.
 """
 from __future__ import annotations
 
-import dataclasses
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -23,6 +22,7 @@ from svdforge.core.config import (
     DataSpec,
     EvalConfig,
     RecoverConfig,
+    default_of,
 )
 from svdforge.core.methods import method_names
 from svdforge.persistence.state import JobStatus, Stage
@@ -34,14 +34,8 @@ Objective = Literal[OBJECTIVES]
 TargetPreset = Literal[TARGET_PRESETS]   # `re:<regex>` targets are the library's and the CLI's only
 
 
-def _compress_default(name: str) -> Any:
-    """A field default of core's CompressConfig (which has none for `model` and `ratio`)."""
-    f = next(f for f in dataclasses.fields(CompressConfig) if f.name == name)
-    return f.default_factory() if f.default is dataclasses.MISSING else f.default
-
-
 _DATA = DataSpec()                                  # a text source: samples, seq_len, seed, text_field
-_CALIBRATION = _compress_default("calibration")     # the calibration text
+_CALIBRATION = default_of(CompressConfig, "calibration")     # the calibration text
 _EVAL = EvalConfig()                                # evaluation
 _RECOVER = RecoverConfig()                          # the recovery adapters, and their training text
 
@@ -169,8 +163,7 @@ class _Training(Strict):
     max_steps: Annotated[int, Field(ge=1, le=1_000_000)] | None = _RECOVER.max_steps
     lr: Annotated[float, Field(gt=0, lt=1)] = _RECOVER.lr
     batch_size: Annotated[int, Field(ge=1, le=256)] = _RECOVER.batch_size
-    objective: Objective = Field(_RECOVER.objective,
-                                                    description="next-token loss, distillation KL, or both")
+    objective: Objective = Field(_RECOVER.objective, description="next-token loss, distillation KL, or both")
     data: DataSource = Field(default_factory=lambda: _builtin(_RECOVER.data), description=(
         f"Training text (defaults to {_RECOVER.data.samples} builtin windows of {_RECOVER.data.seq_len} tokens, "
         f"seed {_RECOVER.data.seed})."))
@@ -237,9 +230,9 @@ class JobCreate(Strict):
             "computed once and shared, with each linear's decomposition). Each ratio gets its own artifact "
             "folder (`ratio-0.40/model.safetensors`, ...) and metrics under the report's `sweep.ratios`; "
             "`ppl_vs_ratio.png` compares them. Give this or `ratio`. Not with adapter `update`."))
-    method: MethodName = _compress_default("method")
-    allocation: Allocation = _compress_default("allocation")
-    targets: TargetPreset = _compress_default("targets")
+    method: MethodName = default_of(CompressConfig, "method")
+    allocation: Allocation = default_of(CompressConfig, "allocation")
+    targets: TargetPreset = default_of(CompressConfig, "targets")
     adapter: Adapter = Field(default_factory=NoAdapter, description="Recovery after compression.")
     calibration: DataSource = Field(default_factory=lambda: _builtin(_CALIBRATION))
     evaluation: Evaluation = Field(default_factory=BuiltinEvaluation)

@@ -1,7 +1,6 @@
 """`svdforge compress` and `svdforge evaluate`: the core library from the shell."""
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Annotated
@@ -9,13 +8,12 @@ from typing import Annotated
 import typer
 
 from svdforge.cli.app import app
-from svdforge.core.config import CompressConfig, DataSpec, EvalConfig, RecoverConfig
+from svdforge.core.config import CompressConfig, DataSpec, EvalConfig, RecoverConfig, default_of
 from svdforge.core.errors import UserError
 from svdforge.core.methods import method_names, method_options_help
 
 # Every default below is the library's own (one definition: svdforge.core.config).
 _DATA, _EVAL, _REC = DataSpec(), EvalConfig(), RecoverConfig()
-_CFG = {f.name: f.default for f in dataclasses.fields(CompressConfig) if f.default is not dataclasses.MISSING}
 
 
 def _data(file: Path | None, hf: str | None, hf_config: str | None, split: str | None,
@@ -69,10 +67,10 @@ def compress(
     out: Annotated[Path, typer.Option("--out", help="Output folder (must be empty or absent).")],
     ratio: Annotated[float | None, typer.Option("--ratio", help="Fraction of parameters removed per linear, in (0, 1).")] = None,
     ratios: Annotated[str | None, typer.Option("--ratios", help="A sweep: 2-8 ratios, comma separated (e.g. 0.2,0.4,0.6), from one parallel calibration; one artifact per ratio in OUT/ratio-0.40/ ...")] = None,
-    method: Annotated[str, typer.Option("--method", help=" | ".join(method_names()))] = _CFG["method"],
+    method: Annotated[str, typer.Option("--method", help=" | ".join(method_names()))] = default_of(CompressConfig, "method"),
     method_option: Annotated[list[str] | None, typer.Option("--method-option", help=f"KEY=VALUE, repeatable: an option of --method ({method_options_help()}).")] = None,
-    allocation: Annotated[str, typer.Option("--allocation", help="uniform | global")] = _CFG["allocation"],
-    targets: Annotated[str, typer.Option("--targets", help="all | attention | mlp | re:<regex>")] = _CFG["targets"],
+    allocation: Annotated[str, typer.Option("--allocation", help="uniform | global")] = default_of(CompressConfig, "allocation"),
+    targets: Annotated[str, typer.Option("--targets", help="all | attention | mlp | re:<regex>")] = default_of(CompressConfig, "targets"),
     mode: Annotated[str | None, typer.Option("--mode", help="sequential | parallel calibration (default: sequential; parallel for --ratios, the only mode a sweep can share)")] = None,
     calib_file: Annotated[Path | None, typer.Option("--calib-file", help="Calibration text file.")] = None,
     calib_hf: Annotated[str | None, typer.Option("--calib-hf", help="Calibration HF dataset id.")] = None,
@@ -80,8 +78,8 @@ def compress(
     calib_split: Annotated[str | None, typer.Option("--calib-split")] = None,
     calib_samples: Annotated[int, typer.Option("--calib-samples", help="N calibration windows.")] = _DATA.samples,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Calibration window length L.")] = _DATA.seq_len,
-    seed: Annotated[int, typer.Option("--seed")] = _CFG["seed"],
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Calibration batch size.")] = _CFG["calibration_batch_size"],
+    seed: Annotated[int, typer.Option("--seed")] = default_of(CompressConfig, "seed"),
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Calibration batch size.")] = default_of(CompressConfig, "calibration_batch_size"),
     adapter: Annotated[str, typer.Option("--adapter", help="none | update | lora | adalora")] = "none",
     adapter_rank: Annotated[int, typer.Option("--adapter-rank")] = _REC.rank,
     adapter_steps: Annotated[int | None, typer.Option("--adapter-steps", help="Cap on optimizer steps.")] = None,
@@ -102,11 +100,11 @@ def compress(
     eval_file: EvalFile = None, eval_hf: EvalHF = None, eval_hf_config: EvalHFConfig = None,
     eval_split: EvalSplit = None, eval_seq_len: EvalSeqLen = _EVAL.seq_len, eval_max_tokens: EvalMaxTokens = _EVAL.max_tokens,
     throughput_runs: ThroughputRuns = _EVAL.throughput_runs, zero_shot: ZeroShot = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="float32 | bfloat16 | float16 forward")] = _CFG["dtype"],
-    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda")] = _CFG["device"],
+    dtype: Annotated[str, typer.Option("--dtype", help="float32 | bfloat16 | float16 forward")] = default_of(CompressConfig, "dtype"),
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda")] = default_of(CompressConfig, "device"),
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow .bin/.pt weights (runs their code).")] = False,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Run the model repo's own code.")] = False,
-    streaming: Annotated[str, typer.Option("--streaming", help="auto | on | off: one decoder layer at a time from the shards")] = _CFG["streaming"],
+    streaming: Annotated[str, typer.Option("--streaming", help="auto | on | off: one decoder layer at a time from the shards")] = default_of(CompressConfig, "streaming"),
     max_activation_bytes: Annotated[int | None, typer.Option("--max-activation-bytes", help="In-memory budget of calibration activations (past it: disk).")] = None,
     no_stats_cache: Annotated[bool, typer.Option("--no-stats-cache", help="Neither reuse nor store calibration statistics.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,

@@ -54,6 +54,13 @@ def check_ratio(ratio: Any, name: str = "ratio") -> float:
 MAX_SWEEP_RATIOS = 8
 
 
+def default_of(cls: type, name: str) -> Any:
+    """The default of field `name` of config dataclass `cls` (a fresh one for factory defaults):
+    the one place the API, the worker and the CLI read a request default from."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
 def check_ratios(ratios: Any, name: str = "ratios") -> list[float]:
     """A sweep's ratios: 2 to 8 values in (0, 1), distinct to 4 decimals; returned ascending."""
     if isinstance(ratios, str):

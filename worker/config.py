@@ -12,11 +12,10 @@ use (calibration, training, evaluation); a key left out of a source is `DataSpec
 """
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
-from svdforge.core.config import CompressConfig, DataSpec, EvalConfig, RecoverConfig, SweepConfig
+from svdforge.core.config import CompressConfig, DataSpec, EvalConfig, RecoverConfig, SweepConfig, default_of
 from svdforge.core.errors import UserError
 from svdforge.persistence.modelref import ModelRefError, check_hub_name, check_model_ref
 from svdforge.persistence.settings import Settings
@@ -30,11 +29,6 @@ EVAL_KEYS = ("enabled", "seq_len", "max_tokens", "batch_size", "throughput")
 
 def _given(request: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
     return {k: request[k] for k in keys if k in request}
-
-
-def _default_calibration() -> DataSpec:
-    field = next(f for f in dataclasses.fields(CompressConfig) if f.name == "calibration")
-    return field.default_factory()
 
 
 def data_spec(spec: dict[str, Any], files: dict[str, Path], split: str | None) -> DataSpec:
@@ -85,7 +79,7 @@ def build_config(request: dict[str, Any], files: dict[str, Path], settings: Sett
     ratios = request.get("ratios")
     config = CompressConfig(
         model=model, ratio=request["ratio"] if ratios is None else min(ratios),
-        calibration=data_spec(request.get("calibration") or {}, files, _default_calibration().split),
+        calibration=data_spec(request.get("calibration") or {}, files, default_of(CompressConfig, "calibration").split),
         calibration_mode="sequential" if ratios is None else "parallel",
         recover=recover_config(request.get("adapter") or {}, files),
         evaluation=eval_config(request.get("evaluation") or {}, files),
