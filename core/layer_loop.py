@@ -196,23 +196,23 @@ class LayerLoop:
     """Walks the decoder layers of `model` once, calling `handlers` at the named points.
 
     ids: the token windows [N, L] whose hidden states flow through the layers (None: no
-    forward at all, e.g. every statistic comes from a cache). streams: their paths
-    (default: one `main` stream). mode: `sequential` makes `main`'s next inputs the outputs
-    of the decomposed layer, `parallel` those of the dense one. forward_dtype: dtype of
+    forward at all, e.g. every statistic comes from a cache). streams: their paths, in the
+    order they run (a `Stream`'s `reuse` says where its next inputs come from: sequential
+    calibration re-runs the decomposed layer, parallel reuses the dense outputs). forward_dtype: dtype of
     every forward (a cast copy of one layer at a time). layer_io: `load(i, layer)` /
     `done(i, layer)` around each layer (streaming reads and writes shards there).
     activations: allocator of the [N, L, H] buffers (in memory up to a budget, then disk).
     `timings` holds `calibrate` (everything but decomposition) and `decompose` seconds."""
 
-    def __init__(self, model: nn.Module, handlers: list[Handler], *, ids: torch.Tensor | None = None,
-                 batch_size: int = 8, device="cpu", mode: str = "sequential",
-                 forward_dtype: torch.dtype | None = None, streams: list[Stream] | None = None,
+    def __init__(self, model: nn.Module, handlers: list[Handler], *, streams: list[Stream],
+                 ids: torch.Tensor | None = None, batch_size: int = 8, device="cpu",
+                 forward_dtype: torch.dtype | None = None,
                  targets: str = "all", layer_io=None, activations: ActivationStore | None = None,
                  reporter: Reporter | None = None):
         self.model, self.handlers, self.ids = model, handlers, ids
         self.batch_size, self.device, self.forward_dtype, self.targets = batch_size, device, forward_dtype, targets
         self.layers, self.prefix = decoder_layers(model)
-        self.streams = streams if streams is not None else [Stream("main", reuse=mode == "parallel")]
+        self.streams = streams
         self.io = layer_io or InMemoryLayers()
         self.store = activations or ActivationStore(device)
         self.rep = reporter or Reporter()

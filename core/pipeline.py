@@ -22,7 +22,8 @@ import torch
 from svdforge.core import data as data_mod
 from svdforge.core import streaming
 from svdforge.core.activations import ActivationStore
-from svdforge.core.artifact import load_weights, package_versions, read_manifest, save_model
+from svdforge.core.allocation import global_ranks
+from svdforge.core.artifact import load_artifact, load_weights, package_versions, read_manifest, save_model
 from svdforge.core.config import CompressConfig, EvalConfig
 from svdforge.core.decompose import CalibrationResult, compress_layers, uniform_ranks
 from svdforge.core.errors import UserError
@@ -36,6 +37,7 @@ from svdforge.core.models import load_model, load_tokenizer, own_weights, pick_d
 from svdforge.core.progress import Reporter
 from svdforge.core.recover import recover
 from svdforge.core.report import compressed_report, count_paths, write_report_and_manifest
+from svdforge.core.statistics import collect_fisher
 from svdforge.core.stats_cache import DEFAULT_MAX_BYTES, StatsCache, stats_key
 
 # The stages a resumed run skips: everything up to and including writing the weights.
@@ -155,8 +157,6 @@ def estimate_fisher(run: Run, loaded: Loaded, note: str = "") -> tuple[dict | No
     """(Fisher information or None, seconds): squared gradients, for methods that need them."""
     if "fisher" not in loaded.method.needs:
         return None, 0.0
-    from svdforge.core.statistics import collect_fisher
-
     t0 = time.perf_counter()
     run.rep.log(f"estimating Fisher information{note}", "whiten")
     fisher = collect_fisher(loaded.model, loaded.calib.ids[: loaded.method.config.samples], loaded.names, run.device)
@@ -187,8 +187,6 @@ def _rank_fn(run: Run, loaded: Loaded, fisher):
     config = run.config
     if config.allocation == "uniform":
         return uniform_ranks(config.ratio), None
-    from svdforge.core.allocation import global_ranks
-
     return global_ranks(loaded.model, loaded.calib.ids, config, run.device, run.rep, fisher=fisher,
                         forward_dtype=calibration_dtype(config, run.device))
 
@@ -382,8 +380,6 @@ def evaluate_streaming(job, tokenizer, ev: EvalConfig, rep: Reporter) -> dict:
 def evaluate_artifact(path: str | Path, evaluation: EvalConfig | None = None, teacher_model: str | None = None,
                       device: str = "auto", progress=None) -> dict:
     """Re-evaluate an artifact against its dense teacher (the manifest's model unless given)."""
-    from svdforge.core.artifact import load_artifact
-
     rep = Reporter(progress)
     device = pick_device(device)
     manifest = read_manifest(path)

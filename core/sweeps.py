@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from svdforge.core.allocation import allocate_ratio, global_spectra
 from svdforge.core.artifact import package_versions, save_model
 from svdforge.core.config import CompressConfig, check_ratios
 from svdforge.core.decompose import CalibrationResult, SweepTarget, compress_layers, uniform_ranks
@@ -84,8 +85,6 @@ def _rank_fns(run: Run, loaded: Loaded, ratios: list[float], fisher, fdt, t0: fl
     config = run.config
     if config.allocation == "uniform":
         return [uniform_ranks(r) for r in ratios], [None] * len(ratios)
-    from svdforge.core.allocation import allocate_ratio, global_spectra
-
     spectra = global_spectra(loaded.model, loaded.calib.ids, config, run.device, run.rep, fisher, fdt)
     t_spectra = time.perf_counter() - t0
     pairs = [allocate_ratio(spectra, r, t_spectra) for r in ratios]
