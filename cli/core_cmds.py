@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from svdforge.cli.app import app
+from svdforge.core.architectures import supported_list
 from svdforge.core.config import CompressConfig, DataSpec, EvalConfig, RecoverConfig, default_of
 from svdforge.core.errors import UserError
 from svdforge.core.methods import method_names, method_options_help
@@ -63,7 +64,7 @@ ZeroShot = Annotated[str | None, typer.Option("--zero-shot", help="lm-eval tasks
 
 @app.command()
 def compress(
-    model: Annotated[str, typer.Argument(help="HF folder, .gguf file, hub id, or alias smollm2-135m.")],
+    model: Annotated[str, typer.Argument(help=f"HF folder, .gguf file, hub id, or alias smollm2-135m. Architectures (config.json model_type): {supported_list()}.")],
     out: Annotated[Path, typer.Option("--out", help="Output folder (must be empty or absent).")],
     ratio: Annotated[float | None, typer.Option("--ratio", help="Fraction of parameters removed per linear, in (0, 1).")] = None,
     ratios: Annotated[str | None, typer.Option("--ratios", help="A sweep: 2-8 ratios, comma separated (e.g. 0.2,0.4,0.6), from one parallel calibration; one artifact per ratio in OUT/ratio-0.40/ ...")] = None,

@@ -90,6 +90,9 @@ def _rebuild_meta_buffers(module: nn.Module, config, device, skip: str | None = 
             continue
         if not any(b.is_meta for b in sub.buffers(recurse=False)):
             continue
+        if hasattr(sub, "scalar_embed_scale"):  # Gemma's scaled embedding keeps its scale as a float too
+            sub.embed_scale = torch.tensor(sub.scalar_embed_scale, device=device)
+            continue
         try:
             fresh = type(sub)(config=config, device=device)
         except TypeError:
@@ -118,7 +121,7 @@ def build_skeleton(source: str | Path, dtype: str = "float32", device="cpu", tru
     reader = CheckpointReader(source)
     _, prefix = decoder_layers(model)
     names = [k for k in model.state_dict() if not k.startswith(prefix + ".")]
-    tied = _tied_names(model)
+    tied = tied_names(model)
     wanted = [k for k in names if k in reader or k not in tied]
     sd = reader.read(wanted, torch_dtype, device)
     model.load_state_dict(sd, strict=False, assign=True)
@@ -130,7 +133,7 @@ def build_skeleton(source: str | Path, dtype: str = "float32", device="cpu", tru
     return model, reader, prefix
 
 
-def _tied_names(model: nn.Module) -> set[str]:
+def tied_names(model: nn.Module) -> set[str]:
     """State-dict names that alias an earlier tensor (save_pretrained drops them)."""
     seen: dict[int, str] = {}
     tied = set()
@@ -243,7 +246,7 @@ class ShardWriter:
 
 def non_layer_state(model: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
     """The model's tensors outside the decoder layers, tied duplicates left out."""
-    tied = _tied_names(model)
+    tied = tied_names(model)
     return {k: v for k, v in model.state_dict().items()
             if not k.startswith(prefix + ".") and k not in tied}
 

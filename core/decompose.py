@@ -23,7 +23,7 @@ from svdforge.core.config import UPDATE_MIX
 from svdforge.core.errors import NumericalError, UserError
 from svdforge.core.layer_loop import Handler, LayerLoop, LayerStep, Stream
 from svdforge.core.linalg import Factors, saves_params, uniform_rank
-from svdforge.core.lowrank import LowRankLinear, set_submodule
+from svdforge.core.lowrank import LowRankLinear, from_factors, set_submodule
 from svdforge.core.methods import Method
 from svdforge.core.progress import Reporter
 from svdforge.core.recover import least_squares_update
@@ -71,7 +71,7 @@ def build(name: str, lin: nn.Linear, k: int, f: Factors, entry: dict) -> LowRank
     if not (torch.isfinite(f.u).all() and torch.isfinite(f.v).all()):
         raise NumericalError(f"{name}: non-finite factors")
     m, n = lin.out_features, lin.in_features
-    new = LowRankLinear.from_factors(f.u, f.v, lin.bias, dtype=lin.weight.dtype, device=lin.weight.device)
+    new = from_factors(f.u, f.v, lin.bias, dtype=lin.weight.dtype, device=lin.weight.device)
     entry.update(rank=k, params=k * (m + n) + (m if lin.bias is not None else 0),
                  path=f.info.get("path"), retained_energy=f.info["retained_energy"],
                  truncation_loss=f.info["truncation_loss"])

@@ -211,7 +211,7 @@ def compare_streamed(job, windows: torch.Tensor, batch_size: int, on_batch=None,
     decoder layer at a time (dense layer from the checkpoint, compressed layer from the
     artifact just written), then the final norm and `lm_head`. Holds two [N, L, hidden]
     streams and one spare (offloaded past the budget) and one layer. Assumes logits =
-    lm_head(norm(h)) (Llama, Mistral, Qwen2; not soft-capped ones)."""
+    lm_head(norm(h)), soft-capped where the config says so (Gemma-2)."""
     model = job.model
     layers, _ = decoder_layers(model)
     streams = [Stream("teacher", calibrate=False, reuse=False,
@@ -225,9 +225,15 @@ def compare_streamed(job, windows: torch.Tensor, batch_size: int, on_batch=None,
     head = model.get_output_embeddings()
     if norm is None or head is None:
         raise UserError("streaming evaluation cannot find the final norm / lm_head of this architecture")
+    cap = getattr(model.config, "final_logit_softcapping", None)
+
+    def logits(h):
+        z = head(norm(h))[:, :-1]
+        return torch.tanh(z / cap) * cap if cap else z
+
     acc = Fidelity()
     teacher, student = streams[0].hidden, streams[1].hidden
     for lo in range(0, windows.shape[0], batch_size):
         hi = min(lo + batch_size, windows.shape[0])
-        acc.add(head(norm(teacher[lo:hi]))[:, :-1], head(norm(student[lo:hi]))[:, :-1], windows[lo:hi].to(job.device))
+        acc.add(logits(teacher[lo:hi]), logits(student[lo:hi]), windows[lo:hi].to(job.device))
     return acc.result()

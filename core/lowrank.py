@@ -1,42 +1,31 @@
-"""The module that replaces a compressed nn.Linear: y = u(v(x)), two thin matmuls."""
+"""The module that replaces a compressed nn.Linear: y = u(v(x)), two thin matmuls.
+
+`LowRankLinear` is defined in the remote code that every artifact carries
+(`svdforge.core.hf.modeling_svdforge`), so what the pipeline builds and what a deployment
+loads are one class. Both factors are plain nn.Linear, so peft can put adapters on them (SPEC
+stage 3) and the state dict is `<name>.u.weight`, `<name>.v.weight` (+ `<name>.u.bias`).
+"""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from svdforge.core.hf.modeling_svdforge import LowRankLinear
 
-class LowRankLinear(nn.Module):
-    """W ~ W_u W_v: `v` maps in_features -> rank, `u` maps rank -> out_features (+ bias).
+__all__ = ["LowRankLinear", "apply_ranks", "from_factors", "set_submodule"]
 
-    Both are plain nn.Linear, so peft can put adapters on them (SPEC stage 3) and the
-    state dict is `<name>.u.weight`, `<name>.v.weight` (+ `<name>.u.bias`).
-    """
 
-    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = False,
-                 dtype: torch.dtype | None = None, device=None):
-        super().__init__()
-        self.in_features, self.out_features, self.rank = in_features, out_features, rank
-        self.v = nn.Linear(in_features, rank, bias=False, dtype=dtype, device=device)
-        self.u = nn.Linear(rank, out_features, bias=bias, dtype=dtype, device=device)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.u(self.v(x))
-
-    @classmethod
-    def from_factors(cls, u: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
-                     dtype: torch.dtype, device=None) -> LowRankLinear:
-        m, k = u.shape
-        n = v.shape[1]
-        mod = cls(n, m, k, bias=bias is not None, dtype=dtype, device=device)
-        with torch.no_grad():
-            mod.u.weight.copy_(u)
-            mod.v.weight.copy_(v)
-            if bias is not None:
-                mod.u.bias.copy_(bias)
-        return mod
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+def from_factors(u: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
+                 device=None) -> LowRankLinear:
+    """A LowRankLinear holding u (m x k), v (k x n) and the bias."""
+    m, k = u.shape
+    mod = LowRankLinear(v.shape[1], m, k, bias=bias is not None, dtype=dtype, device=device)
+    with torch.no_grad():
+        mod.u.weight.copy_(u)
+        mod.v.weight.copy_(v)
+        if bias is not None:
+            mod.u.bias.copy_(bias)
+    return mod
 
 
 def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:

@@ -13,6 +13,7 @@ enables them: both run code from the checkpoint's author.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -145,6 +146,23 @@ def resolve_source(name: str, allow_pickle: bool = False) -> tuple[str, str | No
     if not _hub_reachable():
         raise UserError(f"model {name!r}: the Hugging Face hub is not reachable (no network within 3 s)")
     return name, None
+
+
+def model_type_of(source: str, gguf_file: str | None = None, trust_remote_code: bool = False) -> str | None:
+    """config.json's `model_type` of a resolved source, read without loading any weight."""
+    p = Path(source)
+    if gguf_file is None and (p / "config.json").is_file():
+        try:
+            return json.loads((p / "config.json").read_text()).get("model_type")
+        except ValueError as e:
+            raise UserError(f"{p / 'config.json'} is not valid JSON: {e}") from None
+    from transformers import AutoConfig
+
+    _quiet_transformers()
+    try:
+        return AutoConfig.from_pretrained(source, gguf_file=gguf_file, trust_remote_code=trust_remote_code).model_type
+    except Exception as e:  # noqa: BLE001 - any loader failure is a bad input: one line for the user
+        raise UserError(f"could not read the config of {source!r}: {_first_line(e)}") from None
 
 
 def load_tokenizer(source: str, gguf_file: str | None = None, trust_remote_code: bool = False):

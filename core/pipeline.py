@@ -19,11 +19,19 @@ from pathlib import Path
 
 import torch
 
+from svdforge.core import architectures, streaming
 from svdforge.core import data as data_mod
-from svdforge.core import streaming
 from svdforge.core.activations import ActivationStore
 from svdforge.core.allocation import global_ranks
-from svdforge.core.artifact import load_artifact, load_weights, package_versions, read_manifest, save_model
+from svdforge.core.artifact import (
+    check_saved,
+    check_saved_keys,
+    load_artifact,
+    load_weights,
+    package_versions,
+    read_manifest,
+    save_model,
+)
 from svdforge.core.config import CompressConfig, EvalConfig
 from svdforge.core.decompose import CalibrationResult, compress_layers, uniform_ranks
 from svdforge.core.errors import UserError
@@ -33,7 +41,14 @@ from svdforge.core.lowrank import apply_ranks
 from svdforge.core.memory import peak_rss_bytes, trim_heap
 from svdforge.core.methods import Method, get_method
 from svdforge.core.models import cache_dir as models_cache_dir
-from svdforge.core.models import load_model, load_tokenizer, own_weights, pick_device, resolve_source
+from svdforge.core.models import (
+    load_model,
+    load_tokenizer,
+    model_type_of,
+    own_weights,
+    pick_device,
+    resolve_source,
+)
 from svdforge.core.progress import Reporter
 from svdforge.core.recover import recover
 from svdforge.core.report import compressed_report, count_paths, write_report_and_manifest
@@ -134,6 +149,7 @@ def load(run: Run, *, sweep: bool = False) -> Loaded:
     rep.stage_started("load", "loading model")
     t0 = time.perf_counter()
     source, gguf_file = resolve_source(config.model, config.allow_pickle)
+    architectures.require(model_type_of(source, gguf_file, config.trust_remote_code))
     stream, reason = streaming.decide(config, source, gguf_file)
     if stream and sweep:
         raise UserError(f"this model would have to stream ({reason}), which a sweep cannot do: it keeps "
@@ -232,6 +248,9 @@ def _save(run: Run, loaded: Loaded, report: dict) -> None:
         loaded.job.save(loaded.tok)
     else:
         save_model(loaded.model, loaded.tok, run.out)
+    ids = loaded.calib.ids[:1, :16]
+    report["post_save_check"] = check_saved_keys(run.out) if loaded.job else \
+        check_saved(run.out, loaded.model, ids, run.device)
     run.rep.stage_finished("save")
     report["bytes"] = {"dense": loaded.dense[0] * torch.finfo(loaded.model.dtype).bits // 8,
                        "compressed": safetensors_bytes(run.out)}

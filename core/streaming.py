@@ -14,8 +14,8 @@ Host (and device) memory then holds the embeddings and head, one decoder layer (
 its factors), the activation buffers that fit the budget, and that layer's Grams. This
 module also decides whether a job streams (`decide`).
 
-The artifact is the one `svdforge.core.artifact.load_artifact` reads: `<name>.u.weight` /
-`<name>.v.weight` for compressed linears.
+The artifact is the same format-2 folder as the in-memory path writes
+(`svdforge.core.artifact`): `<name>.u.weight` / `<name>.v.weight` for compressed linears.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from svdforge.core.activations import ActivationStore, default_activation_budget
+from svdforge.core.artifact import make_loadable, ranks_of
 from svdforge.core.checkpoint import (
     DTYPES,
     MAX_SHARD_BYTES,
@@ -151,6 +152,7 @@ class StreamingJob:
         self.writer.add(non_layer_state(self.model, self.prefix))
         self.writer.close()
         save_config(self.model, tokenizer, self.out)
+        make_loadable(self.out, ranks_of(self.model))
 
     def report(self, reason: str) -> dict:
         return {"enabled": True, "reason": reason, "checkpoint_bytes": self.reader.nbytes(),

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from svdforge.core.allocation import allocate_ratio, global_spectra
-from svdforge.core.artifact import package_versions, save_model
+from svdforge.core.artifact import check_saved, package_versions, save_model
 from svdforge.core.config import CompressConfig, check_ratios
 from svdforge.core.decompose import CalibrationResult, SweepTarget, compress_layers, uniform_ranks
 from svdforge.core.errors import UserError
@@ -162,6 +162,7 @@ def _one_ratio(run: Run, loaded: Loaded, ratios: list[float], index: int, target
         run.rep.stage_started("save", f"ratio {r:g}")
         t0 = time.perf_counter()
         save_model(student, loaded.tok, folder)
+        report["post_save_check"] = check_saved(folder, student, loaded.calib.ids[:1, :16], run.device)
         t_ratio["save"] = time.perf_counter() - t0
         run.rep.stage_finished("save")
         report["bytes"] = {"dense": loaded.dense[0] * torch.finfo(loaded.model.dtype).bits // 8,

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-ARCHS = ("llama", "mistral", "qwen2")
+ARCHS = ("llama", "mistral", "qwen2")   # the quick set most tests run on
+MATRIX = (*ARCHS, "phi3", "gemma2", "gpt_neox", "gpt2", "mixtral", "qwen2_moe")  # README's architecture table
 
 
 def tiny_tokenizer(vocab_size: int = 512):
@@ -31,13 +32,31 @@ def tiny_tokenizer(vocab_size: int = 512):
 
 def tiny_config(arch: str = "llama", vocab_size: int = 512, hidden: int = 64, layers: int = 2,
                 heads: int = 4, kv_heads: int = 2, intermediate: int = 160):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    """A tiny config of one architecture of the matrix (`svdforge.core.architectures`),
+    refused ones included, with each architecture's own traits left on (Qwen2's q/k/v biases,
+    Phi-3's fused projections, Gemma-2's soft-capping and tied embeddings, MoE experts)."""
+    import transformers as tf
 
-    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[arch]
-    return cls(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
-               num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-               max_position_embeddings=1024, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0,
-               pad_token_id=0)
+    ids = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}
+    common = {"vocab_size": vocab_size, "hidden_size": hidden, "intermediate_size": intermediate,
+              "num_hidden_layers": layers, "num_attention_heads": heads, "max_position_embeddings": 1024, **ids}
+    gqa = {**common, "num_key_value_heads": kv_heads}
+    untied = {"tie_word_embeddings": False}
+    moe = {"num_experts_per_tok": 2}
+    make = {
+        "llama": lambda: tf.LlamaConfig(**gqa, **untied),
+        "mistral": lambda: tf.MistralConfig(**gqa, **untied),
+        "qwen2": lambda: tf.Qwen2Config(**gqa, **untied),
+        "phi3": lambda: tf.Phi3Config(**gqa, **untied),
+        "gemma2": lambda: tf.Gemma2Config(**gqa, head_dim=hidden // heads, tie_word_embeddings=True),
+        "gpt_neox": lambda: tf.GPTNeoXConfig(**common, **untied),
+        "gpt2": lambda: tf.GPT2Config(vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=heads,
+                                      n_positions=1024, **ids),
+        "mixtral": lambda: tf.MixtralConfig(**gqa, **untied, **moe, num_local_experts=4),
+        "qwen2_moe": lambda: tf.Qwen2MoeConfig(**gqa, **untied, **moe, num_experts=4, moe_intermediate_size=32,
+                                               shared_expert_intermediate_size=intermediate),
+    }
+    return make[arch]()
 
 
 def make_tiny_model(path: str | Path, arch: str = "llama", seed: int = 0, **config_kw) -> Path:

@@ -7,14 +7,17 @@ the rest of the disk. A hub id (model or dataset) must not name a path that exis
 relative to the process's working folder: transformers and datasets load such a folder
 instead of asking the hub, which would bypass the root. Pickle checkpoints are refused
 unless `SVDFORGE_ALLOW_PICKLE` is set (remote code is refused by the loader itself unless
-`SVDFORGE_TRUST_REMOTE_CODE` is set: telling needs transformers). Kept free of torch so
-that the API does not import it.
+`SVDFORGE_TRUST_REMOTE_CODE` is set: telling needs transformers). A local folder's
+config.json must name an architecture svdforge compresses (`svdforge.core.architectures`).
+Kept free of torch so that the API does not import it.
 """
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
+from svdforge.core import architectures
 from svdforge.persistence.settings import Settings
 
 ALIASES = frozenset({"smollm2-135m"})  # core.models.ALIASES (a test keeps the two equal)
@@ -76,4 +79,19 @@ def _check_path(model: str, settings: Settings) -> str:
                                       else resolved.is_dir() and _pickle_only(resolved)):
         raise ModelRefError("pickle weights (.bin/.pt) can run code when loaded and are refused on this server "
                             "(convert to safetensors, or an operator sets SVDFORGE_ALLOW_PICKLE)")
+    _check_architecture(resolved)
     return str(resolved)
+
+
+def _check_architecture(folder: Path) -> None:
+    """A local folder's architecture must be one svdforge compresses (its config.json says)."""
+    config = folder / "config.json"
+    if not folder.is_dir() or not config.is_file():
+        return  # a .gguf file, or a folder the loader will refuse with its own message
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        raise ModelRefError("the model folder's config.json is not a valid JSON object") from None
+    why = architectures.refusal(model_type)
+    if why is not None:
+        raise ModelRefError(why)

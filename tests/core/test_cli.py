@@ -93,3 +93,21 @@ def test_compress_a_sweep(tiny_llama, tmp_path):
     assert (out / "ppl_vs_ratio.png").read_bytes().startswith(b"\x89PNG")
     report = json.loads((out / "report.json").read_text())
     assert [e["metrics"]["compressed"]["ppl"] > 1 for e in report["sweep"]["ratios"]] == [True, True]
+
+
+def test_a_refused_architecture_exits_2_with_one_line(tmp_path):
+    from svdforge.core.testing import make_tiny_model
+
+    src = make_tiny_model(tmp_path / "gpt2", "gpt2")
+    r = subprocess.run([sys.executable, "-m", "svdforge.cli.main", "compress", str(src), "--out", str(tmp_path / "o"),
+                        "--ratio", "0.4", "--no-eval"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Conv1D" in lines[0] and "llama" in lines[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_help_lists_the_supported_architectures():
+    r = subprocess.run([sys.executable, "-m", "svdforge.cli.main", "compress", "--help"], capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "COLUMNS": "300"})
+    assert "gemma2" in r.stdout and "gpt_neox" in r.stdout

@@ -380,8 +380,9 @@ def _remote_code_model(root: Path, tiny: Path, marker: Path) -> Path:
     d = root / f"custom_{uuid.uuid4().hex[:8]}"
     shutil.copytree(tiny, d)
     cfg = json.loads((d / "config.json").read_text())
-    cfg.update(model_type=f"svdforge-test-{d.name}", auto_map={"AutoConfig": "configuration_custom.CustomConfig",
-                                                              "AutoModelForCausalLM": "modeling_custom.CustomLM"})
+    # a supported model_type with its own code, as hub models have (an unknown one is refused at submission)
+    cfg.update(model_type="llama", auto_map={"AutoConfig": "configuration_custom.CustomConfig",
+                                             "AutoModelForCausalLM": "modeling_custom.CustomLM"})
     (d / "config.json").write_text(json.dumps(cfg))
     (d / "configuration_custom.py").write_text(
         f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
@@ -405,8 +406,22 @@ def test_remote_code_runs_only_when_the_operator_trusts_it(tmp_path, db, tokens,
     auth = {"Authorization": f"Bearer {tokens['alice']}"}
     with TestClient(create_app(settings)) as c:
         job = post_job(c, auth, model=str(model), **TINY_REQUEST_OPTIONS).json()
-        assert JobRunner(db, make_storage(settings), settings).run(job["id"]) == "failed"
+        status = JobRunner(db, make_storage(settings), settings).run(job["id"])
         error = c.get(f"/v1/jobs/{job['id']}", headers=auth).json()["error"]
     assert marker.exists() is trusted, error
-    if not trusted:
-        assert error["code"] == "invalid_input" and "custom code" in error["message"]
+    # untrusted, transformers' own Llama is used and the folder's code never runs; trusted, it runs (and raises)
+    assert status == ("failed" if trusted else "succeeded"), error
+
+
+@pytest.mark.parametrize("model_type,words", [("gpt2", "Conv1D"), ("mixtral", "experts"), ("bert", "not supported"),
+                                              ("svdforge_llama", "already an svdforge artifact")])
+def test_an_architecture_svdforge_does_not_compress_is_refused_at_submission(client, auth, settings,
+                                                                             model_type, words):
+    d = settings.model_root / model_type
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": model_type}))
+    (d / "model.safetensors").write_bytes(b"{}")
+    body = assert_problem(post_job(client, auth, model=str(d)), 422, field="model")
+    assert words in body["detail"]
+    if model_type != "svdforge_llama":
+        assert "Supported model_type values: llama, mistral, qwen2, phi3, gemma2, gpt_neox" in body["detail"]
