@@ -16,6 +16,9 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from svdforge.core.config import (
     ALLOCATIONS,
+    MAX_PROMPT_CHARS,
+    MAX_PROMPTS,
+    MAX_SAMPLE_TOKENS,
     OBJECTIVES,
     TARGET_PRESETS,
     CompressConfig,
@@ -24,6 +27,7 @@ from svdforge.core.config import (
     RecoverConfig,
     default_of,
 )
+from svdforge.core.evaluate import FIXED_PROMPTS
 from svdforge.core.methods import method_names
 from svdforge.persistence.state import JobStatus, Stage
 
@@ -105,6 +109,9 @@ DataSource = Annotated[
 
 
 # --- evaluation ------------------------------------------------------------------------
+Prompt = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="A prompt to complete.")]
+
+
 class _EvalOptions(Strict):
     enabled: bool = Field(_EVAL.enabled, description="Measure perplexity and fidelity against the dense model.")
     seq_len: SeqLen = _EVAL.seq_len
@@ -112,6 +119,13 @@ class _EvalOptions(Strict):
         _EVAL.max_tokens, description="Evaluation tokens (null: the whole text).")
     batch_size: Annotated[int, Field(ge=1, le=256)] = _EVAL.batch_size
     throughput: bool = Field(_EVAL.throughput, description="Also time dense vs compressed forward passes.")
+    prompts: Annotated[list[Prompt], Field(max_length=MAX_PROMPTS)] = Field(
+        _EVAL.prompts, examples=[["Water boils at"]], description=(
+            f"Up to {MAX_PROMPTS} prompts the dense and the compressed model complete greedily for the report's "
+            f"`samples` (and the `samples.md` artifact), after the fixed ones: "
+            f"{', '.join(repr(p) for p in FIXED_PROMPTS)}."))
+    sample_tokens: Annotated[int, Field(ge=1, le=MAX_SAMPLE_TOKENS)] = Field(
+        _EVAL.sample_tokens, description="New tokens per sample completion.")
 
     @model_validator(mode="after")
     def _window_fits(self) -> _EvalOptions:
@@ -350,6 +364,10 @@ class JobReport(BaseModel):
     params: dict[str, Any] | None = None
     timings_s: dict[str, Any] | None = None
     ranks: dict[str, Any] | None = None
+    samples: dict[str, Any] | None = Field(None, description=(
+        "Greedy completions of the fixed and the request's prompts: `max_new_tokens` and `items`, each with "
+        "`prompt`, `source` (`fixed` | `request`), `dense` and `compressed`; `skipped` with a `reason` for a "
+        "streamed job. A sweep has them per ratio, under `sweep.ratios[i].samples`."))
 
 
 class ArtifactOut(BaseModel):

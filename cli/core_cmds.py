@@ -9,7 +9,15 @@ import typer
 
 from svdforge.cli.app import app
 from svdforge.core.architectures import supported_list
-from svdforge.core.config import CompressConfig, DataSpec, EvalConfig, RecoverConfig, default_of
+from svdforge.core.config import (
+    MAX_SAMPLE_TOKENS,
+    CompressConfig,
+    DataSpec,
+    EvalConfig,
+    RecoverConfig,
+    check_prompts,
+    default_of,
+)
 from svdforge.core.errors import UserError
 from svdforge.core.methods import method_names, method_options_help
 
@@ -44,12 +52,17 @@ def _method_options(pairs: list[str] | None) -> dict:
 
 
 def _eval_config(no_eval: bool, eval_file, eval_hf, eval_hf_config, eval_split, eval_seq_len, eval_max_tokens,
-                 throughput_runs, zero_shot) -> EvalConfig:
+                 throughput_runs, zero_shot, prompts: list[str] | None = None,
+                 sample_tokens: int = _EVAL.sample_tokens) -> EvalConfig:
     data = _data(eval_file, eval_hf, eval_hf_config, eval_split, 1, 2, 0, "evaluation")
+    prompts = check_prompts(list(prompts or ()), "--prompt")
+    if not 1 <= sample_tokens <= MAX_SAMPLE_TOKENS:
+        raise UserError(f"--sample-tokens must be >= 1 and <= {MAX_SAMPLE_TOKENS}, got {sample_tokens}")
     return EvalConfig(enabled=not no_eval, data=data, seq_len=eval_seq_len,
                       max_tokens=None if eval_max_tokens == 0 else eval_max_tokens,
                       throughput=throughput_runs > 0, throughput_runs=max(throughput_runs, 1),
-                      zero_shot=[t for t in (zero_shot or "").split(",") if t])
+                      zero_shot=[t for t in (zero_shot or "").split(",") if t],
+                      prompts=prompts, sample_tokens=sample_tokens)
 
 
 EvalFile = Annotated[Path | None, typer.Option("--eval-file", help="Evaluation text file (default: builtin corpus, evaluation split).")]
@@ -60,6 +73,8 @@ EvalSeqLen = Annotated[int, typer.Option("--eval-seq-len", help="Evaluation wind
 EvalMaxTokens = Annotated[int, typer.Option("--eval-max-tokens", help="Cap on evaluation tokens (0: the whole split).")]
 ThroughputRuns = Annotated[int, typer.Option("--throughput-runs", help="Timed forward runs per model (0: skip).")]
 ZeroShot = Annotated[str | None, typer.Option("--zero-shot", help="lm-eval tasks, comma separated (needs network).")]
+Prompts = Annotated[list[str] | None, typer.Option("--prompt", help="A prompt the dense and the compressed model complete greedily (report `samples`, OUT/samples.md), after the fixed ones; repeatable, up to 8.")]
+SampleTokens = Annotated[int, typer.Option("--sample-tokens", help="New tokens per sample completion (1..256).")]
 
 
 @app.command()
@@ -101,6 +116,7 @@ def compress(
     eval_file: EvalFile = None, eval_hf: EvalHF = None, eval_hf_config: EvalHFConfig = None,
     eval_split: EvalSplit = None, eval_seq_len: EvalSeqLen = _EVAL.seq_len, eval_max_tokens: EvalMaxTokens = _EVAL.max_tokens,
     throughput_runs: ThroughputRuns = _EVAL.throughput_runs, zero_shot: ZeroShot = None,
+    prompt: Prompts = None, sample_tokens: SampleTokens = _EVAL.sample_tokens,
     dtype: Annotated[str, typer.Option("--dtype", help="float32 | bfloat16 | float16 forward")] = default_of(CompressConfig, "dtype"),
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda")] = default_of(CompressConfig, "device"),
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow .bin/.pt weights (runs their code).")] = False,
@@ -137,7 +153,7 @@ def compress(
                               data=_data(calib_file, calib_hf, calib_hf_config, calib_split, adapter_samples,
                                          adapter_seq_len or seq_len, seed + 1, "calibration")),
         evaluation=_eval_config(no_eval, eval_file, eval_hf, eval_hf_config, eval_split, eval_seq_len,
-                                eval_max_tokens, throughput_runs, zero_shot),
+                                eval_max_tokens, throughput_runs, zero_shot, prompt, sample_tokens),
         dtype=dtype, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, seed=seed,
         streaming=streaming, max_activation_bytes=max_activation_bytes, stats_cache=not no_stats_cache)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -150,7 +166,8 @@ def compress(
         bars.close()
     if sweep_ratios is None:
         typer.echo(json.dumps(_summary(report), indent=2))
-        typer.echo(f"artifact: {out}  report: {out / 'report.json'}")
+        samples = f"  samples: {out / 'samples.md'}" if (out / "samples.md").is_file() else ""
+        typer.echo(f"artifact: {out}  report: {out / 'report.json'}{samples}")
         return
     typer.echo(json.dumps({"model": report["model"], "method": report["method"],
                            "calibration_mode": report["calibration_mode"],

@@ -1,5 +1,6 @@
 """`make run`: start the embedded service, run a real job on smollm2-135m, follow it,
-download the safetensors, check its sha256, print the report, stop the service.
+download the safetensors, check its sha256, print the report and the sample completions
+(dense vs compressed), stop the service.
 
     python -m svdforge.cli.demo                          # data in ./var (or $SVDFORGE_DATA_DIR), port 8000 if free
     python -m svdforge.cli.demo --url http://host:8000   # use a running service (key: --key-file or $SVDFORGE_API_KEY)
@@ -127,6 +128,20 @@ def print_report(report: dict) -> None:
         print(f"  {name:26} {text}")
 
 
+def print_samples(report: dict) -> None:
+    """The report's greedy completions, dense vs compressed, one prompt at a time."""
+    samples = report.get("samples") or {}
+    if samples.get("skipped") or not samples.get("items"):
+        print(f"\nsamples: skipped ({samples.get('reason', 'none in the report')})")
+        return
+    print(f"\nsamples (greedy, up to {samples['max_new_tokens']} new tokens; samples.md holds them too)")
+    for item in samples["items"]:
+        print(f"  [{item['source']}] {item['prompt']!r}")
+        for who in ("dense", "compressed"):
+            if who in item:
+                print(f"    {who:10} {item[who]!r}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", help="a running service (default: start one)")
@@ -163,7 +178,9 @@ def main() -> None:
             artifacts = {a["name"]: a for a in client.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]}
             download(client, artifacts["model.safetensors"],
                      args.data_dir / "downloads" / job["id"] / "model.safetensors")
-            print_report(client.get(f"/v1/jobs/{job['id']}/report").json())
+            report = client.get(f"/v1/jobs/{job['id']}/report").json()
+            print_report(report)
+            print_samples(report)
             ok = True
     finally:
         if proc is not None and not args.keep_running:

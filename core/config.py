@@ -52,6 +52,10 @@ def check_ratio(ratio: Any, name: str = "ratio") -> float:
 
 
 MAX_SWEEP_RATIOS = 8
+# Request prompts of the report's sample completions (`EvalConfig.prompts`, `sample_tokens`).
+MAX_PROMPTS = 8
+MAX_PROMPT_CHARS = 1000
+MAX_SAMPLE_TOKENS = 256
 
 
 def default_of(cls: type, name: str) -> Any:
@@ -105,9 +109,25 @@ class DataSpec:
         _int_in("seed", self.seed, 0)
 
 
+def check_prompts(prompts: Any, name: str = "prompts") -> list[str]:
+    """A request's sample prompts: at most MAX_PROMPTS non-empty strings of at most MAX_PROMPT_CHARS characters."""
+    _check(isinstance(prompts, (list, tuple)), f"{name} must be a list of strings, got {prompts!r}")
+    _check(len(prompts) <= MAX_PROMPTS, f"{name} must hold at most {MAX_PROMPTS} prompts, got {len(prompts)}")
+    for i, p in enumerate(prompts):
+        _check(isinstance(p, str) and 1 <= len(p) <= MAX_PROMPT_CHARS,
+               f"{name}[{i}] must be a non-empty string of at most {MAX_PROMPT_CHARS} characters, got "
+               + (f"{len(p)} characters" if isinstance(p, str) else repr(p)))
+    return list(prompts)
+
+
 @dataclass
 class EvalConfig:
-    """SPEC stage 4. `max_tokens` caps the evaluation text (None: the whole split)."""
+    """SPEC stage 4. `max_tokens` caps the evaluation text (None: the whole split).
+
+    `prompts` are greedily completed by the dense and the compressed model, `sample_tokens`
+    new tokens each, after the fixed prompts (`svdforge.core.evaluate.FIXED_PROMPTS`): the
+    report's `samples`, and `samples.md` in the artifact.
+    """
 
     enabled: bool = True
     data: DataSpec = field(default_factory=lambda: DataSpec(split="evaluation"))
@@ -118,10 +138,14 @@ class EvalConfig:
     throughput_runs: int = 5
     throughput_seq_len: int = 512
     zero_shot: list[str] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)
+    sample_tokens: int = 32
 
     def __post_init__(self) -> None:
         if isinstance(self.data, dict):
             self.data = DataSpec(**self.data)
+        self.prompts = check_prompts(self.prompts)
+        _int_in("sample_tokens", self.sample_tokens, 1, MAX_SAMPLE_TOKENS)
         _int_in("seq_len", self.seq_len, 2, 1_048_576)
         if self.max_tokens is not None:
             _int_in("max_tokens", self.max_tokens, self.seq_len)

@@ -161,6 +161,37 @@ def throughput(models: dict[str, nn.Module], vocab: int, seq_len: int = 512, run
     return out
 
 
+# Completed greedily in every report, before the request's own prompts: neutral and short, so
+# that a glance at `samples.md` shows whether the compressed model still speaks.
+FIXED_PROMPTS = ("The capital of France is", "Once upon a time,", "def fibonacci(n):")
+
+
+@torch.no_grad()
+def greedy_samples(models: dict[str, nn.Module], tokenizer, prompts: list[str], max_new_tokens: int,
+                   device="cpu") -> dict:
+    """The report's `samples`: each model's greedy completion (new text only) of the fixed
+    prompts, then of `prompts`. Every model stops on the first model's end-of-text tokens; the
+    KV cache is on for the call (the pipeline's models have `use_cache=False`) and restored."""
+    gen = next(iter(models.values())).generation_config
+    eos = gen.eos_token_id if gen.eos_token_id is not None else tokenizer.eos_token_id
+    pad = gen.pad_token_id if gen.pad_token_id is not None else tokenizer.pad_token_id
+    pad = pad if pad is not None else (eos[0] if isinstance(eos, list) else eos)
+    items = [{"prompt": p, "source": "fixed"} for p in FIXED_PROMPTS]
+    items += [{"prompt": p, "source": "request"} for p in prompts]
+    for name, model in models.items():
+        cached, model.config.use_cache = model.config.use_cache, True
+        try:
+            for item in items:
+                enc = tokenizer(item["prompt"], return_tensors="pt")  # ids and mask only (no token_type_ids)
+                ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                     do_sample=False, num_beams=1, use_cache=True, eos_token_id=eos, pad_token_id=pad)
+                item[name] = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        finally:
+            model.config.use_cache = cached
+    return {"max_new_tokens": max_new_tokens, "items": items}
+
+
 def compressed_linear_params(model: nn.Module) -> int:
     return sum(p.numel() for m in model.modules() if isinstance(m, LowRankLinear) for p in m.parameters())
 

@@ -35,7 +35,15 @@ from svdforge.core.artifact import (
 from svdforge.core.config import CompressConfig, EvalConfig
 from svdforge.core.decompose import CalibrationResult, compress_layers, uniform_ranks
 from svdforge.core.errors import UserError
-from svdforge.core.evaluate import compare, compare_streamed, count_params, flops_per_token, throughput, zero_shot
+from svdforge.core.evaluate import (
+    compare,
+    compare_streamed,
+    count_params,
+    flops_per_token,
+    greedy_samples,
+    throughput,
+    zero_shot,
+)
 from svdforge.core.layers import target_names
 from svdforge.core.lowrank import apply_ranks
 from svdforge.core.memory import peak_rss_bytes, trim_heap
@@ -356,7 +364,8 @@ def _evaluate_and_finish(run: Run, report: dict, model, tok, job, tmp_out) -> di
 
 
 def evaluate_models(teacher, student, tokenizer, ev: EvalConfig, device: str, rep: Reporter) -> dict:
-    """Metrics of student vs teacher (either may be None: then only the other's perplexity)."""
+    """Metrics of student vs teacher (teacher may be None: then only the student's perplexity),
+    throughput, zero-shot and greedy sample completions of both."""
     rep.stage_started("evaluate")
     t0 = time.perf_counter()
     win = data_mod.evaluation_windows(tokenizer, ev.data, ev.seq_len, ev.max_tokens)
@@ -370,6 +379,9 @@ def evaluate_models(teacher, student, tokenizer, ev: EvalConfig, device: str, re
             out["throughput"]["speedup"] = (out["throughput"]["compressed"]["tokens_per_s"]
                                             / out["throughput"]["dense"]["tokens_per_s"])
     out["zero_shot"] = zero_shot(student, tokenizer, ev.zero_shot, data_mod.offline())
+    rep.progress("evaluate", 0.95, "sample completions")
+    models = {"dense": teacher, "compressed": student} if teacher is not None else {"compressed": student}
+    out["samples"] = greedy_samples(models, tokenizer, ev.prompts, ev.sample_tokens, device)
     rep.stage_finished("evaluate", time.perf_counter() - t0)
     rep.metrics("evaluate", metrics)
     return out
@@ -377,8 +389,8 @@ def evaluate_models(teacher, student, tokenizer, ev: EvalConfig, device: str, re
 
 def evaluate_streaming(job, tokenizer, ev: EvalConfig, rep: Reporter) -> dict:
     """`evaluate_models` for a streamed model: perplexity and fidelity layer by layer
-    (`svdforge.core.evaluate.compare_streamed`). Throughput and zero-shot need the whole
-    model on the device and are skipped with that reason."""
+    (`svdforge.core.evaluate.compare_streamed`). Throughput, zero-shot and the sample
+    completions need the whole model on the device and are skipped with that reason."""
     rep.stage_started("evaluate")
     t0 = time.perf_counter()
     win = data_mod.evaluation_windows(tokenizer, ev.data, ev.seq_len, ev.max_tokens)
@@ -389,6 +401,7 @@ def evaluate_streaming(job, tokenizer, ev: EvalConfig, rep: Reporter) -> dict:
                                                          "streamed": True}}
     if ev.throughput:
         out["throughput"] = {"skipped": True, "reason": why}
+    out["samples"] = {"skipped": True, "max_new_tokens": ev.sample_tokens, "reason": why}
     out["zero_shot"] = {"skipped": True, "tasks": ev.zero_shot, "reason": why} if ev.zero_shot else \
         {"skipped": True, "reason": "no zero-shot tasks requested"}
     rep.stage_finished("evaluate", time.perf_counter() - t0)

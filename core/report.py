@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from svdforge.core.artifact import write_manifest
@@ -59,8 +60,36 @@ MANIFEST_KEYS = ("model", "source", "architecture", "method", "target_ratio", "a
                  "calibration_mode", "calibration", "recover", "params", "versions", "ranks")
 
 
+def _fenced(text: str) -> list[str]:
+    """Text verbatim as a fenced block (its fence longer than any backtick run inside it)."""
+    if not text.strip():
+        return ["*(no text: the model stopped at once)*"]
+    fence = "`" * max(3, 1 + max((len(run) for run in re.findall("`+", text)), default=0))
+    return [fence + "text", text, fence]
+
+
+def samples_markdown(report: dict) -> str:
+    """`samples.md`: the report's greedy completions, one section per prompt, dense then
+    compressed, each text verbatim in a fenced block (nothing to escape)."""
+    samples = report["samples"]
+    lines = ["# Sample completions", "", f"{report.get('model', '?')} at ratio {report.get('target_ratio', '?')}"]
+    if samples.get("skipped"):
+        return "\n".join(lines + ["", f"Skipped: {samples['reason']}.", ""])
+    lines[-1] += (f": greedy, up to {samples['max_new_tokens']} new tokens per completion "
+                  "(the text after the prompt).")
+    for n, item in enumerate(samples["items"], 1):
+        lines += ["", f"## {n}. {item['source']} prompt", "", *_fenced(item["prompt"])]
+        for who in ("dense", "compressed"):
+            if who in item:
+                lines += ["", f"{who}:", "", *_fenced(item[who])]
+    return "\n".join(lines + [""])
+
+
 def write_report_and_manifest(out: Path, report: dict) -> None:
+    """report.json, samples.md (when evaluation ran) and, last, the manifest with their sha256."""
     (out / "report.json").write_text(json.dumps(report, indent=2))
+    if "samples" in report:
+        (out / "samples.md").write_text(samples_markdown(report), encoding="utf-8")
     write_manifest(out, {k: report[k] for k in MANIFEST_KEYS} | {"metrics": report.get("metrics")})
 
 

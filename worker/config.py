@@ -24,7 +24,7 @@ from svdforge.persistence.settings import Settings
 COMPRESS_KEYS = ("method", "allocation", "targets")
 TRAINING_KEYS = ("epochs", "max_steps", "lr", "batch_size", "objective", "rank", "alpha", "dropout", "init_r",
                  "target_r", "update", "update_mix")
-EVAL_KEYS = ("enabled", "seq_len", "max_tokens", "batch_size", "throughput")
+EVAL_KEYS = ("enabled", "seq_len", "max_tokens", "batch_size", "throughput", "prompts", "sample_tokens")
 
 
 def _given(request: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:

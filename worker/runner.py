@@ -575,4 +575,6 @@ def _content_type(name: str) -> str:
         return "application/json"
     if name.endswith(".safetensors"):
         return "application/octet-stream"
+    if name.endswith(".md"):  # samples.md; not in every system's mime.types (python:3.11-slim has none)
+        return "text/markdown; charset=utf-8"
     return mimetypes.guess_type(name)[0] or "application/octet-stream"

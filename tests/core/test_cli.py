@@ -18,6 +18,10 @@ def run(*args, timeout=300):
     (["--ratio", "1.5"], "ratio"), (["--ratio", "0"], "ratio"), (["--ratio", "nan"], "ratio"),
     (["--ratio", "0.4", "--method", "magic"], "method"),
     (["--ratio", "0.4", "--calib-file", "/no/such.txt"], "not found"),
+    (["--ratio", "0.4", "--sample-tokens", "0"], "--sample-tokens"),
+    (["--ratio", "0.4", "--sample-tokens", "257"], "--sample-tokens"),
+    (["--ratio", "0.4", "--prompt", ""], "--prompt[0]"),
+    (["--ratio", "0.4", *["--prompt", "hi"] * 9], "at most 8"),
 ])
 def test_bad_arguments_exit_2_with_one_line(tiny_llama, tmp_path, args, needle):
     p = run("compress", tiny_llama, "--out", tmp_path / "o", *args)
@@ -52,6 +56,19 @@ def test_compress_then_evaluate(tiny_llama, tmp_path):
     assert p.returncode == 0, p.stderr
     again = json.loads((out / "evaluation.json").read_text())
     assert again["metrics"]["compressed"]["ppl"] == pytest.approx(report["metrics"]["compressed"]["ppl"], rel=1e-5)
+
+
+def test_compress_completes_the_prompts_it_is_given(tiny_llama, tmp_path):
+    out = tmp_path / "art"
+    p = run("compress", tiny_llama, "--ratio", "0.4", "--out", out, "--calib-samples", 4, "--seq-len", 32,
+            "--eval-max-tokens", 64, "--eval-seq-len", 32, "--throughput-runs", 0, "-q",
+            "--prompt", "To be, or not", "--prompt", "Friends, Romans", "--sample-tokens", 5)
+    assert p.returncode == 0, p.stderr
+    samples = json.loads((out / "report.json").read_text())["samples"]
+    assert samples["max_new_tokens"] == 5
+    assert [(i["source"], i["prompt"]) for i in samples["items"][-3:]] == \
+        [("fixed", "def fibonacci(n):"), ("request", "To be, or not"), ("request", "Friends, Romans")]
+    assert "Friends, Romans" in (out / "samples.md").read_text() and f"samples: {out / 'samples.md'}" in p.stdout
 
 
 def test_out_must_be_empty(tiny_llama, tmp_path):

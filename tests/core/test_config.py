@@ -33,3 +33,24 @@ def test_round_trip_and_unknown_fields():
     assert CompressConfig.from_dict(c.to_dict()) == c
     with pytest.raises(UserError, match="unknown"):
         CompressConfig.from_dict({"model": "m", "ratio": 0.2, "colour": "red"})
+
+
+@pytest.mark.parametrize("kw, needle", [
+    ({"prompts": ["x"] * 9}, "prompts must hold at most 8"),
+    ({"prompts": ["ok", ""]}, r"prompts\[1\] must be a non-empty string"),
+    ({"prompts": ["x" * 1001]}, r"prompts\[0\] .* at most 1000 characters, got 1001"),
+    ({"prompts": [3]}, r"prompts\[0\]"),
+    ({"prompts": "one string"}, "prompts must be a list"),
+    ({"sample_tokens": 0}, "sample_tokens must be >= 1 and <= 256"),
+    ({"sample_tokens": 257}, "sample_tokens"),
+    ({"sample_tokens": True}, "sample_tokens must be an integer"),
+])
+def test_sample_prompts_are_bounded(kw, needle):
+    with pytest.raises(UserError, match=needle):
+        EvalConfig(**kw)
+
+
+def test_sample_prompts_defaults_and_limits():
+    assert EvalConfig().prompts == [] and EvalConfig().sample_tokens == 32
+    ev = EvalConfig(prompts=("a", "b" * 1000) + ("c",) * 6, sample_tokens=256)   # the most allowed
+    assert len(ev.prompts) == 8 and isinstance(ev.prompts, list)

@@ -7,7 +7,7 @@ import torch
 from svdforge.core.artifact import load_artifact, read_manifest, verify_files
 from svdforge.core.config import CompressConfig, DataSpec, EvalConfig
 from svdforge.core.errors import Cancelled, NumericalError, UserError
-from svdforge.core.evaluate import Fidelity, compare
+from svdforge.core.evaluate import FIXED_PROMPTS, Fidelity, compare, greedy_samples
 from svdforge.core.layer_loop import capture_layer0_inputs
 from svdforge.core.layers import decoder_layers, select_linears
 from svdforge.core.lowrank import LowRankLinear
@@ -113,6 +113,7 @@ def test_artifact_reloads_to_identical_logits(tiny_llama, tmp_path):
     assert set(manifest["files"]) >= {"model.safetensors", "config.json", "report.json", "tokenizer.json"}
     assert manifest["method"] == "svd-llm" and manifest["ranks"] == report["ranks"]
     assert json.loads((out / "report.json").read_text())["ranks"] == report["ranks"]
+    assert "samples" not in report and not (out / "samples.md").exists()   # no evaluation, no samples
     assert not list(out.glob("*.bin")) and not list(out.glob("*.pt"))
 
     # rebuild the in-memory compressed model deterministically, compare with the reload
@@ -225,3 +226,36 @@ def test_report_has_the_documented_keys(tiny_llama, tmp_path):
     assert r["zero_shot"]["skipped"] is True and r["zero_shot"]["reason"]
     assert r["calibration"]["samples"] == 8 and r["calibration"]["seq_len"] == 32
     assert 0 <= r["metrics"]["compressed"]["agreement"] <= 100
+
+
+def test_report_and_artifact_hold_sample_completions(tiny_llama, tmp_path):
+    out = tmp_path / "art"
+    asked = ["To be, or not", "A | B\nC"]
+    ev = EvalConfig(seq_len=32, max_tokens=128, throughput=False, prompts=asked, sample_tokens=6)
+    report = compress(_cfg(tiny_llama, evaluation=ev), out)
+    samples = report["samples"]
+    assert samples["max_new_tokens"] == 6
+    assert [(i["source"], i["prompt"]) for i in samples["items"]] == \
+        [("fixed", p) for p in FIXED_PROMPTS] + [("request", p) for p in asked]
+    assert all(i["dense"] != "" and isinstance(i["compressed"], str) for i in samples["items"])
+    assert json.loads((out / "report.json").read_text())["samples"] == samples
+    md = (out / "samples.md").read_text()
+    assert md.count("\ndense:\n") == md.count("\ncompressed:\n") == len(FIXED_PROMPTS) + 2
+    assert "```text\nA | B\nC\n```" in md and samples["items"][0]["dense"].strip() in md
+    manifest = read_manifest(out)
+    verify_files(out, manifest)
+    assert "samples.md" in manifest["files"]
+
+
+def test_greedy_samples_are_argmax_decoding_with_the_cache_restored(tiny_llama):
+    model, tok, _ = load_model(str(tiny_llama))
+    assert model.config.use_cache is False
+    got = greedy_samples({"compressed": model}, tok, ["Once more"], 5)
+    assert model.config.use_cache is False
+    item = got["items"][-1]
+    assert set(item) == {"prompt", "source", "compressed"}   # no teacher, no dense text
+    ids = tok("Once more", return_tensors="pt").input_ids
+    with torch.no_grad():
+        for _ in range(5):   # argmax decoding, no cache, step by step
+            ids = torch.cat([ids, model(input_ids=ids).logits[:, -1:].argmax(-1)], 1)
+    assert item["compressed"] == tok.decode(ids[0, -5:], skip_special_tokens=True)

@@ -85,6 +85,8 @@ def test_streaming_gives_the_in_memory_artifact(tiny_llama, tmp_path, mode):
     mem = compress(_cfg(tiny_llama, streaming="off", calibration_mode=mode), tmp_path / "mem")
     st = compress(_cfg(tiny_llama, streaming="on", calibration_mode=mode), tmp_path / "st")
     assert st["streaming"]["enabled"] and not mem["streaming"]["enabled"]
+    assert st["samples"]["skipped"] and "streaming" in st["samples"]["reason"] and mem["samples"]["items"]
+    assert "Skipped: streaming" in (tmp_path / "st" / "samples.md").read_text()
     assert {k: e["rank"] for k, e in st["ranks"].items()} == {k: e["rank"] for k, e in mem["ranks"].items()}
     assert st["params"] == mem["params"]
     ids = torch.randint(0, 500, (2, 24))

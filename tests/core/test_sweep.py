@@ -128,10 +128,12 @@ def test_sweep_report_artifacts_and_figure(tiny_llama, tmp_path):
         assert per_ratio["metrics"] == e["metrics"]
         manifest = json.loads((folder / "svdforge.json").read_text())
         assert "model.safetensors" in manifest["files"] and manifest["target_ratio"] == e["ratio"]
+        assert "samples.md" in manifest["files"] and per_ratio["samples"] == e["samples"]
         load_artifact(folder, verify=True)                   # every sha256 checks out
         assert (folder / "ranks.png").read_bytes().startswith(PNG)
     # the teacher was the in-memory dense model: one dense PPL for all ratios
     assert len({e["metrics"]["dense"]["ppl"] for e in entries}) == 1
+    assert len({tuple(i["dense"] for i in e["samples"]["items"]) for e in entries}) == 1
     assert report["figures"]["ppl_vs_ratio"] == "ppl_vs_ratio.png"
     png = (out / "ppl_vs_ratio.png").read_bytes()
     assert png.startswith(PNG) and len(png) > 5000

@@ -49,6 +49,7 @@ def test_create_minimal_job_has_explicit_defaults(client, auth, settings, db):
     assert job["request"]["calibration"] == {"source": "builtin", "samples": 16, "seq_len": 256, "seed": 0}
     assert job["request"]["evaluation"]["max_tokens"] == EvalConfig().max_tokens  # core's default
     assert job["request"]["evaluation"]["seq_len"] == 256
+    assert job["request"]["evaluation"]["prompts"] == [] and job["request"]["evaluation"]["sample_tokens"] == 32
     assert job["request"]["method"] == "svd-llm" and job["request"]["adapter"] == {"type": "none"}
     assert [s["name"] for s in job["stages"]] == ["load", "whiten", "svd", "recover", "evaluate", "upload"]
     assert {s["name"]: s["status"] for s in job["stages"]}["recover"] == "skipped"
@@ -96,6 +97,11 @@ def test_create_full_example_request(client, auth):
     ({"calibration": {"source": "file"}}, "calibration.file_id"),
     ({"calibration": {"source": "hf", "dataset": "../etc"}}, "calibration.dataset"),
     ({"evaluation": {"source": "builtin", "seq_len": 512, "max_tokens": 256}}, "evaluation"),
+    ({"evaluation": {"source": "builtin", "prompts": ["Hello"] * 9}}, "evaluation.prompts"),
+    ({"evaluation": {"prompts": ["Hello", ""]}}, "evaluation.prompts[1]"),
+    ({"evaluation": {"prompts": ["x" * 1001]}}, "evaluation.prompts[0]"),
+    ({"evaluation": {"sample_tokens": 0}}, "evaluation.sample_tokens"),
+    ({"evaluation": {"sample_tokens": 257}}, "evaluation.sample_tokens"),
     ({"metadata": {"k": "x" * 600}}, "metadata.k"),
     ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
     ({"model": ""}, "model"),

@@ -30,6 +30,7 @@ def done(tmp_path_factory, tiny_model_root):
     with TestClient(app) as client:
         auth = {"Authorization": f"Bearer {alice}"}
         body = {"model": str(tiny_model_root / "tiny"), "ratio": 0.4, **TINY_REQUEST_OPTIONS}
+        body["evaluation"] = {**body["evaluation"], "prompts": ["Hello there"], "sample_tokens": 4}
         job = client.post("/v1/jobs", json=body, headers=auth).json()
         status = JobRunner(db, make_storage(settings), settings).run(job["id"])
         assert status == "succeeded", client.get(f"/v1/jobs/{job['id']}", headers=auth).json()
@@ -60,7 +61,8 @@ def test_job_shows_stages_timings_and_success(done):
 
 def test_artifacts_listed_with_sha256(done):
     arts = _artifacts(done)
-    assert {"model.safetensors", "config.json", "svdforge.json", "report.json"} <= set(arts)
+    assert {"model.safetensors", "config.json", "svdforge.json", "report.json", "samples.md"} <= set(arts)
+    assert arts["samples.md"]["content_type"] == "text/markdown; charset=utf-8"
     manifest = json.loads(done["client"].get(arts["svdforge.json"]["content_url"], headers=done["auth"]).content)
     for name, meta in manifest["files"].items():  # the service's sha256 agrees with core's manifest
         assert arts[name]["sha256"] == meta["sha256"]
@@ -118,6 +120,10 @@ def test_report(done):
     assert report["metrics"]["dense"]["ppl"] > 0 and report["metrics"]["compressed"]["ppl"] > 0
     assert report["params"]["compressed"] < report["params"]["dense"]
     assert "ranks" in report and "timings_s" in report
+    samples = report["samples"]   # the request's prompt after the fixed ones, at its token count
+    assert samples["max_new_tokens"] == 4 and samples["items"][-1]["prompt"] == "Hello there"
+    assert [i["source"] for i in samples["items"]][-2:] == ["fixed", "request"]
+    assert all({"dense", "compressed"} <= set(i) for i in samples["items"])
 
 
 def test_other_key_sees_nothing(done):

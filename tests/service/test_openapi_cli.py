@@ -58,7 +58,7 @@ def test_schema_documents_the_defaults(client):
         assert defaults(name).items() >= {"samples": data.samples, "seq_len": data.seq_len, "seed": data.seed}.items()
     for name in ("BuiltinEvaluation", "FileEvaluation", "HfEvaluation"):
         assert defaults(name).items() >= {k: getattr(evaluation, k) for k in (
-            "enabled", "seq_len", "max_tokens", "batch_size", "throughput")}.items()
+            "enabled", "seq_len", "max_tokens", "batch_size", "throughput", "prompts", "sample_tokens")}.items()
     training = ("update", "update_mix", "epochs", "max_steps", "lr", "batch_size", "objective", "alpha")
     assert defaults("LoraAdapter").items() >= {k: getattr(recover, k) for k in (*training, "rank", "dropout")}.items()
     assert defaults("AdaLoraAdapter").items() >= {k: getattr(recover, k) for k in (*training, "init_r", "target_r")

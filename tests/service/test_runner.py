@@ -299,7 +299,7 @@ def test_build_config_maps_the_request(settings, tmp_path):
                      adapter={"type": "adalora", "init_r": 16, "target_r": 4, "max_steps": 5, "lr": 0.001},
                      calibration={"source": "hf", "dataset": "org/data", "samples": 8, "seq_len": 64},
                      evaluation={"source": "file", "file_id": "file_a", "max_tokens": None, "seq_len": 128,
-                                 "throughput": False},
+                                 "throughput": False, "prompts": ["Water boils at"], "sample_tokens": 8},
                      ).model_dump(mode="json")
     config = build_config(body, {"file_a": tmp_path / "a.txt"}, settings)
     assert isinstance(config, CompressConfig)
@@ -314,10 +314,12 @@ def test_build_config_maps_the_request(settings, tmp_path):
             config.calibration.samples, config.calibration.seq_len) == ("hf", "org/data", "train", 8, 64)
     assert (config.evaluation.data.path, config.evaluation.max_tokens, config.evaluation.seq_len,
             config.evaluation.throughput) == (str(tmp_path / "a.txt"), None, 128, False)
+    assert (config.evaluation.prompts, config.evaluation.sample_tokens) == (["Water boils at"], 8)
     minimal = build_config(JobCreate(model="smollm2-135m", ratio=0.4).model_dump(mode="json"), {}, settings)
     assert (minimal.calibration.samples, minimal.calibration.seq_len, minimal.evaluation.max_tokens,
             minimal.evaluation.data.split) == (DataSpec().samples, DataSpec().seq_len, EvalConfig().max_tokens,
                                                "evaluation")
+    assert (minimal.evaluation.prompts, minimal.evaluation.sample_tokens) == ([], EvalConfig().sample_tokens)
     with pytest.raises(UserError, match="model"):  # re-checked in the worker
         build_config({**body, "model": "/etc"}, {}, settings)
     upd = build_config(JobCreate(model="smollm2-135m", ratio=0.4, adapter={"type": "update", "mix": 0.3})

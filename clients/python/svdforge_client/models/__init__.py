@@ -34,6 +34,7 @@ from .job_report import JobReport
 from .job_report_metrics_type_0 import JobReportMetricsType0
 from .job_report_params_type_0 import JobReportParamsType0
 from .job_report_ranks_type_0 import JobReportRanksType0
+from .job_report_samples_type_0 import JobReportSamplesType0
 from .job_report_timings_s_type_0 import JobReportTimingsSType0
 from .job_status import JobStatus
 from .lora_adapter import LoraAdapter
@@ -83,6 +84,7 @@ __all__ = (
     "JobReportMetricsType0",
     "JobReportParamsType0",
     "JobReportRanksType0",
+    "JobReportSamplesType0",
     "JobReportTimingsSType0",
     "JobStatus",
     "LoraAdapter",

@@ -19,6 +19,10 @@ class BuiltinEvaluation:
         max_tokens (int | None | Unset): Evaluation tokens (null: the whole text). Default: 4096.
         batch_size (int | Unset):  Default: 1.
         throughput (bool | Unset): Also time dense vs compressed forward passes. Default: True.
+        prompts (list[str] | Unset): Up to 8 prompts the dense and the compressed model complete greedily for the
+            report's `samples` (and the `samples.md` artifact), after the fixed ones: 'The capital of France is', 'Once upon
+            a time,', 'def fibonacci(n):'.
+        sample_tokens (int | Unset): New tokens per sample completion. Default: 32.
         source (Literal['builtin'] | Unset):  Default: 'builtin'.
     """
 
@@ -27,6 +31,8 @@ class BuiltinEvaluation:
     max_tokens: int | None | Unset = 4096
     batch_size: int | Unset = 1
     throughput: bool | Unset = True
+    prompts: list[str] | Unset = UNSET
+    sample_tokens: int | Unset = 32
     source: Literal["builtin"] | Unset = "builtin"
 
     def to_dict(self) -> dict[str, Any]:
@@ -44,6 +50,12 @@ class BuiltinEvaluation:
 
         throughput = self.throughput
 
+        prompts: list[str] | Unset = UNSET
+        if not isinstance(self.prompts, Unset):
+            prompts = self.prompts
+
+        sample_tokens = self.sample_tokens
+
         source = self.source
 
         field_dict: dict[str, Any] = {}
@@ -59,6 +71,10 @@ class BuiltinEvaluation:
             field_dict["batch_size"] = batch_size
         if throughput is not UNSET:
             field_dict["throughput"] = throughput
+        if prompts is not UNSET:
+            field_dict["prompts"] = prompts
+        if sample_tokens is not UNSET:
+            field_dict["sample_tokens"] = sample_tokens
         if source is not UNSET:
             field_dict["source"] = source
 
@@ -84,6 +100,10 @@ class BuiltinEvaluation:
 
         throughput = d.pop("throughput", UNSET)
 
+        prompts = cast(list[str], d.pop("prompts", UNSET))
+
+        sample_tokens = d.pop("sample_tokens", UNSET)
+
         source = cast(Literal["builtin"] | Unset, d.pop("source", UNSET))
         if source != "builtin" and not isinstance(source, Unset):
             raise ValueError(f"source must match const 'builtin', got '{source}'")
@@ -94,6 +114,8 @@ class BuiltinEvaluation:
             max_tokens=max_tokens,
             batch_size=batch_size,
             throughput=throughput,
+            prompts=prompts,
+            sample_tokens=sample_tokens,
             source=source,
         )
 

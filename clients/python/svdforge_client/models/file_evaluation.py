@@ -21,6 +21,10 @@ class FileEvaluation:
         max_tokens (int | None | Unset): Evaluation tokens (null: the whole text). Default: 4096.
         batch_size (int | Unset):  Default: 1.
         throughput (bool | Unset): Also time dense vs compressed forward passes. Default: True.
+        prompts (list[str] | Unset): Up to 8 prompts the dense and the compressed model complete greedily for the
+            report's `samples` (and the `samples.md` artifact), after the fixed ones: 'The capital of France is', 'Once upon
+            a time,', 'def fibonacci(n):'.
+        sample_tokens (int | Unset): New tokens per sample completion. Default: 32.
     """
 
     source: Literal["file"]
@@ -30,6 +34,8 @@ class FileEvaluation:
     max_tokens: int | None | Unset = 4096
     batch_size: int | Unset = 1
     throughput: bool | Unset = True
+    prompts: list[str] | Unset = UNSET
+    sample_tokens: int | Unset = 32
 
     def to_dict(self) -> dict[str, Any]:
         source = self.source
@@ -50,6 +56,12 @@ class FileEvaluation:
 
         throughput = self.throughput
 
+        prompts: list[str] | Unset = UNSET
+        if not isinstance(self.prompts, Unset):
+            prompts = self.prompts
+
+        sample_tokens = self.sample_tokens
+
         field_dict: dict[str, Any] = {}
 
         field_dict.update(
@@ -68,6 +80,10 @@ class FileEvaluation:
             field_dict["batch_size"] = batch_size
         if throughput is not UNSET:
             field_dict["throughput"] = throughput
+        if prompts is not UNSET:
+            field_dict["prompts"] = prompts
+        if sample_tokens is not UNSET:
+            field_dict["sample_tokens"] = sample_tokens
 
         return field_dict
 
@@ -97,6 +113,10 @@ class FileEvaluation:
 
         throughput = d.pop("throughput", UNSET)
 
+        prompts = cast(list[str], d.pop("prompts", UNSET))
+
+        sample_tokens = d.pop("sample_tokens", UNSET)
+
         file_evaluation = cls(
             source=source,
             file_id=file_id,
@@ -105,6 +125,8 @@ class FileEvaluation:
             max_tokens=max_tokens,
             batch_size=batch_size,
             throughput=throughput,
+            prompts=prompts,
+            sample_tokens=sample_tokens,
         )
 
         return file_evaluation

@@ -21,6 +21,10 @@ class HfEvaluation:
         max_tokens (int | None | Unset): Evaluation tokens (null: the whole text). Default: 4096.
         batch_size (int | Unset):  Default: 1.
         throughput (bool | Unset): Also time dense vs compressed forward passes. Default: True.
+        prompts (list[str] | Unset): Up to 8 prompts the dense and the compressed model complete greedily for the
+            report's `samples` (and the `samples.md` artifact), after the fixed ones: 'The capital of France is', 'Once upon
+            a time,', 'def fibonacci(n):'.
+        sample_tokens (int | Unset): New tokens per sample completion. Default: 32.
         config (None | str | Unset):
         split (str | Unset):  Default: 'test'.
         text_field (str | Unset):  Default: 'text'.
@@ -33,6 +37,8 @@ class HfEvaluation:
     max_tokens: int | None | Unset = 4096
     batch_size: int | Unset = 1
     throughput: bool | Unset = True
+    prompts: list[str] | Unset = UNSET
+    sample_tokens: int | Unset = 32
     config: None | str | Unset = UNSET
     split: str | Unset = "test"
     text_field: str | Unset = "text"
@@ -55,6 +61,12 @@ class HfEvaluation:
         batch_size = self.batch_size
 
         throughput = self.throughput
+
+        prompts: list[str] | Unset = UNSET
+        if not isinstance(self.prompts, Unset):
+            prompts = self.prompts
+
+        sample_tokens = self.sample_tokens
 
         config: None | str | Unset
         if isinstance(self.config, Unset):
@@ -84,6 +96,10 @@ class HfEvaluation:
             field_dict["batch_size"] = batch_size
         if throughput is not UNSET:
             field_dict["throughput"] = throughput
+        if prompts is not UNSET:
+            field_dict["prompts"] = prompts
+        if sample_tokens is not UNSET:
+            field_dict["sample_tokens"] = sample_tokens
         if config is not UNSET:
             field_dict["config"] = config
         if split is not UNSET:
@@ -119,6 +135,10 @@ class HfEvaluation:
 
         throughput = d.pop("throughput", UNSET)
 
+        prompts = cast(list[str], d.pop("prompts", UNSET))
+
+        sample_tokens = d.pop("sample_tokens", UNSET)
+
         def _parse_config(data: object) -> None | str | Unset:
             if data is None:
                 return data
@@ -140,6 +160,8 @@ class HfEvaluation:
             max_tokens=max_tokens,
             batch_size=batch_size,
             throughput=throughput,
+            prompts=prompts,
+            sample_tokens=sample_tokens,
             config=config,
             split=split,
             text_field=text_field,

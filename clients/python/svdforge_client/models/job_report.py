@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from ..models.job_report_metrics_type_0 import JobReportMetricsType0
     from ..models.job_report_params_type_0 import JobReportParamsType0
     from ..models.job_report_ranks_type_0 import JobReportRanksType0
+    from ..models.job_report_samples_type_0 import JobReportSamplesType0
     from ..models.job_report_timings_s_type_0 import JobReportTimingsSType0
 
 
@@ -29,6 +30,9 @@ class JobReport:
         params (JobReportParamsType0 | None | Unset):
         timings_s (JobReportTimingsSType0 | None | Unset):
         ranks (JobReportRanksType0 | None | Unset):
+        samples (JobReportSamplesType0 | None | Unset): Greedy completions of the fixed and the request's prompts:
+            `max_new_tokens` and `items`, each with `prompt`, `source` (`fixed` | `request`), `dense` and `compressed`;
+            `skipped` with a `reason` for a streamed job. A sweep has them per ratio, under `sweep.ratios[i].samples`.
     """
 
     job_id: str
@@ -37,12 +41,14 @@ class JobReport:
     params: JobReportParamsType0 | None | Unset = UNSET
     timings_s: JobReportTimingsSType0 | None | Unset = UNSET
     ranks: JobReportRanksType0 | None | Unset = UNSET
+    samples: JobReportSamplesType0 | None | Unset = UNSET
     additional_properties: dict[str, Any] = _attrs_field(init=False, factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         from ..models.job_report_metrics_type_0 import JobReportMetricsType0  # noqa: PLC0415
         from ..models.job_report_params_type_0 import JobReportParamsType0  # noqa: PLC0415
         from ..models.job_report_ranks_type_0 import JobReportRanksType0  # noqa: PLC0415
+        from ..models.job_report_samples_type_0 import JobReportSamplesType0  # noqa: PLC0415
         from ..models.job_report_timings_s_type_0 import JobReportTimingsSType0  # noqa: PLC0415
 
         job_id = self.job_id
@@ -81,6 +87,14 @@ class JobReport:
         else:
             ranks = self.ranks
 
+        samples: dict[str, Any] | None | Unset
+        if isinstance(self.samples, Unset):
+            samples = UNSET
+        elif isinstance(self.samples, JobReportSamplesType0):
+            samples = self.samples.to_dict()
+        else:
+            samples = self.samples
+
         field_dict: dict[str, Any] = {}
         field_dict.update(self.additional_properties)
         field_dict.update(
@@ -98,6 +112,8 @@ class JobReport:
             field_dict["timings_s"] = timings_s
         if ranks is not UNSET:
             field_dict["ranks"] = ranks
+        if samples is not UNSET:
+            field_dict["samples"] = samples
 
         return field_dict
 
@@ -106,6 +122,7 @@ class JobReport:
         from ..models.job_report_metrics_type_0 import JobReportMetricsType0  # noqa: PLC0415
         from ..models.job_report_params_type_0 import JobReportParamsType0  # noqa: PLC0415
         from ..models.job_report_ranks_type_0 import JobReportRanksType0  # noqa: PLC0415
+        from ..models.job_report_samples_type_0 import JobReportSamplesType0  # noqa: PLC0415
         from ..models.job_report_timings_s_type_0 import JobReportTimingsSType0  # noqa: PLC0415
 
         d = dict(src_dict)
@@ -183,6 +200,23 @@ class JobReport:
 
         ranks = _parse_ranks(d.pop("ranks", UNSET))
 
+        def _parse_samples(data: object) -> JobReportSamplesType0 | None | Unset:
+            if data is None:
+                return data
+            if isinstance(data, Unset):
+                return data
+            try:
+                if not isinstance(data, dict):
+                    raise TypeError()
+                samples_type_0 = JobReportSamplesType0.from_dict(data)
+
+                return samples_type_0
+            except (TypeError, ValueError, AttributeError, KeyError):
+                pass
+            return cast(JobReportSamplesType0 | None | Unset, data)
+
+        samples = _parse_samples(d.pop("samples", UNSET))
+
         job_report = cls(
             job_id=job_id,
             object_=object_,
@@ -190,6 +224,7 @@ class JobReport:
             params=params,
             timings_s=timings_s,
             ranks=ranks,
+            samples=samples,
         )
 
         job_report.additional_properties = d
