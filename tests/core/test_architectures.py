@@ -130,3 +130,16 @@ def test_readme_matrix_is_the_registry():
     for model_type in MATRIX:
         status = "supported" if model_type in architectures.SUPPORTED else "refused"
         assert any(line.startswith(f"| `{model_type}` |") and f"| {status} |" in line for line in readme.splitlines())
+
+
+def test_the_tensor_parallel_plan_is_written_at_factor_level():
+    from svdforge.core.artifact import factored_tp_plan
+
+    plan = {"layers.*.self_attn.q_proj": "colwise", "layers.*.self_attn.o_proj": "rowwise",
+            "layers.*.mlp.down_proj": "rowwise", "embed_in": "embedding_rowwise"}
+    ranks = {"model.layers.0.self_attn.q_proj": 8, "model.layers.1.self_attn.o_proj": 8}
+    assert factored_tp_plan(plan, ranks, "model") == {
+        "layers.*.self_attn.q_proj.u": "colwise",      # output split: u's rows
+        "layers.*.self_attn.o_proj.v": "rowwise",      # input split: v's columns, then all-reduce
+        "layers.*.mlp.down_proj": "rowwise",           # kept dense everywhere: the linear's own entry
+        "embed_in": "embedding_rowwise"}
