@@ -1,5 +1,5 @@
 """The compressed artifact (format 2): a Hugging Face model folder that plain transformers
-(`trust_remote_code=True`), vLLM and svdforge all load.
+(once the user opts in to its remote code), vLLM and svdforge all load.
 
     model.safetensors            (or model-0000x-of-0000y.safetensors + index, past 2 GB)
     config.json                  the base model's config under model_type `svdforge_<base>`,

@@ -1,5 +1,5 @@
 """The code that travels inside every artifact (format 2), so that plain transformers and
-vLLM load it with `trust_remote_code=True` and without svdforge.
+vLLM load it (the user opting in to remote code) and without svdforge.
 
 The two modules import only torch and transformers, and they are copied byte for byte into
 each artifact folder: `configuration_svdforge.py` and `modeling_svdforge.py`. Their sha256

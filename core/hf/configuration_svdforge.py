@@ -1,6 +1,6 @@
 """Configuration of a model compressed by svdforge: the base architecture's own config class
 under another `model_type`, so that transformers refuses to load the folder as the dense
-model it is not (without `trust_remote_code=True` the load fails instead of filling the
+model it is not (unless the user opts in to remote code, the load fails instead of filling the
 missing linears with random weights).
 
 config.json keeps every field of the base model and adds `svdforge`: the artifact format
