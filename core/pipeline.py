@@ -230,7 +230,8 @@ def calibrate_and_decompose(run: Run, loaded: Loaded) -> tuple[CalibrationResult
                           mode=config.calibration_mode, batch_size=config.calibration_batch_size, device=device,
                           fisher=fisher, reporter=rep, forward_dtype=fdt, update=update,
                           update_mix=config.recover.update_mix, layer_io=job.layers if job else None,
-                          activations=job.store if job else activation_store(config, device), stats_cache=cache)
+                          activations=job.store if job else activation_store(config, device), stats_cache=cache,
+                          rank_multiple=config.rank_multiple)
     rep.stage_finished("whiten", res.timings["calibrate"] + t_fisher)
     rep.stage_finished("svd", res.timings["decompose"])
     extra = {"calibration_cache": cache.report() if cache else cache_off, "t_fisher": t_fisher}

@@ -106,7 +106,8 @@ def _shared_calibration(run: Run, loaded: Loaded, ratios: list[float]):
     res = compress_layers(loaded.model, loaded.calib.ids, loaded.method, None, targets=config.targets,
                           mode="parallel", batch_size=config.calibration_batch_size, device=run.device,
                           fisher=fisher, reporter=rep, forward_dtype=fdt,
-                          activations=activation_store(config, run.device), stats_cache=cache, sweep=targets)
+                          activations=activation_store(config, run.device), stats_cache=cache, sweep=targets,
+                          rank_multiple=config.rank_multiple)
     t_calibrate = res.timings["calibrate"] + t_pre
     rep.stage_finished("whiten", t_calibrate)
     rep.stage_finished("svd", res.timings["decompose"])
