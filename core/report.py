@@ -17,7 +17,7 @@ def compressed_report(config: CompressConfig, source: str, model, device: str, c
     dense_params, dense_linear_params, dense_flops = dense
     compressed_params = count_params(model)
     compressed_linear_params = sum(e["params"] for e in res.ranks.values())
-    report = {
+    return {
         "model": config.model,
         "source": source,
         "architecture": type(model).__name__,
@@ -46,9 +46,6 @@ def compressed_report(config: CompressConfig, source: str, model, device: str, c
         "shared_inputs": res.shared_inputs,
         "rank_multiple": config.rank_multiple,
     }
-    if res.rounding is not None:
-        report["rank_rounding"] = res.rounding
-    return report
 
 
 def count_paths(ranks: dict) -> dict[str, int]:

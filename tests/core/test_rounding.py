@@ -1,8 +1,9 @@
 """Ranks rounded to multiples of N within the same parameters (core.rounding, `rank_multiple`).
 
-The bound these tests hold the code to: the compressed linears never use more parameters
-than at their unrounded ranks (the budget), and what is left unspent is less than one block,
-N (m + n), of a linear that could still have grown (so less than N times the largest m + n).
+The bound these tests hold the code to: each kind of linear (q_proj, ..., down_proj) never uses
+more parameters than at its unrounded ranks (its budget) and leaves less than one block,
+N (m + n), of a linear of that kind that could still have grown; so the compressed linears
+use at most the unrounded total and at least that total minus one block per kind.
 """
 from __future__ import annotations
 
@@ -10,13 +11,10 @@ import pytest
 import torch
 
 from svdforge.core.config import CompressConfig, DataSpec, EvalConfig
-from svdforge.core.decompose import compress_layers, uniform_ranks
 from svdforge.core.errors import UserError
 from svdforge.core.linalg import saves_params
-from svdforge.core.methods import get_method
-from svdforge.core.models import load_model
 from svdforge.core.pipeline import compress
-from svdforge.core.rounding import Candidate, candidate, check_layers, cost, rank_cap, round_layer
+from svdforge.core.rounding import Candidate, candidate, cost, rank_cap, round_group, round_ranks
 from svdforge.core.sweeps import sweep
 
 
@@ -37,10 +35,10 @@ def _used(cands, ranks) -> int:
 
 @pytest.mark.parametrize("multiple", [2, 4, 8])
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
-def test_a_layer_gets_multiples_within_its_budget(seed, multiple):
+def test_a_group_gets_multiples_within_its_budget(seed, multiple):
     cands = _cands(seed)
     budget = sum(cost(c.m, c.n, c.k) for c in cands)
-    ranks, left = round_layer(cands, multiple)
+    ranks, left = round_group(cands, multiple)
     for c in cands:
         r = ranks[c.name]
         assert r is None or (r % multiple == 0 and saves_params(c.m, c.n, r)), (c, r)
@@ -52,7 +50,7 @@ def test_a_layer_gets_multiples_within_its_budget(seed, multiple):
 
 def test_multiple_1_keeps_the_planned_ranks():
     cands = _cands(4)
-    ranks, left = round_layer(cands, 1)
+    ranks, left = round_group(cands, 1)
     assert ranks == {c.name: c.k for c in cands} and left == 0
 
 
@@ -64,28 +62,48 @@ def test_the_block_goes_to_the_linear_rounding_down_hurts_most():
     slow = torch.exp(-0.04 * torch.arange(64, dtype=torch.float64))
     for scale in (1.0, 1e-6, 1e6):
         cands = [candidate("slow", 64, 64, 20, slow * 1e3), candidate("fast", 64, 64, 20, fast * scale)]
-        ranks, left = round_layer(cands, 8)
+        ranks, left = round_group(cands, 8)
         assert ranks == {"fast": 24, "slow": 16} and left == 0
 
 
 def test_a_rank_below_the_multiple_goes_up_and_the_others_pay():
     flat = torch.ones(64, dtype=torch.float64)
     cands = [candidate("small", 64, 64, 5, flat), candidate("big", 64, 64, 26, flat)]
-    ranks, left = round_layer(cands, 8)          # 8 + 24 > 5 + 26: big gives a block back
+    ranks, left = round_group(cands, 8)          # 8 + 24 > 5 + 26: big gives a block back
     assert ranks == {"small": 8, "big": 16} and left == 7 * 128
 
 
 def test_a_linear_no_multiple_saves_anything_on_stays_dense():
     flat = torch.ones(16, dtype=torch.float64)
     cands = [candidate("tiny", 16, 16, 4, flat), candidate("big", 96, 96, 40, torch.ones(96, dtype=torch.float64))]
-    ranks, left = round_layer(cands, 8)          # 16 x 16: the largest useful rank is 7
+    ranks, left = round_group(cands, 8)          # 16 x 16: the largest useful rank is 7
     assert ranks["tiny"] is None and ranks["big"] == 32 and left >= 0
 
 
-def test_a_multiple_too_large_for_a_layer_is_refused_naming_the_field():
-    check_layers([[(64, 64, 19), (32, 64, 12)]], 16)
-    with pytest.raises(UserError, match="rank_multiple 32 is too large"):
-        check_layers([[(64, 64, 19), (32, 64, 12)]], 32)
+def test_each_kind_keeps_its_own_budget():
+    """The q_proj linears free a block that the k_proj ones would value more: it stays with q_proj."""
+    flat, steep = torch.ones(64, dtype=torch.float64), torch.exp(-0.3 * torch.arange(64, dtype=torch.float64))
+    spectra = {"l0.q_proj": (64, 64, flat), "l1.q_proj": (64, 64, flat),
+               "l0.k_proj": (64, 64, steep), "l1.k_proj": (64, 64, steep)}
+    ranks, info = round_ranks(spectra, {"l0.q_proj": 20, "l1.q_proj": 20, "l0.k_proj": 16, "l1.k_proj": 16}, 8)
+    assert sorted([ranks["l0.q_proj"], ranks["l1.q_proj"]]) == [16, 24]
+    assert ranks["l0.k_proj"] == ranks["l1.k_proj"] == 16
+    assert info["by_kind"]["q_proj"]["used_params"] == info["by_kind"]["q_proj"]["budget_params"] == 40 * 128
+    assert info["unrounded"]["l0.q_proj"] == 20 and info["unspent_params"] == 0
+
+
+def test_planned_dense_linears_stay_dense():
+    flat = torch.ones(64, dtype=torch.float64)
+    spectra = {"a.q": (64, 64, flat), "b.q": (64, 64, flat)}
+    ranks, info = round_ranks(spectra, {"a.q": None, "b.q": 40}, 8)    # 40 saves nothing on 64 x 64
+    assert ranks == {"a.q": None, "b.q": None} and info["budget_params"] == 0 and info["made_dense"] == []
+
+
+def test_a_multiple_too_large_for_a_kind_is_refused_naming_the_field():
+    spectra = {f"l{i}.k_proj": (32, 64, torch.ones(32, dtype=torch.float64)) for i in range(2)}
+    round_ranks(spectra, {n: 12 for n in spectra}, 8)
+    with pytest.raises(UserError, match="rank_multiple 16 is too large for the k_proj linears"):
+        round_ranks(spectra, {n: 12 for n in spectra}, 16)   # 16 > 12 everywhere: nobody can pay
 
 
 # --- on a tiny model ----------------------------------------------------------------------
@@ -100,24 +118,35 @@ def _linear_params(report) -> int:
     return report["params"]["linears_compressed"]
 
 
+def _kind(name: str) -> str:
+    return name.rsplit(".", 1)[-1]
+
+
 def _check_rounded(report, baseline, multiple):
+    """Multiples of N; per kind within the budget and less than one block of it below."""
     ranks = {n: e["rank"] for n, e in report["ranks"].items()}
     assert report["rank_multiple"] == multiple
     assert all(k is not None and k % multiple == 0 for k in ranks.values()), ranks
     assert ranks != {n: e["rank"] for n, e in baseline["ranks"].items()}
+    for kind in {_kind(n) for n in ranks}:
+        entries = [(report["ranks"][n], baseline["ranks"][n]) for n in ranks if _kind(n) == kind]
+        budget, used = sum(b["params"] for _, b in entries), sum(e["params"] for e, _ in entries)
+        assert used <= budget, kind
+        if any(e["rank"] + multiple <= rank_cap(*e["shape"], multiple) for e, _ in entries):   # one could grow
+            assert budget - multiple * sum(entries[0][0]["shape"]) < used, kind
     budget, used = _linear_params(baseline), _linear_params(report)
-    widest = max(sum(e["shape"]) for e in report["ranks"].values())
-    assert budget - multiple * widest < used <= budget
+    assert used <= budget
     rounding = report["rank_rounding"]
     assert (rounding["budget_params"], rounding["used_params"]) == (budget, used)
-    assert all(e["rank_unrounded"] == baseline["ranks"][n]["rank"] for n, e in report["ranks"].items())
+    assert rounding["unrounded"] == {n: e["rank"] for n, e in baseline["ranks"].items()}
 
 
 @pytest.mark.parametrize("allocation", ["uniform", "global"])
-@pytest.mark.parametrize("multiple", [8, 16])
-def test_every_rank_is_a_multiple_within_the_budget(tiny_llama, allocation, multiple):
-    baseline = compress(_cfg(tiny_llama, allocation=allocation))
-    _check_rounded(compress(_cfg(tiny_llama, allocation=allocation, rank_multiple=multiple)), baseline, multiple)
+@pytest.mark.parametrize(("multiple", "ratio"), [(8, 0.4), (16, 0.2)])   # at 0.4 k/v_proj (32 x 64) get 12 < 16
+def test_every_rank_is_a_multiple_within_the_budget(tiny_llama, allocation, multiple, ratio):
+    baseline = compress(_cfg(tiny_llama, allocation=allocation, ratio=ratio))
+    rounded = compress(_cfg(tiny_llama, allocation=allocation, ratio=ratio, rank_multiple=multiple))
+    _check_rounded(rounded, baseline, multiple)
 
 
 @pytest.mark.parametrize("kw", [{"method": "svd"}, {"method": "asvd"},
@@ -132,7 +161,6 @@ def test_rank_multiple_1_gives_todays_ranks(tiny_llama):
     today = compress(_cfg(tiny_llama))
     one = compress(_cfg(tiny_llama, rank_multiple=1))
     assert one["ranks"] == today["ranks"] and one["rank_multiple"] == 1 and "rank_rounding" not in one
-    assert "rank_unrounded" not in str(one["ranks"])
 
 
 def test_streaming_rounds_the_same_ranks(tiny_llama):
@@ -153,7 +181,8 @@ def test_a_sweep_rounds_every_ratio(tiny_llama, tmp_path):
         assert {n: e["rank"] for n, e in entry["ranks"].items()} == {n: e["rank"] for n, e in alone["ranks"].items()}
 
 
-def test_compress_layers_refuses_a_multiple_too_large_before_the_first_layer(tiny_llama):
-    model, tok, _ = load_model(str(tiny_llama))
-    with pytest.raises(UserError, match="rank_multiple 32"):
-        compress_layers(model, None, get_method("svd-llm"), uniform_ranks(0.4), rank_multiple=32)
+def test_a_multiple_too_large_for_the_model_is_refused_before_the_decomposition(tiny_llama):
+    with pytest.raises(UserError, match="rank_multiple 16 is too large for the k_proj linears"):
+        compress(_cfg(tiny_llama, rank_multiple=16))
+    with pytest.raises(UserError, match="rank_multiple 32 is too large for the"):
+        compress(_cfg(tiny_llama, rank_multiple=32))
