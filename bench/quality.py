@@ -188,7 +188,7 @@ def main() -> None:
                                text=True, env=env)
             if p.returncode != 0:
                 err.seek(0)
-                print(f"{spec}: FAILED\n{err.read()[-3000:]}", file=sys.stderr)
+                print(f"{spec}: FAILED (exit {p.returncode})\n{err.read()[-3000:]}", file=sys.stderr)
                 continue
         r, dense = row_from_report(row, json.loads(p.stdout.strip().splitlines()[-1]))
         results[key(r)] = r
