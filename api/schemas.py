@@ -18,6 +18,7 @@ from svdforge.core.config import (
     ALLOCATIONS,
     MAX_PROMPT_CHARS,
     MAX_PROMPTS,
+    MAX_RANK_MULTIPLE,
     MAX_SAMPLE_TOKENS,
     OBJECTIVES,
     TARGET_PRESETS,
@@ -246,6 +247,10 @@ class JobCreate(Strict):
             "`ppl_vs_ratio.png` compares them. Give this or `ratio`. Not with adapter `update`."))
     method: MethodName = default_of(CompressConfig, "method")
     allocation: Allocation = default_of(CompressConfig, "allocation")
+    rank_multiple: Annotated[int, Field(ge=1, le=MAX_RANK_MULTIPLE)] = Field(
+        default_of(CompressConfig, "rank_multiple"), description=(
+            "Round every compressed linear's rank to a multiple of this (kernel-friendly shapes), within the "
+            "parameters the unrounded ranks would use; 1: no rounding. The report's `rank_rounding` says how."))
     targets: TargetPreset = default_of(CompressConfig, "targets")
     adapter: Adapter = Field(default_factory=NoAdapter, description="Recovery after compression.")
     calibration: DataSource = Field(default_factory=lambda: _builtin(_CALIBRATION))

@@ -8,10 +8,12 @@ caps it, and the table says which cap was used). Each row runs in its own proces
     python bench/quality.py                              # default rows, 32k eval tokens
     python bench/quality.py --rows svd-llm:0.4 svd-llm:0.4:global svd-llm:0.4:uniform:lora
     python bench/quality.py --eval-max-tokens 0          # the whole test split
+    python bench/quality.py --rows svd-llm:0.4 --rank-multiple 64   # every rank a multiple of 64
 
 Writes docs/benchmarks.md (markdown table) and docs/benchmarks.json (one object per row;
 dense is the row whose method is "dense"). Rows are merged into existing files by key
-(method, ratio, allocation, recover, eval_tokens), so runs can be split up.
+(method, ratio, allocation, recover, mode, rank_multiple, eval_tokens), so runs can be split up;
+a table shows the `rank_multiple` column only where one of its rows rounds its ranks.
 """
 from __future__ import annotations
 
@@ -57,7 +59,7 @@ def config_for(row: dict, args) -> dict:
     if args.train_steps:
         rec["max_steps"] = args.train_steps
     return {"model": args.model, "ratio": row["ratio"], "method": row["method"], "allocation": row["allocation"],
-            "calibration": calib, "evaluation": ev, "recover": rec,
+            "rank_multiple": row.get("rank_multiple", 1), "calibration": calib, "evaluation": ev, "recover": rec,
             "calibration_mode": row.get("mode", args.mode),
             "stats_cache": False}   # every row calibrates: its compress_s is a real calibration
 
@@ -81,6 +83,7 @@ def row_from_report(row: dict, r: dict) -> tuple[dict, dict]:
                peak_rss_bytes=r["peak_rss_bytes"], tokens_per_s=r["throughput"]["compressed"]["tokens_per_s"],
                speedup=r["throughput"].get("speedup"), linears_reduction=r["params"]["linears_reduction"],
                params_reduction=r["params"]["reduction"], mode=r["calibration_mode"],
+               params_compressed=r["params"]["compressed"], linears_compressed=r["params"]["linears_compressed"],
                threads=r["threads"])
     if r.get("recover", {}).get("type", "none") != "none":
         out["recover_info"] = {k: v for k, v in r["recover"].items() if k not in ("loss_curve", "ranks")}
@@ -119,12 +122,22 @@ def render(rows: list[dict], args) -> None:
 
 
 def table(rows: list[dict]) -> str:
-    head = "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n"
-    return head + "\n".join("| " + " | ".join(fmt(r.get(c), c) for c in COLUMNS) + " |" for r in rows) + "\n"
+    cols = COLUMNS
+    if any(r.get("rank_multiple", 1) != 1 for r in rows):
+        cols = cols[:3] + ["rank_multiple"] + cols[3:]
+    head = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
+    return head + "\n".join("| " + " | ".join(fmt(_value(r, c), c) for c in cols) + " |" for r in rows) + "\n"
+
+
+def _value(r: dict, col: str):
+    if col == "rank_multiple" and r["method"] != "dense":
+        return r.get(col, 1)
+    return r.get(col)
 
 
 def key(r: dict) -> tuple:
-    return (r["method"], r["ratio"], r["allocation"], r["recover"], r.get("mode"), r["eval_tokens"])
+    return (r["method"], r["ratio"], r["allocation"], r["recover"], r.get("mode"), r.get("rank_multiple", 1),
+            r["eval_tokens"])
 
 
 def main() -> None:
@@ -140,6 +153,8 @@ def main() -> None:
     ap.add_argument("--eval-max-tokens", type=int, default=32768, help="0: the whole split")
     ap.add_argument("--throughput-runs", type=int, default=7)
     ap.add_argument("--mode", default="sequential")
+    ap.add_argument("--rank-multiple", type=int, default=1,
+                    help="round every rank to a multiple of N within the same parameters (1: no rounding)")
     ap.add_argument("--train-samples", type=int, default=256)
     ap.add_argument("--train-steps", type=int, default=40, help="optimizer steps of lora/adalora rows")
     ap.add_argument("--train-batch", type=int, default=2)
@@ -164,6 +179,8 @@ def main() -> None:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     for spec in args.rows:
         row = parse_row(spec)
+        if args.rank_multiple != 1:
+            row["rank_multiple"] = args.rank_multiple
         cfg = json.dumps(config_for(row, args))
         t = time.perf_counter()
         with tempfile.TemporaryFile("w+") as err:
@@ -171,7 +188,7 @@ def main() -> None:
                                text=True, env=env)
             if p.returncode != 0:
                 err.seek(0)
-                print(f"{spec}: FAILED\n{err.read()[-3000:]}", file=sys.stderr)
+                print(f"{spec}: FAILED (exit {p.returncode})\n{err.read()[-3000:]}", file=sys.stderr)
                 continue
         r, dense = row_from_report(row, json.loads(p.stdout.strip().splitlines()[-1]))
         results[key(r)] = r
@@ -180,7 +197,8 @@ def main() -> None:
               f"rss {r['peak_rss_bytes'] / 2**30:.2f} GiB speedup {r['speedup']:.2f} "
               f"(wall {time.perf_counter() - t:.0f}s)", flush=True)
         rows = sorted(results.values(), key=lambda r: (r["eval_tokens"], r["method"] != "dense", r["ratio"] or 0,
-                                                       r["method"], r["allocation"] or "", r["recover"] or ""))
+                                                       r["method"], r["allocation"] or "", r["recover"] or "",
+                                                       r.get("rank_multiple", 1)))
         json_path.write_text(json.dumps(rows, indent=1))
         render(rows, args)
     print(table(sorted(results.values(), key=lambda r: (r["eval_tokens"], r["method"] != "dense",

@@ -10,6 +10,7 @@ import typer
 from svdforge.cli.app import app
 from svdforge.core.architectures import supported_list
 from svdforge.core.config import (
+    MAX_RANK_MULTIPLE,
     MAX_SAMPLE_TOKENS,
     CompressConfig,
     DataSpec,
@@ -87,6 +88,7 @@ def compress(
     method_option: Annotated[list[str] | None, typer.Option("--method-option", help=f"KEY=VALUE, repeatable: an option of --method ({method_options_help()}).")] = None,
     allocation: Annotated[str, typer.Option("--allocation", help="uniform | global")] = default_of(CompressConfig, "allocation"),
     targets: Annotated[str, typer.Option("--targets", help="all | attention | mlp | re:<regex>")] = default_of(CompressConfig, "targets"),
+    rank_multiple: Annotated[int, typer.Option("--rank-multiple", help=f"Round every rank to a multiple of N (1..{MAX_RANK_MULTIPLE}; 1: no rounding) within the same parameters: kernel-friendly shapes.")] = default_of(CompressConfig, "rank_multiple"),
     mode: Annotated[str | None, typer.Option("--mode", help="sequential | parallel calibration (default: sequential; parallel for --ratios, the only mode a sweep can share)")] = None,
     calib_file: Annotated[Path | None, typer.Option("--calib-file", help="Calibration text file.")] = None,
     calib_hf: Annotated[str | None, typer.Option("--calib-hf", help="Calibration HF dataset id.")] = None,
@@ -142,7 +144,7 @@ def compress(
     mode = mode or ("parallel" if sweep_ratios is not None else "sequential")
     config = CompressConfig(
         model=model, ratio=ratio if ratio is not None else sweep_ratios[0], method=method,
-        method_options=_method_options(method_option), allocation=allocation,
+        method_options=_method_options(method_option), allocation=allocation, rank_multiple=rank_multiple,
         targets=targets, calibration_mode=mode, calibration_batch_size=batch_size,
         calibration=_data(calib_file, calib_hf, calib_hf_config, calib_split, calib_samples, seq_len, seed,
                           "calibration"),

@@ -56,6 +56,7 @@ from svdforge.core.layer_loop import Handler, LayerLoop, LayerStep, Stream
 from svdforge.core.linalg import saves_params, uniform_rank
 from svdforge.core.methods import Method, get_method
 from svdforge.core.progress import Reporter
+from svdforge.core.rounding import rounded
 from svdforge.core.statistics import MAIN, Statistics
 
 
@@ -84,15 +85,17 @@ class Spectra(Handler):
 
 def whitened_spectra(model, ids: torch.Tensor, method: Method, targets: str = "all", batch_size: int = 8,
                      device="cpu", fisher: dict | None = None, forward_dtype: torch.dtype | None = None,
-                     reporter: Reporter | None = None) -> dict[str, tuple[int, int, torch.Tensor]]:
+                     reporter: Reporter | None = None, layer_io=None,
+                     activations=None) -> dict[str, tuple[int, int, torch.Tensor]]:
     """name -> (m, n, singular values of the scaled weight), from one dense (parallel) pass
-    of the layer loop. The model is not changed."""
+    of the layer loop. The model is not changed. layer_io / activations: a streamed job's
+    read-only layer source and an activation store (`StreamingJob.spectra_io`)."""
     spectra = Spectra(method, fisher)
     statistics = Statistics(method.needs - {"fisher"}, reporter=reporter,
-                            progress="global allocation: spectra of layer {i}/{n}")
+                            progress="rank planning: spectra of layer {i}/{n}")
     LayerLoop(model, [statistics, spectra], ids=ids, batch_size=batch_size, device=device,
               forward_dtype=forward_dtype, streams=[Stream(MAIN, reuse=True)], targets=targets,
-              reporter=reporter).run()
+              layer_io=layer_io, activations=activations, reporter=reporter).run()
     return spectra.spectra
 
 
@@ -157,15 +160,37 @@ def global_ranks(model, calib_ids: torch.Tensor, config, device, rep: Reporter |
 
 
 def global_spectra(model, calib_ids: torch.Tensor, config, device, rep: Reporter | None = None,
-                   fisher: dict | None = None, forward_dtype: torch.dtype | None = None):
-    """name -> (m, n, spectrum) for every ratio's allocation (one dense pass; a sweep shares it)."""
+                   fisher: dict | None = None, forward_dtype: torch.dtype | None = None, layer_io=None,
+                   activations=None):
+    """name -> (m, n, spectrum) for every ratio's allocation and rank rounding (one dense pass;
+    a sweep shares it; streamed through `layer_io` when given)."""
     rep = rep or Reporter()
     method = get_method(config.method, config.method_options)
+    why = "global allocation" if config.allocation == "global" else f"rank_multiple {config.rank_multiple}"
     if "fisher" in method.needs and fisher is None:
-        raise UserError(f"global allocation with method {config.method!r} needs its Fisher information")
-    rep.log("global allocation: one dense calibration pass for the spectra", "whiten")
+        raise UserError(f"{why} with method {config.method!r} needs its Fisher information")
+    rep.log(f"{why}: one dense calibration pass for the spectra", "whiten")
     return whitened_spectra(model, calib_ids, method, config.targets, config.calibration_batch_size, device,
-                            fisher, forward_dtype, rep)
+                            fisher, forward_dtype, rep, layer_io, activations)
+
+
+def needs_spectra(config) -> bool:
+    """Whether the ranks of `config` come from a spectra pass: global allocation or rank rounding."""
+    return config.allocation == "global" or config.rank_multiple > 1
+
+
+def rank_plan(spectra: dict[str, tuple[int, int, torch.Tensor]], config, ratio: float, seconds: float = 0.0):
+    """(rank_fn, allocation_info or None, rank_rounding or None) at `ratio`: `config.allocation`'s
+    ranks, rounded to multiples of `config.rank_multiple` when it is > 1 (`svdforge.core.rounding`)."""
+    if config.allocation == "global":
+        rank_fn, info = allocate_ratio(spectra, ratio, seconds)
+    else:
+        rank_fn, info = (lambda name, m, n: uniform_rank(m, n, ratio)), None
+    if config.rank_multiple == 1:
+        return rank_fn, info, None
+    rounded_fn, rounding = rounded(spectra, rank_fn, config.rank_multiple)
+    rounding["spectra_seconds"] = seconds
+    return rounded_fn, info, rounding
 
 
 def allocate_ratio(spectra: dict[str, tuple[int, int, torch.Tensor]], ratio: float, seconds: float = 0.0):

@@ -56,6 +56,8 @@ MAX_SWEEP_RATIOS = 8
 MAX_PROMPTS = 8
 MAX_PROMPT_CHARS = 1000
 MAX_SAMPLE_TOKENS = 256
+# `rank_multiple`: every compressed rank a multiple of N (`svdforge.core.rounding`), 1 = no rounding.
+MAX_RANK_MULTIPLE = 1024
 
 
 def default_of(cls: type, name: str) -> Any:
@@ -229,6 +231,8 @@ class CompressConfig:
     max_activation_bytes: in-memory budget of the calibration activations (None: a quarter of
     the available memory when streaming, unlimited otherwise); past it they go to disk.
     stats_cache: reuse / store the calibration statistics (`svdforge.core.stats_cache`).
+    rank_multiple: every compressed linear's rank a multiple of this (1..1024; 1: the ranks as
+    allocated), within the parameters the unrounded ranks would use (`svdforge.core.rounding`).
     """
 
     model: str
@@ -251,6 +255,7 @@ class CompressConfig:
     streaming: str = "auto"
     max_activation_bytes: int | None = None
     stats_cache: bool = True
+    rank_multiple: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.calibration, dict):
@@ -265,6 +270,7 @@ class CompressConfig:
                f"method_options must be an object of the method's options, got {self.method_options!r}")
         self.method_options = method_config(self.method, self.method_options)
         _choice("allocation", self.allocation, ALLOCATIONS)
+        _int_in("rank_multiple", self.rank_multiple, 1, MAX_RANK_MULTIPLE)
         _choice("calibration_mode", self.calibration_mode, CALIBRATION_MODES)
         _choice("dtype", self.dtype, DTYPES)
         _choice("calibration_dtype", self.calibration_dtype, ("auto",) + DTYPES)

@@ -22,7 +22,7 @@ import torch
 from svdforge.core import architectures, streaming
 from svdforge.core import data as data_mod
 from svdforge.core.activations import ActivationStore
-from svdforge.core.allocation import global_ranks
+from svdforge.core.allocation import global_spectra, needs_spectra, rank_plan
 from svdforge.core.artifact import (
     check_saved,
     check_saved_keys,
@@ -207,12 +207,18 @@ def activation_store(config: CompressConfig, device: str) -> ActivationStore | N
     return ActivationStore(device, config.max_activation_bytes, os.environ.get("SVDFORGE_TMP"))
 
 
-def _rank_fn(run: Run, loaded: Loaded, fisher):
+def _rank_fn(run: Run, loaded: Loaded, fisher) -> tuple:
+    """(rank function, the report's `allocation_info` / `rank_rounding` where they apply). Global
+    allocation and rank rounding take the spectra from one dense pass (streamed when the job is)."""
     config = run.config
-    if config.allocation == "uniform":
-        return uniform_ranks(config.ratio), None
-    return global_ranks(loaded.model, loaded.calib.ids, config, run.device, run.rep, fisher=fisher,
-                        forward_dtype=calibration_dtype(config, run.device))
+    if not needs_spectra(config):
+        return uniform_ranks(config.ratio), {}
+    t0 = time.perf_counter()
+    layer_io, activations = loaded.job.spectra_io() if loaded.job else (None, None)
+    spectra = global_spectra(loaded.model, loaded.calib.ids, config, run.device, run.rep, fisher,
+                             calibration_dtype(config, run.device), layer_io, activations)
+    rank_fn, info, rounding = rank_plan(spectra, config, config.ratio, time.perf_counter() - t0)
+    return rank_fn, {k: v for k, v in (("allocation_info", info), ("rank_rounding", rounding)) if v}
 
 
 def calibrate_and_decompose(run: Run, loaded: Loaded) -> tuple[CalibrationResult, dict]:
@@ -221,7 +227,7 @@ def calibrate_and_decompose(run: Run, loaded: Loaded) -> tuple[CalibrationResult
     config, rep, device, job = run.config, run.rep, run.device, loaded.job
     rep.stage_started("whiten")
     fisher, t_fisher = estimate_fisher(run, loaded)
-    rank_fn, allocation_info = _rank_fn(run, loaded, fisher)
+    rank_fn, plan_info = _rank_fn(run, loaded, fisher)
     update = config.recover.type == "update" or config.recover.update
     fdt = calibration_dtype(config, device)
     cache, cache_off = stats_cache(config, loaded, fdt, device, update)
@@ -233,9 +239,7 @@ def calibrate_and_decompose(run: Run, loaded: Loaded) -> tuple[CalibrationResult
                           activations=job.store if job else activation_store(config, device), stats_cache=cache)
     rep.stage_finished("whiten", res.timings["calibrate"] + t_fisher)
     rep.stage_finished("svd", res.timings["decompose"])
-    extra = {"calibration_cache": cache.report() if cache else cache_off, "t_fisher": t_fisher}
-    if allocation_info:
-        extra["allocation_info"] = allocation_info
+    extra = {"calibration_cache": cache.report() if cache else cache_off, "t_fisher": t_fisher, **plan_info}
     return res, extra
 
 
@@ -273,8 +277,7 @@ def _single_report(run: Run, loaded: Loaded, res: CalibrationResult, recover_rep
     report["calibration_cache"] = extra["calibration_cache"]
     report["whitening_paths"] = count_paths(res.ranks)
     report["ranks"] = res.ranks
-    if "allocation_info" in extra:
-        report["allocation_info"] = extra["allocation_info"]
+    report.update({k: extra[k] for k in ("allocation_info", "rank_rounding") if k in extra})
     return report
 
 

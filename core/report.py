@@ -44,6 +44,7 @@ def compressed_report(config: CompressConfig, source: str, model, device: str, c
                             "compressed": flops_per_token(model, config.evaluation.seq_len),
                             "context": config.evaluation.seq_len},
         "shared_inputs": res.shared_inputs,
+        "rank_multiple": config.rank_multiple,
     }
 
 

@@ -12,8 +12,9 @@ distinct linear input once) and the key holds everything they depend on:
   of the token windows themselves (so the text and the tokenizer are covered);
 - how they were computed: method (and the statistics it needs), targets, calibration mode,
   batch size, forward dtype, device type, the closed-form update flag;
-- in `sequential` mode also ratio and allocation, since layer l's inputs come from the
-  already compressed layers before it. `parallel` statistics depend on the dense model only.
+- in `sequential` mode also ratio, allocation and rank_multiple (when not 1), since layer l's
+  inputs come from the already compressed layers before it. `parallel` statistics depend on
+  the dense model only.
 
 A cache folder appears atomically (written under a temporary name, renamed when the last
 layer is in), so an interrupted job leaves nothing half-written behind. A calibration whose
@@ -80,6 +81,8 @@ def stats_key(config, source: str, calib_ids: torch.Tensor, needs, forward_dtype
         key["ratio"] = config.ratio
         key["allocation"] = config.allocation
         key["method_options"] = config.method_options.to_dict()
+        if config.rank_multiple != 1:   # the ranks of the layers before; absent at 1, so older keys still hit
+            key["rank_multiple"] = config.rank_multiple
     return key
 
 

@@ -148,6 +148,12 @@ class StreamingJob:
         self.store = ActivationStore(device, default_activation_budget(device) if budget is None else budget,
                                      os.environ.get("SVDFORGE_TMP"))
 
+    def spectra_io(self) -> tuple[StreamingLayers, ActivationStore]:
+        """A read-only layer source and its own activation store, for a pass before the compression
+        (the spectra of rank rounding): each layer is read from the checkpoint, then released."""
+        return (StreamingLayers(self.reader, self.prefix, self.dtype, self.device, None, self.model.config),
+                ActivationStore(self.device, self.store.budget, os.environ.get("SVDFORGE_TMP")))
+
     def save(self, tokenizer) -> None:
         self.writer.add(non_layer_state(self.model, self.prefix))
         self.writer.close()

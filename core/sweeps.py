@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from svdforge.core.allocation import allocate_ratio, global_spectra
+from svdforge.core.allocation import global_spectra, needs_spectra, rank_plan
 from svdforge.core.artifact import check_saved, package_versions, save_model
 from svdforge.core.config import CompressConfig, check_ratios
 from svdforge.core.decompose import CalibrationResult, SweepTarget, compress_layers, uniform_ranks
@@ -81,14 +81,16 @@ def _refuse(config: CompressConfig) -> None:
 
 
 def _rank_fns(run: Run, loaded: Loaded, ratios: list[float], fisher, fdt, t0: float):
-    """Every ratio's rank function and allocation report (global: from one spectra pass)."""
+    """Every ratio's rank function and report entries (`allocation_info`, `rank_rounding`): global
+    allocation and rank rounding from one spectra pass for every ratio."""
     config = run.config
-    if config.allocation == "uniform":
-        return [uniform_ranks(r) for r in ratios], [None] * len(ratios)
+    if not needs_spectra(config):
+        return [uniform_ranks(r) for r in ratios], [{} for _ in ratios]
     spectra = global_spectra(loaded.model, loaded.calib.ids, config, run.device, run.rep, fisher, fdt)
     t_spectra = time.perf_counter() - t0
-    pairs = [allocate_ratio(spectra, r, t_spectra) for r in ratios]
-    return [p[0] for p in pairs], [p[1] for p in pairs]
+    plans = [rank_plan(spectra, config, r, t_spectra) for r in ratios]
+    return [p[0] for p in plans], [{k: v for k, v in (("allocation_info", p[1]), ("rank_rounding", p[2])) if v}
+                                   for p in plans]
 
 
 def _shared_calibration(run: Run, loaded: Loaded, ratios: list[float]):
@@ -98,7 +100,7 @@ def _shared_calibration(run: Run, loaded: Loaded, ratios: list[float]):
     t0 = time.perf_counter()
     fisher, _ = estimate_fisher(run, loaded, " (once for every ratio)")
     fdt = calibration_dtype(config, run.device)
-    rank_fns, allocation_infos = _rank_fns(run, loaded, ratios, fisher, fdt, t0)
+    rank_fns, plan_infos = _rank_fns(run, loaded, ratios, fisher, fdt, t0)
     t_pre = time.perf_counter() - t0   # Fisher information and global spectra: once for every ratio
     cache, cache_off = stats_cache(config, loaded, fdt, run.device, False)
     targets = [SweepTarget(fn) for fn in rank_fns]
@@ -110,7 +112,7 @@ def _shared_calibration(run: Run, loaded: Loaded, ratios: list[float]):
     t_calibrate = res.timings["calibrate"] + t_pre
     rep.stage_finished("whiten", t_calibrate)
     rep.stage_finished("svd", res.timings["decompose"])
-    return targets, allocation_infos, res, t_calibrate, cache.report() if cache else cache_off
+    return targets, plan_infos, res, t_calibrate, cache.report() if cache else cache_off
 
 
 def _student(dense, modules: dict):
@@ -134,19 +136,18 @@ def _recover_ratio(run: Run, loaded: Loaded, cfg: CompressConfig, student, r: fl
 
 
 def _ratio_report(run: Run, loaded: Loaded, cfg: CompressConfig, student, target: SweepTarget,
-                  recover_report, allocation_info, index: int, ratios: list[float]) -> dict:
+                  recover_report, plan_info, index: int, ratios: list[float]) -> dict:
     report = compressed_report(cfg, loaded.source, student, run.device, loaded.calib, target.result,
                                recover_report, loaded.dense)
     report["whitening_paths"] = count_paths(target.result.ranks)
     report["ranks"] = target.result.ranks
-    if allocation_info:
-        report["allocation_info"] = allocation_info
+    report.update(plan_info)
     report["sweep_of"] = {"ratios": ratios, "index": index}
     return report
 
 
 def _one_ratio(run: Run, loaded: Loaded, ratios: list[float], index: int, target: SweepTarget,
-               allocation_info, name: str) -> dict:
+               plan_info, name: str) -> dict:
     """Build, recover, save and evaluate ratio `index`; returns its entry of the sweep report."""
     r = ratios[index]
     cfg = dataclasses.replace(run.config, ratio=r)
@@ -156,7 +157,7 @@ def _one_ratio(run: Run, loaded: Loaded, ratios: list[float], index: int, target
     student = _student(loaded.model, target.modules)
     target.modules.clear()
     recover_report = _recover_ratio(run, loaded, cfg, student, r, t_ratio)
-    report = _ratio_report(run, loaded, cfg, student, target, recover_report, allocation_info, index, ratios)
+    report = _ratio_report(run, loaded, cfg, student, target, recover_report, plan_info, index, ratios)
     folder = run.out / name if run.out is not None else None
     if folder is not None:
         run.rep.stage_started("save", f"ratio {r:g}")
@@ -196,8 +197,8 @@ def sweep(config: CompressConfig, ratios, out_dir: str | Path | None = None, pro
     check_inputs(run)
     names_out = ratio_dirs(ratios)
     loaded = load(run, sweep=True)
-    targets, allocation_infos, res, t_calibrate, cache_report = _shared_calibration(run, loaded, ratios)
-    entries = [_one_ratio(run, loaded, ratios, i, targets[i], allocation_infos[i], names_out[i])
+    targets, plan_infos, res, t_calibrate, cache_report = _shared_calibration(run, loaded, ratios)
+    entries = [_one_ratio(run, loaded, ratios, i, targets[i], plan_infos[i], names_out[i])
                for i in range(len(ratios))]
     return _finish(run, loaded, ratios, res, entries, t_calibrate, cache_report, figures)
 

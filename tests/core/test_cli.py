@@ -128,3 +128,29 @@ def test_help_lists_the_supported_architectures():
     r = subprocess.run([sys.executable, "-m", "svdforge.cli.main", "compress", "--help"], capture_output=True,
                        text=True, timeout=120, env={**os.environ, "COLUMNS": "300"})
     assert "gemma2" in r.stdout and "gpt_neox" in r.stdout
+
+
+def test_compress_rounds_ranks_to_a_multiple(tiny_llama, tmp_path):
+    out = tmp_path / "art"
+    p = run("compress", tiny_llama, "--ratio", "0.4", "--out", out, "--calib-samples", 4, "--seq-len", 32,
+            "--rank-multiple", 8, "--no-eval", "-q")
+    assert p.returncode == 0, p.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["rank_multiple"] == 8 and report["config"]["rank_multiple"] == 8
+    assert all(e["rank"] % 8 == 0 for e in report["ranks"].values())
+    assert report["rank_rounding"]["used_params"] <= report["rank_rounding"]["budget_params"]
+
+
+@pytest.mark.parametrize("value", ["0", "1025", "eight"])
+def test_a_bad_rank_multiple_exits_2_with_one_line(tiny_llama, tmp_path, value):
+    p = run("compress", tiny_llama, "--ratio", "0.4", "--out", tmp_path / "o", "--rank-multiple", value)
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert "rank_multiple" in lines[0] or "--rank-multiple" in lines[0]
+
+
+def test_a_rank_multiple_too_large_for_the_ranks_exits_2(tiny_llama, tmp_path):
+    p = run("compress", tiny_llama, "--ratio", "0.4", "--out", tmp_path / "o", "--calib-samples", 4,
+            "--seq-len", 32, "--rank-multiple", 64, "--no-eval", "-q")
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and "rank_multiple 64 is too large" in lines[0], p.stderr

@@ -54,3 +54,19 @@ def test_sample_prompts_defaults_and_limits():
     assert EvalConfig().prompts == [] and EvalConfig().sample_tokens == 32
     ev = EvalConfig(prompts=("a", "b" * 1000) + ("c",) * 6, sample_tokens=256)   # the most allowed
     assert len(ev.prompts) == 8 and isinstance(ev.prompts, list)
+
+
+@pytest.mark.parametrize("value, needle", [
+    (0, "rank_multiple must be >= 1 and <= 1024, got 0"), (1025, "rank_multiple must be >= 1 and <= 1024"),
+    (-8, "rank_multiple"), (8.0, "rank_multiple must be an integer"), (True, "rank_multiple must be an integer"),
+    ("8", "rank_multiple must be an integer"), (None, "rank_multiple must be an integer"),
+])
+def test_rank_multiple_is_an_integer_from_1_to_1024(value, needle):
+    with pytest.raises(UserError, match=needle):
+        CompressConfig(model="m", ratio=0.4, rank_multiple=value)
+
+
+def test_rank_multiple_defaults_to_1_and_round_trips():
+    assert CompressConfig(model="m", ratio=0.4).rank_multiple == 1
+    c = CompressConfig(model="m", ratio=0.4, rank_multiple=1024)
+    assert CompressConfig.from_dict(c.to_dict()) == c

@@ -47,6 +47,7 @@ def _digest(model, cfg, **over):
     {"targets": "mlp"},
     {"calibration_batch_size": 2},
     {"ratio": 0.2},                                                     # sequential: depends on it
+    {"rank_multiple": 8},                                               # likewise
 ])
 def test_every_key_part_changes_the_key(tiny_llama, change):
     cfg = _cfg(tiny_llama)
@@ -57,6 +58,14 @@ def test_every_key_part_changes_the_key(tiny_llama, change):
 def test_parallel_statistics_do_not_depend_on_the_ratio(tiny_llama):
     cfg = _cfg(tiny_llama, calibration_mode="parallel")
     assert _digest(tiny_llama, cfg, ratio=0.2) == _digest(tiny_llama, cfg)
+    assert _digest(tiny_llama, cfg, rank_multiple=8) == _digest(tiny_llama, cfg)
+
+
+def test_rank_multiple_1_keeps_the_keys_of_earlier_runs(tiny_llama):
+    cfg = _cfg(tiny_llama)
+    tok = load_tokenizer(str(tiny_llama))
+    ids = data_mod.calibration_windows(tok, cfg.calibration).ids
+    assert "rank_multiple" not in stats_key(cfg, str(tiny_llama), ids, {"gram"}, torch.float32, "cpu", False)
 
 
 def test_model_revision_is_part_of_the_key(tiny_models, tmp_path):

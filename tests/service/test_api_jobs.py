@@ -77,6 +77,16 @@ def test_create_full_example_request(client, auth):
     assert {s["name"]: s["status"] for s in r.json()["stages"]}["recover"] == "pending"
 
 
+def test_rank_multiple_is_stored_and_reaches_core(client, auth, settings):
+    from svdforge.worker.config import build_config
+
+    minimal = client.post("/v1/jobs", json=MINIMAL, headers=auth).json()["request"]
+    assert minimal["rank_multiple"] == 1 and build_config(minimal, {}, settings).rank_multiple == 1
+    r = client.post("/v1/jobs", json={**MINIMAL, "rank_multiple": 64}, headers=auth)
+    assert r.status_code == 201, r.text
+    assert build_config(r.json()["request"], {}, settings).rank_multiple == 64
+
+
 @pytest.mark.parametrize(("patch", "field"), [
     ({"ratio": 1.0}, "ratio"),
     ({"ratio": 0}, "ratio"),
@@ -102,6 +112,10 @@ def test_create_full_example_request(client, auth):
     ({"evaluation": {"prompts": ["x" * 1001]}}, "evaluation.prompts[0]"),
     ({"evaluation": {"sample_tokens": 0}}, "evaluation.sample_tokens"),
     ({"evaluation": {"sample_tokens": 257}}, "evaluation.sample_tokens"),
+    ({"rank_multiple": 0}, "rank_multiple"),
+    ({"rank_multiple": 1025}, "rank_multiple"),
+    ({"rank_multiple": 8.5}, "rank_multiple"),
+    ({"rank_multiple": "8"}, "rank_multiple"),
     ({"metadata": {"k": "x" * 600}}, "metadata.k"),
     ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
     ({"model": ""}, "model"),

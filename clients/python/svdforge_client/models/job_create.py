@@ -42,6 +42,9 @@ class JobCreate:
             compares them. Give this or `ratio`. Not with adapter `update`.
         method (JobCreateMethod | Unset):  Default: JobCreateMethod.SVD_LLM.
         allocation (JobCreateAllocation | Unset):  Default: JobCreateAllocation.UNIFORM.
+        rank_multiple (int | Unset): Round every compressed linear's rank to a multiple of this (kernel-friendly
+            shapes), within the parameters the unrounded ranks would use; 1: no rounding. The report's `rank_rounding` says
+            how. Default: 1.
         targets (JobCreateTargets | Unset):  Default: JobCreateTargets.ALL.
         adapter (AdaLoraAdapter | LoraAdapter | NoAdapter | Unset | UpdateAdapter): Recovery after compression.
         calibration (BuiltinData | FileData | HfData | Unset):
@@ -54,6 +57,7 @@ class JobCreate:
     ratios: list[float] | None | Unset = UNSET
     method: JobCreateMethod | Unset = JobCreateMethod.SVD_LLM
     allocation: JobCreateAllocation | Unset = JobCreateAllocation.UNIFORM
+    rank_multiple: int | Unset = 1
     targets: JobCreateTargets | Unset = JobCreateTargets.ALL
     adapter: AdaLoraAdapter | LoraAdapter | NoAdapter | Unset | UpdateAdapter = UNSET
     calibration: BuiltinData | FileData | HfData | Unset = UNSET
@@ -93,6 +97,8 @@ class JobCreate:
         allocation: str | Unset = UNSET
         if not isinstance(self.allocation, Unset):
             allocation = self.allocation.value
+
+        rank_multiple = self.rank_multiple
 
         targets: str | Unset = UNSET
         if not isinstance(self.targets, Unset):
@@ -149,6 +155,8 @@ class JobCreate:
             field_dict["method"] = method
         if allocation is not UNSET:
             field_dict["allocation"] = allocation
+        if rank_multiple is not UNSET:
+            field_dict["rank_multiple"] = rank_multiple
         if targets is not UNSET:
             field_dict["targets"] = targets
         if adapter is not UNSET:
@@ -218,6 +226,8 @@ class JobCreate:
             allocation = UNSET
         else:
             allocation = JobCreateAllocation(_allocation)
+
+        rank_multiple = d.pop("rank_multiple", UNSET)
 
         _targets = d.pop("targets", UNSET)
         targets: JobCreateTargets | Unset
@@ -328,6 +338,7 @@ class JobCreate:
             ratios=ratios,
             method=method,
             allocation=allocation,
+            rank_multiple=rank_multiple,
             targets=targets,
             adapter=adapter,
             calibration=calibration,
