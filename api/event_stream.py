@@ -18,7 +18,7 @@ import re
 from collections.abc import AsyncIterator
 
 import anyio.to_thread
-from sqlalchemy import select
+from sqlalchemy import and_, select
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from svdforge.api.problems import field_error
@@ -86,20 +86,24 @@ def _is_final(event: JobEvent) -> bool:
 def read_batch(db: Database, job_id: str, after: int, limit: int = BATCH) -> tuple[list[dict], bool]:
     """The job's next events after id `after` as list items, and whether the stream is done.
 
-    The job's status is read before its events: the final status event commits with the
-    status, so a job seen ended has all of its events in the read that follows.
+    One statement reads the job's status with its events (an outer join: a row with no event
+    when there is none), so both come from one snapshot: the final status event commits with
+    the status, so a job seen ended has all of its events in the same read.
     """
+    q = (select(Job.status, JobEvent).select_from(Job)
+         .outerjoin(JobEvent, and_(JobEvent.job_id == Job.id, JobEvent.id > after))
+         .where(Job.id == job_id).order_by(JobEvent.id).limit(limit))
     with db.session() as s:
-        status = s.scalar(select(Job.status).where(Job.id == job_id))
-        rows = list(s.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after)
-                              .order_by(JobEvent.id).limit(limit)))
-        items = []
-        for event in rows:
+        rows = s.execute(q).all()
+        status, items = (rows[0][0] if rows else None), []
+        for _, event in rows:
+            if event is None:
+                break
             items.append(event_out(event).model_dump(mode="json"))
             if _is_final(event):
                 return items, True
-    ended = status is None or JobStatus(status) in TERMINAL
-    return items, ended and len(rows) < limit
+    ended = status is None or JobStatus(status) in TERMINAL  # no row at all: the job was deleted
+    return items, ended and len(items) < limit
 
 
 async def follow(db: Database, job_id: str, after: int, poll_s: float) -> AsyncIterator[ServerSentEvent]:

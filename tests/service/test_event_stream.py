@@ -191,3 +191,19 @@ def test_the_openapi_document_shows_the_stream(client):
     assert content["application/json"]["schema"]["$ref"].endswith("/JobEventList")
     assert "Last-Event-ID" in [p["name"] for p in op["parameters"] if p["in"] == "header"]
     assert "text/event-stream" in op["description"]
+
+
+def test_read_batch_pages_and_says_when_the_stream_is_done(db, tokens):
+    job_id = finished_job(db)  # 8 events, the last one the final status
+    first, done = event_stream.read_batch(db, job_id, 0, limit=3)
+    assert len(first) == 3 and not done
+    after = int(first[-1]["id"][4:])
+    rest, done = event_stream.read_batch(db, job_id, after, limit=100)
+    assert len(rest) == 5 and done and rest[-1]["data"]["to"] == "succeeded"
+    assert event_stream.read_batch(db, job_id, int(rest[-1]["id"][4:])) == ([], True)  # resumed past the end
+    running = new_job(db)
+    move(db, running, JobStatus.RUNNING)
+    items, done = event_stream.read_batch(db, running, 0)
+    assert [e["type"] for e in items] == ["status", "status"] and not done
+    assert event_stream.read_batch(db, running, int(items[-1]["id"][4:])) == ([], False)  # waits for more
+    assert event_stream.read_batch(db, "job_gone", 0) == ([], True)  # a deleted job ends its stream
