@@ -1,7 +1,12 @@
 """Load test of the embedded service: 50 concurrent clients, 200 job submissions and 2000
 status polls on loopback; prints a latency table and checks the targets.
 
-Targets: no 5xx; p99 < 100 ms for POST /v1/jobs and < 50 ms for GET /v1/jobs/{id}.
+Targets: no 5xx; p99 < 100 ms for POST /v1/jobs and < 50 ms for GET /v1/jobs/{id}, while 50
+Server-Sent-Events followers (`--followers`) stay attached to submitted jobs: each opens
+`GET /v1/jobs/{id}/events` with `Accept: text/event-stream` and reads it until the server
+closes it after the job's final status (the cancels at the end). Reported for them: the
+first event's latency (request sent -> first message parsed), 5xx, and that every stream
+ended with the final status, its ids strictly increasing.
 
     python bench/api_load.py                   # starts `svdforge serve` on a free port, temp data dir
     python bench/api_load.py --servers         # the production topology: PostgreSQL, Redis, S3 (SeaweedFS),
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import shutil
@@ -50,6 +56,8 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 POST, GET = "POST /v1/jobs", "GET /v1/jobs/{id}"
+SSE = "SSE /v1/jobs/{id}/events (first event)"
+FINAL = {"succeeded", "failed", "cancelled"}
 TARGET_P99_MS = {POST: 100.0, GET: 50.0}
 
 
@@ -148,45 +156,110 @@ async def client_loop(client: Client, n_submit: int, n_poll: int, model: str, th
             await asyncio.sleep(random.uniform(0.5 * think_s, 1.5 * think_s))
 
 
+class Follow:
+    """What one SSE follower saw."""
+
+    def __init__(self) -> None:
+        self.code, self.first_ms, self.ids, self.final = 0, None, [], None
+
+
+async def follower(base: str, key: str, ramp_s: float, job_ids: list[str], done: asyncio.Event,
+                   out: list[Follow]) -> None:
+    """Attach to a submitted job's event stream during the load and read it to its end."""
+    await asyncio.sleep(random.uniform(0, ramp_s) if ramp_s else 0)
+    while not job_ids and not done.is_set():
+        await asyncio.sleep(0.05)
+    if not job_ids:
+        return
+    seen, job_id = Follow(), random.choice(job_ids)
+    out.append(seen)
+    headers = {"Authorization": f"Bearer {key}", "Accept": "text/event-stream"}
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=120)
+    t0 = time.perf_counter()
+    try:
+        async with aiohttp.ClientSession(base, timeout=timeout) as s, \
+                s.get(f"/v1/jobs/{job_id}/events", headers=headers) as r:
+            seen.code = r.status
+            if r.status != 200 or not r.headers.get("content-type", "").startswith("text/event-stream"):
+                await r.read()
+                return
+            async for raw in r.content:
+                line = raw.decode().rstrip("\r\n")
+                if line.startswith("id: "):
+                    seen.ids.append(int(line[len("id: evt_"):]))
+                elif line.startswith("data: "):
+                    if seen.first_ms is None:
+                        seen.first_ms = (time.perf_counter() - t0) * 1000
+                    event = json.loads(line[len("data: "):])
+                    if event["type"] == "status" and event["data"]["to"] in FINAL:
+                        seen.final = event["data"]["to"]
+    except CLIENT_ERRORS:
+        seen.code = seen.code or 599
+
+
 def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=1000, method="inclusive")[int(q * 10) - 1] if len(values) > 1 else values[0]
 
 
 async def run(base: str, key: str, clients: int, submissions: int, polls: int, model: str, think_ms: float,
-              ramp_ms: float, kind: str):
+              ramp_ms: float, kind: str, followers: int):
     samples: dict[str, list[float]] = defaultdict(list)
     statuses: dict[str, list[int]] = defaultdict(list)
     job_ids: list[str] = []
+    follows: list[Follow] = []
     async with Client(kind, base, key, clients) as client:
         code, body = await client.request("POST", "/v1/jobs", json={"model": model, "ratio": 0.4})  # warm-up
         if code != 201:
             raise SystemExit(f"warm-up submission failed: HTTP {code}")
-        job_ids.append(body["id"])
-        await client.request("GET", f"/v1/jobs/{body['id']}")
+        warm_up = body["id"]
+        await client.request("GET", f"/v1/jobs/{warm_up}")
+        done = asyncio.Event()
+        # the followers attach to the jobs this run submits, within the clients' ramp-up and a second after
+        attached = [asyncio.ensure_future(follower(base, key, ramp_ms / 1000 + 1, job_ids, done, follows))
+                    for _ in range(followers)]
         t0 = time.perf_counter()
         await asyncio.gather(*(client_loop(client, submissions // clients, polls // clients, model, think_ms / 1000,
                                            ramp_ms / 1000, samples, statuses, job_ids) for _ in range(clients)))
         wall = time.perf_counter() - t0
-        for job_id in job_ids:  # leave nothing running
+        done.set()
+        for job_id in [warm_up, *job_ids]:  # leave nothing running; the streams end with these
             await client.request("POST", f"/v1/jobs/{job_id}/cancel")
-    return samples, statuses, wall
+        _, pending = await asyncio.wait(attached, timeout=180) if attached else (None, [])
+        for task in pending:  # a stream that never ended: counted below as not ended
+            task.cancel()
+    for f in follows:
+        if f.first_ms is not None:
+            samples[SSE].append(f.first_ms)
+        statuses[SSE].append(f.code)
+    return samples, statuses, wall, follows
 
 
-def table(samples, statuses, wall: float) -> tuple[str, bool]:
+def table(samples, statuses, wall: float, follows: list[Follow]) -> tuple[str, bool]:
     lines = ["| request | n | 2xx | 4xx | 5xx/none | p50 ms | p95 ms | p99 ms | max ms | target p99 | ok |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     ok_all = True
-    for op in (POST, GET):
+    for op in (POST, GET, SSE):
         v, codes = samples[op], statuses[op]
+        if op == SSE and not codes:
+            continue
         n5 = sum(c >= 500 for c in codes)
-        p99 = pct(v, 99)
-        ok = n5 == 0 and p99 < TARGET_P99_MS[op] and all(c < 300 for c in codes)
+        p99 = pct(v, 99) if v else float("nan")
+        target = TARGET_P99_MS.get(op)
+        ok = n5 == 0 and all(c < 300 for c in codes) and len(v) == len(codes) and (target is None or p99 < target)
         ok_all &= ok
-        lines.append(f"| {op} | {len(v)} | {sum(200 <= c < 300 for c in codes)} | {sum(400 <= c < 500 for c in codes)}"
-                     f" | {n5} | {pct(v, 50):.1f} | {pct(v, 95):.1f} | {p99:.1f} | {max(v):.1f} | "
-                     f"< {TARGET_P99_MS[op]:.0f} | {'yes' if ok else 'NO'} |")
-    total = sum(len(v) for v in samples.values())
+        stats = f"{pct(v, 50):.1f} | {pct(v, 95):.1f} | {p99:.1f} | {max(v):.1f}" if v else "- | - | - | -"
+        lines.append(f"| {op} | {len(codes)} | {sum(200 <= c < 300 for c in codes)} | "
+                     f"{sum(400 <= c < 500 for c in codes)} | {n5} | {stats} | "
+                     f"{f'< {target:.0f}' if target else '(reported)'} | {'yes' if ok else 'NO'} |")
+    total = sum(len(statuses[op]) for op in (POST, GET))
     lines.append(f"\n{total} requests in {wall:.1f} s ({total / wall:.0f} req/s)")
+    if follows:
+        ended = sum(f.final is not None for f in follows)
+        ordered = all(f.ids == sorted(set(f.ids)) for f in follows)
+        events = sum(len(f.ids) for f in follows)
+        lines.append(f"{len(follows)} SSE followers: {ended} streams ended after the final status, {events} events, "
+                     f"ids strictly increasing in each: {'yes' if ordered else 'NO'}")
+        ok_all &= ended == len(follows) and ordered
     return "\n".join(lines), ok_all
 
 
@@ -197,6 +270,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=50)
     ap.add_argument("--submissions", type=int, default=200)
     ap.add_argument("--polls", type=int, default=2000)
+    ap.add_argument("--followers", type=int, default=50, help="SSE followers attached during the load (0: none)")
     ap.add_argument("--think-ms", type=float, default=250.0, help="pause between a client's requests")
     ap.add_argument("--ramp-ms", type=float, default=1000.0,
                     help="clients start at random moments within this window (0: all at once)")
@@ -233,8 +307,9 @@ def main() -> None:
     cpu_before = cpu_seconds(proc.pid) if proc else None
     load_before = os.getloadavg()[0]
     try:
-        samples, statuses, wall = asyncio.run(run(base, key, args.clients, args.submissions, args.polls,
-                                                  args.model, args.think_ms, args.ramp_ms, args.client))
+        samples, statuses, wall, follows = asyncio.run(run(base, key, args.clients, args.submissions, args.polls,
+                                                           args.model, args.think_ms, args.ramp_ms, args.client,
+                                                           args.followers))
         api_cpu = cpu_seconds(proc.pid) - cpu_before if proc else None
     finally:
         if stack is not None:
@@ -252,11 +327,12 @@ def main() -> None:
                 print(f"data and server log kept in {tmp}")
             else:
                 shutil.rmtree(tmp, ignore_errors=True)
-    text, ok = table(samples, statuses, wall)
-    print(f"{args.clients} clients ({args.client}), {args.submissions} submissions, {args.polls} polls, "
+    text, ok = table(samples, statuses, wall, follows)
+    print(f"{args.clients} clients ({args.client}), {args.followers} SSE followers, {args.submissions} submissions, "
+          f"{args.polls} polls, "
           f"think {args.think_ms:g} ms, ramp-up {args.ramp_ms:g} ms, {mode}\n")
     print(text)
-    n = sum(len(v) for v in samples.values())
+    n = sum(len(statuses[op]) for op in (POST, GET))
     if api_cpu is not None:
         print(f"API process CPU: {api_cpu:.2f} s for {n} requests ({1000 * api_cpu / n:.2f} ms per request, "
               "the cancels at the end included)")

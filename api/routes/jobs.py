@@ -12,6 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from svdforge.api import event_stream
 from svdforge.api.deps import CeleryDep, CurrentKey, SessionDep, SettingsDep, StorageDep
 from svdforge.api.problems import ProblemError, field_error
 from svdforge.api.routes.common import After, Limit, artifact_out, event_out, job_out, list_response, page, problems
@@ -159,13 +160,31 @@ def cancel_job(job_id: str, session: SessionDep, key: CurrentKey) -> JobOut:
     raise ProblemError(409, "conflict", f"job {job_id} kept changing; try again")
 
 
+LastEventId = Annotated[str | None, Header(alias="Last-Event-ID", max_length=64, description=(
+    "With `Accept: text/event-stream`: resume after this event id (what an EventSource sends when it "
+    "reconnects); it takes precedence over `after`."))]
+
+
 @router.get("/{job_id}/events", operation_id="list_job_events", response_model=JobEventList,
-            responses=problems(401, 404, 422), summary="List a job's events, oldest first",
+            responses={200: {"content": event_stream.OPENAPI_CONTENT,
+                             "description": "The events as JSON, or as Server-Sent Events when asked for"},
+                       **problems(401, 404, 422)},
+            summary="List a job's events, oldest first, or follow them live (Server-Sent Events)",
             description="An append-only log: status changes, stage started/finished, progress, metrics, errors. "
-                        "Follow a job by passing the last id you saw as `after`.")
-def list_job_events(job_id: str, session: SessionDep, key: CurrentKey, after: After = None,
-                    limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> JobEventList:
+                        "Follow a job by passing the last id you saw as `after`. "
+                        + event_stream.OPENAPI_DESCRIPTION)
+def list_job_events(job_id: str, request: Request, session: SessionDep, key: CurrentKey, settings: SettingsDep,
+                    after: After = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+                    last_event_id: LastEventId = None) -> JobEventList | Response:
     _owned_job(session, job_id, key)
+    if event_stream.wants_event_stream(request.headers.get("accept")):
+        start = 0
+        if last_event_id and last_event_id.strip():
+            start = event_stream.parse_event_id(last_event_id, "Last-Event-ID")
+        elif after:
+            start = event_stream.parse_event_id(after, "after")
+        session.close()  # the stream reads in short sessions of its own
+        return event_stream.event_stream(request.app.state.db, settings, job_id, start)
     q = select(JobEvent).where(JobEvent.job_id == job_id)
     if after:
         m = re.fullmatch(r"evt_(\d{1,18})", after)

@@ -4,6 +4,7 @@ checks sha256 three ways and loads the result; a second job is cancelled while r
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import socket
@@ -123,6 +124,42 @@ def test_real_job_through_celery_and_download(server, tmp_path):
     # the work folder is gone; the artifacts are in the store under the job's attempt
     assert not (server["data"] / "work" / job["id"]).exists()
     assert (server["data"] / "storage" / "artifacts" / job["id"] / "1" / "model.safetensors").is_file()
+
+
+def sse_events(client: httpx.Client, job_id: str, **headers: str) -> list[dict]:
+    """Read a job's text/event-stream until the server closes it: (id, event, data) of each message."""
+    out, msg = [], {}
+    with client.stream("GET", f"/v1/jobs/{job_id}/events", headers={"Accept": "text/event-stream", **headers},
+                       timeout=httpx.Timeout(30, read=240)) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream"), r.read()
+        for line in r.iter_lines():
+            if line == "":
+                if "event" in msg:
+                    out.append(msg)
+                msg = {}
+            elif not line.startswith(":"):
+                name, _, value = line.partition(": ")
+                msg[name] = json.loads(value) if name == "data" else value
+    return out
+
+
+def test_a_real_job_followed_by_its_event_stream(server):
+    client = server["client"]
+    r = client.post("/v1/jobs", json={"model": server["model"], "ratio": 0.4, **TINY_REQUEST_OPTIONS})
+    assert r.status_code == 201, r.text
+    job_id = r.json()["id"]
+    streamed = sse_events(client, job_id)  # attached while the job is queued or running: it ends by itself
+    ids = [int(m["id"][4:]) for m in streamed]
+    assert ids == sorted(set(ids)) and len(ids) > 5  # strictly increasing
+    assert all(m["id"] == m["data"]["id"] and m["event"] == m["data"]["type"] for m in streamed)
+    last = streamed[-1]
+    assert last["event"] == "status" and last["data"]["data"]["to"] == "succeeded", server["log"].read_text()[-3000:]
+    assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "succeeded"
+    listed = client.get(f"/v1/jobs/{job_id}/events", params={"limit": 1000}).json()["data"]
+    assert [m["data"] for m in streamed] == listed  # the same items as the list, none lost or repeated
+    middle = len(streamed) // 2
+    rest = sse_events(client, job_id, **{"Last-Event-ID": streamed[middle]["id"]})
+    assert rest == streamed[middle + 1:]
 
 
 def test_cancel_a_running_job_through_celery(server):

@@ -16,7 +16,11 @@ def _get_kwargs(
     *,
     after: None | str | Unset = UNSET,
     limit: int | Unset = 100,
+    last_event_id: None | str | Unset = UNSET,
 ) -> dict[str, Any]:
+    headers: dict[str, Any] = {}
+    if not isinstance(last_event_id, Unset):
+        headers["Last-Event-ID"] = last_event_id
 
     params: dict[str, Any] = {}
 
@@ -39,6 +43,7 @@ def _get_kwargs(
         "params": params,
     }
 
+    _kwargs["headers"] = headers
     return _kwargs
 
 
@@ -86,16 +91,23 @@ def sync_detailed(
     client: AuthenticatedClient,
     after: None | str | Unset = UNSET,
     limit: int | Unset = 100,
+    last_event_id: None | str | Unset = UNSET,
 ) -> Response[JobEventList | Problem]:
-    """List a job's events, oldest first
+    """List a job's events, oldest first, or follow them live (Server-Sent Events)
 
      An append-only log: status changes, stage started/finished, progress, metrics, errors. Follow a job
-    by passing the last id you saw as `after`.
+    by passing the last id you saw as `after`. With `Accept: text/event-stream`: the same events as
+    Server-Sent Events, live. Each message has `id: evt_<n>`, `event: <type>` and `data: <the event
+    object as JSON>`; comment lines keep the connection alive. The stream ends after the job's final
+    status event (succeeded, failed, cancelled). Resume after a disconnect with the `Last-Event-ID`
+    header (or `after`).
 
     Args:
         job_id (str):
         after (None | str | Unset): Cursor: the last id of the previous page.
         limit (int | Unset):  Default: 100.
+        last_event_id (None | str | Unset): With `Accept: text/event-stream`: resume after this
+            event id (what an EventSource sends when it reconnects); it takes precedence over `after`.
 
     Raises:
         errors.UnexpectedStatus: If the server returns an undocumented status code and Client.raise_on_unexpected_status is True.
@@ -109,6 +121,7 @@ def sync_detailed(
         job_id=job_id,
         after=after,
         limit=limit,
+        last_event_id=last_event_id,
     )
 
     response = client.get_httpx_client().request(
@@ -124,16 +137,23 @@ def sync(
     client: AuthenticatedClient,
     after: None | str | Unset = UNSET,
     limit: int | Unset = 100,
+    last_event_id: None | str | Unset = UNSET,
 ) -> JobEventList | Problem | None:
-    """List a job's events, oldest first
+    """List a job's events, oldest first, or follow them live (Server-Sent Events)
 
      An append-only log: status changes, stage started/finished, progress, metrics, errors. Follow a job
-    by passing the last id you saw as `after`.
+    by passing the last id you saw as `after`. With `Accept: text/event-stream`: the same events as
+    Server-Sent Events, live. Each message has `id: evt_<n>`, `event: <type>` and `data: <the event
+    object as JSON>`; comment lines keep the connection alive. The stream ends after the job's final
+    status event (succeeded, failed, cancelled). Resume after a disconnect with the `Last-Event-ID`
+    header (or `after`).
 
     Args:
         job_id (str):
         after (None | str | Unset): Cursor: the last id of the previous page.
         limit (int | Unset):  Default: 100.
+        last_event_id (None | str | Unset): With `Accept: text/event-stream`: resume after this
+            event id (what an EventSource sends when it reconnects); it takes precedence over `after`.
 
     Raises:
         errors.UnexpectedStatus: If the server returns an undocumented status code and Client.raise_on_unexpected_status is True.
@@ -148,6 +168,7 @@ def sync(
         client=client,
         after=after,
         limit=limit,
+        last_event_id=last_event_id,
     ).parsed
 
 
@@ -157,16 +178,23 @@ async def asyncio_detailed(
     client: AuthenticatedClient,
     after: None | str | Unset = UNSET,
     limit: int | Unset = 100,
+    last_event_id: None | str | Unset = UNSET,
 ) -> Response[JobEventList | Problem]:
-    """List a job's events, oldest first
+    """List a job's events, oldest first, or follow them live (Server-Sent Events)
 
      An append-only log: status changes, stage started/finished, progress, metrics, errors. Follow a job
-    by passing the last id you saw as `after`.
+    by passing the last id you saw as `after`. With `Accept: text/event-stream`: the same events as
+    Server-Sent Events, live. Each message has `id: evt_<n>`, `event: <type>` and `data: <the event
+    object as JSON>`; comment lines keep the connection alive. The stream ends after the job's final
+    status event (succeeded, failed, cancelled). Resume after a disconnect with the `Last-Event-ID`
+    header (or `after`).
 
     Args:
         job_id (str):
         after (None | str | Unset): Cursor: the last id of the previous page.
         limit (int | Unset):  Default: 100.
+        last_event_id (None | str | Unset): With `Accept: text/event-stream`: resume after this
+            event id (what an EventSource sends when it reconnects); it takes precedence over `after`.
 
     Raises:
         errors.UnexpectedStatus: If the server returns an undocumented status code and Client.raise_on_unexpected_status is True.
@@ -180,6 +208,7 @@ async def asyncio_detailed(
         job_id=job_id,
         after=after,
         limit=limit,
+        last_event_id=last_event_id,
     )
 
     response = await client.get_async_httpx_client().request(**kwargs)
@@ -193,16 +222,23 @@ async def asyncio(
     client: AuthenticatedClient,
     after: None | str | Unset = UNSET,
     limit: int | Unset = 100,
+    last_event_id: None | str | Unset = UNSET,
 ) -> JobEventList | Problem | None:
-    """List a job's events, oldest first
+    """List a job's events, oldest first, or follow them live (Server-Sent Events)
 
      An append-only log: status changes, stage started/finished, progress, metrics, errors. Follow a job
-    by passing the last id you saw as `after`.
+    by passing the last id you saw as `after`. With `Accept: text/event-stream`: the same events as
+    Server-Sent Events, live. Each message has `id: evt_<n>`, `event: <type>` and `data: <the event
+    object as JSON>`; comment lines keep the connection alive. The stream ends after the job's final
+    status event (succeeded, failed, cancelled). Resume after a disconnect with the `Last-Event-ID`
+    header (or `after`).
 
     Args:
         job_id (str):
         after (None | str | Unset): Cursor: the last id of the previous page.
         limit (int | Unset):  Default: 100.
+        last_event_id (None | str | Unset): With `Accept: text/event-stream`: resume after this
+            event id (what an EventSource sends when it reconnects); it takes precedence over `after`.
 
     Raises:
         errors.UnexpectedStatus: If the server returns an undocumented status code and Client.raise_on_unexpected_status is True.
@@ -218,5 +254,6 @@ async def asyncio(
             client=client,
             after=after,
             limit=limit,
+            last_event_id=last_event_id,
         )
     ).parsed
