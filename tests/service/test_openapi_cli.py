@@ -22,7 +22,7 @@ def test_operation_ids_and_tags(client):
     assert found == OPERATIONS
     for p, ops in schema["paths"].items():
         for op in ops.values():
-            assert op["tags"] and op["tags"][0] in {"jobs", "files", "health"}
+            assert op["tags"] and op["tags"][0] in {"jobs", "files", "webhooks", "health"}
             if p.startswith("/v1/"):
                 assert op["security"] == [{"ApiKey": []}]
                 assert "401" in op["responses"] and "422" in op["responses"]
