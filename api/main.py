@@ -14,7 +14,7 @@ from fastapi import Depends, FastAPI
 from svdforge.api import openapi, problems
 from svdforge.api.deps import reject_unknown_query
 from svdforge.api.limits import BodyLimitMiddleware, KeyBeforeBodyMiddleware
-from svdforge.api.routes import files, health, jobs
+from svdforge.api.routes import files, health, jobs, webhooks
 from svdforge.persistence.db import Database
 from svdforge.persistence.jobs import API_PREFIX
 from svdforge.persistence.queue import make_celery
@@ -25,6 +25,7 @@ VERSION = "0.1.0"
 TAGS = [
     {"name": "jobs", "description": "Compression jobs: create, follow, cancel, read reports, download artifacts."},
     {"name": "files", "description": "Uploaded text for calibration, training or evaluation."},
+    {"name": "webhooks", "description": "Endpoints that receive your jobs' events, signed (Standard Webhooks)."},
     {"name": "health", "description": "Liveness and readiness probes."},
 ]
 
@@ -63,5 +64,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router, dependencies=strict_query)
     app.include_router(jobs.router, prefix=API_PREFIX, dependencies=strict_query)
     app.include_router(files.router, prefix=API_PREFIX, dependencies=strict_query)
+    app.include_router(webhooks.router, prefix=API_PREFIX, dependencies=strict_query)
     openapi.install(app)
     return app

@@ -31,6 +31,7 @@ from svdforge.core.config import (
 from svdforge.core.evaluate import FIXED_PROMPTS
 from svdforge.core.methods import method_names
 from svdforge.persistence.state import JobStatus, Stage
+from svdforge.persistence.webhooks import DEFAULT_EVENTS, EVENT_TYPES
 
 # The names come from core: the method registry, and the choices its config validates.
 MethodName = Literal[method_names()]
@@ -447,3 +448,81 @@ class Problem(BaseModel):
     instance: str | None = None
     code: str = Field(description="Machine-readable problem code, e.g. not_found, validation_error.")
     errors: list[FieldIssue] | None = None
+
+
+# --- webhooks ----------------------------------------------------------------------------
+WebhookEvent = Literal[EVENT_TYPES]
+
+
+class WebhookCreate(Strict):
+    url: str = Field(min_length=1, max_length=2000, examples=["https://example.com/svdforge-hook"],
+                     description="An http(s) URL whose host resolves to public addresses only.")
+    events: list[WebhookEvent] = Field(default_factory=lambda: list(DEFAULT_EVENTS), min_length=1,
+                                       max_length=len(EVENT_TYPES),
+                                       description="The job events to receive (default: the three endings).")
+    description: str = Field("", max_length=500)
+
+    @field_validator("events")
+    @classmethod
+    def _distinct(cls, v: list[str]) -> list[str]:
+        return list(dict.fromkeys(v))
+
+
+class WebhookOut(BaseModel):
+    object: Literal["webhook"] = "webhook"
+    id: str
+    url: str
+    events: list[WebhookEvent]
+    description: str
+    created_at: datetime
+
+
+class WebhookCreated(WebhookOut):
+    secret: str = Field(description="`whsec_<base64>`: the key that signs deliveries. Shown here only, never again.")
+
+
+class WebhookList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[WebhookOut]
+    has_more: bool
+    first_id: str | None = None
+    last_id: str | None = None
+
+
+class WebhookDeleted(BaseModel):
+    object: Literal["webhook.deleted"] = "webhook.deleted"
+    id: str
+    deleted: bool = True
+
+
+class DeliveryAttemptOut(BaseModel):
+    at: datetime
+    status_code: int | None = Field(None, description="The receiver's HTTP status; null if none came.")
+    error: str | None = Field(None, description="Why the attempt failed (HTTP status, connection, timeout, URL).")
+    duration_ms: int
+
+
+class WebhookDeliveryOut(BaseModel):
+    object: Literal["webhook.delivery"] = "webhook.delivery"
+    id: str = Field(description="The message id, sent as `webhook-id` on every attempt.")
+    webhook_id: str
+    job_id: str
+    type: WebhookEvent
+    status: Literal["pending", "succeeded", "failed"] = Field(
+        description="pending: an attempt is due at `next_attempt_at`; failed: the retry schedule is used up.")
+    attempts: int
+    next_attempt_at: datetime | None = None
+    last_attempt_at: datetime | None = None
+    last_status_code: int | None = None
+    last_error: str | None = None
+    delivered_at: datetime | None = None
+    created_at: datetime
+    history: list[DeliveryAttemptOut] = Field(description="Every attempt, oldest first.")
+
+
+class WebhookDeliveryList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[WebhookDeliveryOut]
+    has_more: bool
+    first_id: str | None = None
+    last_id: str | None = None

@@ -63,6 +63,19 @@ class Settings(BaseSettings):
     worker_threads: int | None = None  # torch threads in the worker; None: torch's default
     device: str = "auto"
 
+    # Webhooks (README "Webhooks"): a dispatcher thread in every worker sends due deliveries (polling
+    # every webhooks_poll_s), each attempt under webhooks_timeout_s; an attempt that gets no 2xx is
+    # tried again after the next delay of webhooks_retry_schedule_s (seconds after the failed attempt),
+    # and the delivery is given up once the schedule is used (default: 9 attempts over about 11 h).
+    # URLs whose host is loopback, private, link-local, multicast or reserved are refused, at
+    # registration and at each delivery, unless webhooks_allow_private; cloud metadata addresses always.
+    webhooks_allow_private: bool = False
+    webhooks_retry_schedule_s: list[float] = Field(
+        default_factory=lambda: [5.0, 30.0, 120.0, 600.0, 1800.0, 3600.0, 3 * 3600.0, 6 * 3600.0], max_length=50)
+    webhooks_timeout_s: float = Field(10.0, gt=0.0, le=60.0)
+    webhooks_poll_s: float = Field(1.0, gt=0.0)
+    webhooks_max_per_key: int = Field(20, ge=1)
+
     @model_validator(mode="after")
     def _fill_paths(self) -> Settings:
         # absolute, so that the worker process and every cwd agree on the same files
@@ -74,6 +87,8 @@ class Settings(BaseSettings):
         self.storage_dir = Path(self.storage_dir).expanduser().absolute()
         if self.lease_s < 2 * self.progress_interval_s:
             raise ValueError("SVDFORGE_LEASE_S must be at least twice SVDFORGE_PROGRESS_INTERVAL_S (the heartbeat)")
+        if any(d < 0 for d in self.webhooks_retry_schedule_s):
+            raise ValueError("SVDFORGE_WEBHOOKS_RETRY_SCHEDULE_S: delays must be >= 0 seconds")
         if self.storage == "s3" and not self.s3_bucket:
             raise ValueError("SVDFORGE_S3_BUCKET is required when SVDFORGE_STORAGE=s3")
         return self

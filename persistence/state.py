@@ -18,46 +18,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from enum import StrEnum
 
 from sqlalchemy import or_, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
+# The vocabulary lives in `status` (the job's public JSON and the webhook outbox use it too);
+# it is imported from here as before.
+from svdforge.persistence.status import ACTIVE, ALLOWED, TERMINAL, JobStatus, Stage
 from svdforge.persistence.tables import Job, JobEvent, utcnow
+from svdforge.persistence.webhooks import add_deliveries
 
-
-class JobStatus(StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    CANCELLING = "cancelling"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-# A job's stages, in the order they run (the worker maps core's stage names onto them). No
-# docstring: it would become the OpenAPI description of the public `Stage` enum.
-class Stage(StrEnum):
-    LOAD = "load"          # reading the model and its tokenizer
-    WHITEN = "whiten"      # calibration: forward passes and each linear's activation statistics
-    SVD = "svd"            # the decompositions at each linear's rank
-    RECOVER = "recover"    # the recovery adapter: update, LoRA or AdaLoRA (skipped for `none`)
-    EVALUATE = "evaluate"  # perplexity and fidelity against the dense model, throughput
-    UPLOAD = "upload"      # writing the artifact, then storing its files
-
-
-TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
-ACTIVE = frozenset({JobStatus.RUNNING, JobStatus.CANCELLING})
-
-ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
-    JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.CANCELLED}),
-    JobStatus.RUNNING: frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLING, JobStatus.QUEUED}),
-    JobStatus.CANCELLING: frozenset({JobStatus.CANCELLED, JobStatus.FAILED}),
-    JobStatus.SUCCEEDED: frozenset(),
-    JobStatus.FAILED: frozenset(),
-    JobStatus.CANCELLED: frozenset(),
-}
+__all__ = ["ACTIVE", "ALLOWED", "TERMINAL", "IllegalTransition", "JobError", "JobStatus", "Stage",
+           "StaleTransition", "can_transition", "transition"]
 
 
 class IllegalTransition(Exception):
@@ -90,7 +63,8 @@ def transition(session: Session, job: Job, to: JobStatus, *, error: JobError | N
 
     Sets what belongs to the new state: the attempt counter and lease when a worker
     takes the job, the finish time and the error when it ends, the cancel request time.
-    The caller commits. Raises IllegalTransition or StaleTransition (also when
+    Queues the webhook deliveries of the change (`webhooks.add_deliveries`) in the same
+    transaction. The caller commits. Raises IllegalTransition or StaleTransition (also when
     `lease_expired_by` is given and the row's lease runs past it: the worker renewed it).
     """
     frm = JobStatus(job.status)
@@ -124,6 +98,7 @@ def transition(session: Session, job: Job, to: JobStatus, *, error: JobError | N
         raise StaleTransition(f"job {job.id} is no longer {frm} (attempt {job.attempt})")
     for key, value in values.items():  # the object now mirrors the row, without another UPDATE
         set_committed_value(job, key, value)
+    add_deliveries(session, job, to.value, now)  # the webhook outbox: committed with the change, or not at all
     event = JobEvent(job_id=job.id, created_at=now, type="status", stage=job.stage,
                      level="error" if to is JobStatus.FAILED else "info",
                      message=message or f"{frm} -> {to}",

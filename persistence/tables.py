@@ -174,3 +174,56 @@ class Artifact(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     job: Mapped[Job] = relationship(back_populates="artifacts")
+
+
+class Webhook(Base):
+    """An endpoint that receives the events of its owner's jobs (README "Webhooks").
+
+    `secret` is kept as issued (`whsec_<base64>`): deliveries are signed with it, so it cannot
+    be a hash; the API shows it once, in the response that creates the webhook.
+    """
+
+    __tablename__ = "webhooks"
+    __table_args__ = (Index("ix_webhooks_owner_id_id", "owner_id", "id"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    owner_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"))
+    url: Mapped[str] = mapped_column(String(2000))
+    events: Mapped[list[str]] = mapped_column(JSON)
+    description: Mapped[str] = mapped_column(String(500), default="", server_default="")
+    secret: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class WebhookDelivery(Base):
+    """One event for one webhook: the outbox row, written in the transaction of the job's change.
+
+    `id` is the message id (`webhook-id`, the same on every retry); `payload` the body, fixed
+    when the event happened. `status` is pending until an attempt gets a 2xx (succeeded) or the
+    retry schedule is used up (failed). A dispatcher claims a due row by setting
+    `lease_expires_at` (compare-and-set), so two dispatchers never send the same attempt; a
+    dispatcher that dies mid-send leaves a lease that runs out, and the row is due again.
+    `history` lists every attempt (`{at, status_code, error, duration_ms}`).
+    """
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        Index("ix_webhook_deliveries_webhook_id_id", "webhook_id", "id"),
+        Index("ix_webhook_deliveries_status_next_attempt_at", "status", "next_attempt_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    webhook_id: Mapped[str] = mapped_column(ForeignKey("webhooks.id", ondelete="CASCADE"))
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    type: Mapped[str] = mapped_column(String(32))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    history: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

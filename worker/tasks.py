@@ -17,6 +17,7 @@ from svdforge.persistence.storage import make_storage
 from svdforge.worker.app import celery_app
 from svdforge.worker.reaper import Reaper
 from svdforge.worker.runner import JobRunner
+from svdforge.worker.webhooks import Dispatcher
 
 log = logging.getLogger("svdforge.worker")
 
@@ -45,6 +46,12 @@ def get_reaper() -> Reaper:
     return Reaper(runner.db, runner.storage, runner.settings, lambda job_id: enqueue(celery_app, job_id))
 
 
+@lru_cache(maxsize=1)
+def get_dispatcher() -> Dispatcher:
+    runner = get_runner()
+    return Dispatcher(runner.db, runner.settings)
+
+
 def _warm_up() -> None:
     """Import the pipeline's heavy modules (torch, transformers, matplotlib: seconds) before the
     worker takes its first job, rather than while it holds one. In the worker's main thread:
@@ -61,8 +68,10 @@ def _warm_up() -> None:
 
 @worker_ready.connect
 def _start_reaper(sender=None, **_kwargs) -> None:
-    """Sweep once now (what a crash or a broker outage left behind), then every reap interval."""
+    """Sweep once now (what a crash or a broker outage left behind), then every reap interval;
+    send webhook deliveries (what is due now, then as they come)."""
     get_reaper().start()
+    get_dispatcher().start()
     _warm_up()
 
 
@@ -71,3 +80,4 @@ def _stop_running_job(**_kwargs) -> None:
     """Warm shutdown: the running job stops at its next stage or layer boundary and is requeued."""
     get_runner().stopping.set()
     get_reaper().stop()
+    get_dispatcher().stop()

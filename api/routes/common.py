@@ -8,9 +8,10 @@ from fastapi import Query, Request
 
 from svdforge.api.schemas import ArtifactOut, FileOut, JobEventOut, JobOut, Problem, StageOut
 from svdforge.persistence.settings import Settings
-from svdforge.persistence.state import JobStatus, Stage
+from svdforge.persistence.state import Stage
 from svdforge.persistence.storage import Storage
 from svdforge.persistence.tables import Artifact, File, Job, JobEvent, utcnow
+from svdforge.persistence.views import job_document, stage_documents
 
 
 def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -38,38 +39,13 @@ def list_response(cls, data: list[Any], has_more: bool):
 
 
 def job_out(job: Job) -> JobOut:
-    error = None
-    if job.error_code:
-        error = {"code": job.error_code, "message": job.error_message or "", "stage": job.error_stage}
-    return JobOut(id=job.id, status=JobStatus(job.status), model=job.model, stage=job.stage,
-                  progress=min(max(job.progress or 0.0, 0.0), 1.0), stages=stages_out(job), attempt=job.attempt,
-                  error=error, created_at=job.created_at, updated_at=job.updated_at, started_at=job.started_at,
-                  finished_at=job.finished_at, cancel_requested_at=job.cancel_requested_at,
-                  metadata=job.meta or {}, request=job.request)
+    """The job's public JSON is rendered once, in `persistence.views` (webhook bodies carry it too)."""
+    return JobOut.model_validate(job_document(job))
 
 
 def stages_out(job: Job) -> list[StageOut]:
     """Every stage in order; the ones a job has not reached are pending (or skipped)."""
-    recorded = job.stages or {}
-    request = job.request or {}
-    skipped = set()
-    if (request.get("adapter") or {}).get("type", "none") == "none":
-        skipped.add(Stage.RECOVER.value)
-    if not (request.get("evaluation") or {}).get("enabled", True):
-        skipped.add(Stage.EVALUATE.value)
-    out = []
-    for stage in Stage:
-        info = recorded.get(stage.value)
-        if info is None:
-            status = "skipped" if stage.value in skipped else "pending"
-            if status == "pending" and job.status == JobStatus.SUCCEEDED:
-                status = "skipped"
-            out.append(StageOut(name=stage, status=status))
-            continue
-        out.append(StageOut(name=stage, status=info.get("status", "pending"), started_at=info.get("started_at"),
-                            finished_at=info.get("finished_at"), seconds=float(info.get("seconds") or 0.0),
-                            progress=min(max(float(info.get("progress") or 0.0), 0.0), 1.0)))
-    return out
+    return [StageOut.model_validate(s) for s in stage_documents(job)]
 
 
 def event_out(event: JobEvent) -> JobEventOut:

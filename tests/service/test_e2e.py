@@ -33,7 +33,8 @@ def server(tmp_path_factory, tiny_model_root):
     data = tmp_path_factory.mktemp("e2e") / "data"
     port = _free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "SVDFORGE_MODEL_ROOT": str(tiny_model_root),
-           "SVDFORGE_PROGRESS_INTERVAL_S": "0.2", "SVDFORGE_WORKER_THREADS": "1"}
+           "SVDFORGE_PROGRESS_INTERVAL_S": "0.2", "SVDFORGE_WORKER_THREADS": "1",
+           "SVDFORGE_WEBHOOKS_ALLOW_PRIVATE": "true", "SVDFORGE_WEBHOOKS_POLL_S": "0.2"}
     for name in ("SVDFORGE_DATABASE_URL", "SVDFORGE_BROKER_URL", "SVDFORGE_STORAGE", "SVDFORGE_STORAGE_DIR"):
         env.pop(name, None)
     if TEST_DATABASE_URL:  # the same run on PostgreSQL
@@ -184,3 +185,31 @@ def test_cancel_a_running_job_through_celery(server):
     assert not (server["data"] / "work" / job_id).exists()
     assert [e["data"]["to"] for e in events if e["type"] == "status"] == [
         "queued", "running", "cancelling", "cancelled"]
+
+
+def test_the_workers_dispatcher_delivers_webhooks(server):
+    """The dispatcher runs in `serve`'s worker process: a running job's events reach a receiver."""
+    from .test_webhooks import Receiver, verify
+
+    client, rx = server["client"], Receiver()
+    try:
+        hook = client.post("/v1/webhooks", json={"url": rx.url, "events": ["job.running", "job.cancelled"]}).json()
+        body = {"model": server["model"], "ratio": 0.4, "calibration": {"source": "builtin", "samples": 64,
+                                                                         "seq_len": 128}}
+        job_id = client.post("/v1/jobs", json=body).json()["id"]
+        deadline = time.monotonic() + 120
+        while not rx.requests:  # job.running, sent by the worker while the job runs
+            assert time.monotonic() < deadline, server["log"].read_text()[-3000:]
+            time.sleep(0.1)
+        client.post(f"/v1/jobs/{job_id}/cancel")
+        job, _ = follow(client, job_id)
+        while len(rx.requests) < 2 and job["status"] == "cancelled":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    finally:
+        rx.close()
+    assert job["status"] == "cancelled", job
+    events = [json.loads(r["body"]) for r in rx.requests]
+    assert [e["type"] for e in events] == ["job.running", "job.cancelled"]
+    assert events[1]["data"] == job
+    assert all(verify(hook["secret"], r["headers"], r["body"]) for r in rx.requests)

@@ -12,6 +12,9 @@ OPERATIONS = {
     ("get", "/v1/jobs/{job_id}/artifacts/{artifact_id}/content"): "download_job_artifact",
     ("post", "/v1/files"): "upload_file", ("get", "/v1/files"): "list_files",
     ("get", "/v1/files/{file_id}"): "get_file", ("delete", "/v1/files/{file_id}"): "delete_file",
+    ("post", "/v1/webhooks"): "create_webhook", ("get", "/v1/webhooks"): "list_webhooks",
+    ("get", "/v1/webhooks/{webhook_id}"): "get_webhook", ("delete", "/v1/webhooks/{webhook_id}"): "delete_webhook",
+    ("get", "/v1/webhooks/{webhook_id}/deliveries"): "list_webhook_deliveries",
     ("get", "/healthz"): "healthz", ("get", "/readyz"): "readyz",
 }
 
@@ -22,7 +25,7 @@ def test_operation_ids_and_tags(client):
     assert found == OPERATIONS
     for p, ops in schema["paths"].items():
         for op in ops.values():
-            assert op["tags"] and op["tags"][0] in {"jobs", "files", "health"}
+            assert op["tags"] and op["tags"][0] in {"jobs", "files", "webhooks", "health"}
             if p.startswith("/v1/"):
                 assert op["security"] == [{"ApiKey": []}]
                 assert "401" in op["responses"] and "422" in op["responses"]

@@ -8,6 +8,7 @@ from .body_upload_file import BodyUploadFile
 from .body_upload_file_purpose import BodyUploadFilePurpose
 from .builtin_data import BuiltinData
 from .builtin_evaluation import BuiltinEvaluation
+from .delivery_attempt_out import DeliveryAttemptOut
 from .field_issue import FieldIssue
 from .file_data import FileData
 from .file_deleted import FileDeleted
@@ -37,6 +38,7 @@ from .job_report_ranks_type_0 import JobReportRanksType0
 from .job_report_samples_type_0 import JobReportSamplesType0
 from .job_report_timings_s_type_0 import JobReportTimingsSType0
 from .job_status import JobStatus
+from .list_webhook_deliveries_status_type_0 import ListWebhookDeliveriesStatusType0
 from .lora_adapter import LoraAdapter
 from .lora_adapter_objective import LoraAdapterObjective
 from .no_adapter import NoAdapter
@@ -48,6 +50,18 @@ from .stage import Stage
 from .stage_out import StageOut
 from .stage_out_status import StageOutStatus
 from .update_adapter import UpdateAdapter
+from .webhook_create import WebhookCreate
+from .webhook_create_events_item import WebhookCreateEventsItem
+from .webhook_created import WebhookCreated
+from .webhook_created_events_item import WebhookCreatedEventsItem
+from .webhook_deleted import WebhookDeleted
+from .webhook_delivery_list import WebhookDeliveryList
+from .webhook_delivery_out import WebhookDeliveryOut
+from .webhook_delivery_out_status import WebhookDeliveryOutStatus
+from .webhook_delivery_out_type import WebhookDeliveryOutType
+from .webhook_list import WebhookList
+from .webhook_out import WebhookOut
+from .webhook_out_events_item import WebhookOutEventsItem
 
 __all__ = (
     "AdaLoraAdapter",
@@ -58,6 +72,7 @@ __all__ = (
     "BodyUploadFilePurpose",
     "BuiltinData",
     "BuiltinEvaluation",
+    "DeliveryAttemptOut",
     "FieldIssue",
     "FileData",
     "FileDeleted",
@@ -87,6 +102,7 @@ __all__ = (
     "JobReportSamplesType0",
     "JobReportTimingsSType0",
     "JobStatus",
+    "ListWebhookDeliveriesStatusType0",
     "LoraAdapter",
     "LoraAdapterObjective",
     "NoAdapter",
@@ -98,4 +114,16 @@ __all__ = (
     "StageOut",
     "StageOutStatus",
     "UpdateAdapter",
+    "WebhookCreate",
+    "WebhookCreated",
+    "WebhookCreatedEventsItem",
+    "WebhookCreateEventsItem",
+    "WebhookDeleted",
+    "WebhookDeliveryList",
+    "WebhookDeliveryOut",
+    "WebhookDeliveryOutStatus",
+    "WebhookDeliveryOutType",
+    "WebhookList",
+    "WebhookOut",
+    "WebhookOutEventsItem",
 )
