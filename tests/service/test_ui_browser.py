@@ -10,7 +10,9 @@ skipped elsewhere.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -212,6 +214,51 @@ def check_download(page, client: httpx.Client, job_id: str, name: str, tmp_path:
     page.wait_for_selector(f'#artifacts-body tr[data-artifact="{name}"] .note[data-verified=yes]')
 
 
+EVENTS = re.compile(r".*/v1/jobs/[^/]+/events.*")
+
+
+def serve_events_as_sse(page) -> list[str]:
+    """Answer the page's `Accept: text/event-stream` events requests as an event stream (the
+    API's JSON page re-sent as SSE, messages marked `[sse]`); the stream then ends."""
+    streams: list[str] = []
+
+    def handle(route, request):
+        if "text/event-stream" not in (request.headers.get("accept") or ""):
+            route.continue_()
+            return
+        streams.append(request.url)
+        events = route.fetch().json()["data"]
+        marked = [{**e, "message": f"[sse] {e['message']}"} for e in events]
+        body = ": comment\r\n\r\n" + "".join(
+            f"id: {e['id']}\r\nevent: {e['type']}\r\ndata: {json.dumps(e)}\r\n\r\n" for e in marked)
+        route.fulfill(status=200, headers={"content-type": "text/event-stream"}, body=body)
+
+    page.route(EVENTS, handle)
+    return streams
+
+
+def test_event_stream_frames_split_anywhere(server, page):
+    """The SSE parser gives the same messages wherever the stream is cut into chunks."""
+    page.goto(f"{server['base']}/ui")
+    results = page.evaluate("""() => {
+        const text = ': hello\\r\\nid: evt_1\\r\\nevent: status\\r\\ndata: {"a": 1}\\r\\n\\r\\n'
+                   + 'id: evt_2\\ndata: line 1\\ndata: line 2\\n\\nid: evt_3\\revent: log\\rdata:x\\r\\rdata: partial';
+        const out = [];
+        for (let i = 0; i <= text.length; i += 1) {
+            const first = SVD.sseFrames(text.slice(0, i));
+            const second = SVD.sseFrames(first.rest + text.slice(i));
+            out.push(JSON.stringify([...first.frames, ...second.frames]) + "|" + second.rest);
+        }
+        return out;
+    }""")
+    expected = [{"id": "evt_1", "event": "status", "data": '{"a": 1}'},
+                {"id": "evt_2", "event": "message", "data": "line 1\nline 2"},
+                {"id": "evt_3", "event": "log", "data": "x"}]
+    for r in results:
+        frames, rest = r.rsplit("|", 1)
+        assert json.loads(frames) == expected and rest == "data: partial"
+
+
 def test_dashboard_in_a_browser(server, page, tmp_path):
     base, alice, bob = server["base"], server["alice"], server["bob"]
     page.goto(f"{base}/ui")
@@ -251,10 +298,15 @@ def test_dashboard_in_a_browser(server, page, tmp_path):
     page.screenshot(path=str(SCREENSHOT), full_page=True)
     print(f"dashboard screenshot: {SCREENSHOT}")
 
-    # cancel a running job from its page
+    # cancel a running job from its page; its events come first as an event stream, then by polling
     long_id = client.post("/v1/jobs", json={"model": server["model"], "ratio": 0.4, **LONG_JOB}).json()["id"]
+    streams = serve_events_as_sse(page)
     page.goto(f"{base}/ui/jobs/{long_id}")
+    page.wait_for_selector('#events li:has-text("[sse] job queued")')
     wait_status(page, "running", 120)
+    page.wait_for_selector('#events li[data-type="stage_started"]:not(:has-text("[sse]"))')  # polled
+    assert len(streams) == 1
+    page.unroute(EVENTS)
     page.click("#cancel")
     wait_status(page, "cancelled", 120)
     assert page.locator("#cancel").is_hidden()

@@ -149,6 +149,31 @@ const SVD = (() => {
     return el_("span", { class: "progress" }, bar, " ", label);
   }
 
+  // Server-Sent Events: the complete frames at the front of `buffer` (blank-line separated;
+  // `id:`, `event:`, `data:` lines, `:` comments) and the incomplete rest, kept for the next chunk.
+  function sseFrames(buffer) {
+    const hold = buffer.endsWith("\r") ? "\r" : "";  // maybe the first half of a \r\n split between chunks
+    const text = buffer.slice(0, buffer.length - hold.length).replace(/\r\n?/g, "\n");
+    const frames = [];
+    let start = 0;
+    let cut;
+    while ((cut = text.indexOf("\n\n", start)) >= 0) {
+      const frame = { id: null, event: "message", data: [] };
+      for (const line of text.slice(start, cut).split("\n")) {
+        if (line === "" || line.startsWith(":")) continue;
+        const colon = line.indexOf(":");
+        const field = colon < 0 ? line : line.slice(0, colon);
+        const value = colon < 0 ? "" : line.slice(colon + 1).replace(/^ /, "");
+        if (field === "data") frame.data.push(value);
+        else if (field === "id") frame.id = value;
+        else if (field === "event") frame.event = value;
+      }
+      if (frame.data.length) frames.push({ id: frame.id, event: frame.event, data: frame.data.join("\n") });
+      start = cut + 2;
+    }
+    return { frames, rest: text.slice(start) + hold };
+  }
+
   // A random id (crypto.randomUUID needs a secure context; getRandomValues does not).
   function randomId() {
     return Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, "0")).join("");
@@ -222,6 +247,6 @@ const SVD = (() => {
 
   return {
     API, UI, TERMINAL, Problem, api, apiPath, showProblem, pageProblem, clear, el: el_, age, bytes,
-    ratioOf, statusBadge, progressCell, randomId, sleep, page,
+    ratioOf, statusBadge, progressCell, randomId, sseFrames, sleep, page,
   };
 })();

@@ -105,21 +105,16 @@
     }
   }
 
-  // Server-Sent Events read from a fetch() body: `id:`, `event:`, `data:` lines, blank-line separated.
+  // Server-Sent Events read from a fetch() body; each message's data is one event object.
   async function readStream(body) {
     const reader = body.pipeThrough(new TextDecoderStream()).getReader();
     let buffer = "";
     for (;;) {
       const { value, done } = await reader.read();
       if (done) return;
-      buffer += value.replace(/\r\n?/g, "\n");
-      let cut;
-      while ((cut = buffer.indexOf("\n\n")) >= 0) {
-        const frame = buffer.slice(0, cut);
-        buffer = buffer.slice(cut + 2);
-        const data = frame.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).replace(/^ /, ""));
-        if (data.length) addEvents([JSON.parse(data.join("\n"))]);
-      }
+      const { frames, rest } = SVD.sseFrames(buffer + value);
+      buffer = rest;
+      addEvents(frames.map((f) => JSON.parse(f.data)));
     }
   }
 
