@@ -138,3 +138,17 @@ def test_package_data_ships_every_dashboard_file():
     shipped = {p for g in globs for p in HERE.glob(g)}
     files = {p for p in HERE.rglob("*") if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".py"}
     assert files and files == shipped
+
+
+@pytest.mark.parametrize(("env", "outcome"), [({}, pytest.skip.Exception), ({"CI": "true"}, pytest.fail.Exception),
+                                              ({"SVDFORGE_REQUIRE_BROWSER": "1"}, pytest.fail.Exception)])
+def test_a_missing_browser_skips_only_outside_ci(monkeypatch, tmp_path, env, outcome):
+    from . import test_ui_browser
+
+    monkeypatch.setattr(test_ui_browser, "CHROMIUM", str(tmp_path / "no-chromium"))
+    for name in ("CI", "SVDFORGE_REQUIRE_BROWSER"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(outcome, match="no chromium"):
+        test_ui_browser._browser_or_skip()

@@ -307,6 +307,12 @@ def test_dashboard_in_a_browser(server, page, tmp_path):
     page.wait_for_selector('#events li[data-type="stage_started"]:not(:has-text("[sse]"))')  # polled
     assert len(streams) == 1
     page.unroute(EVENTS)
+    page.goto(f"{base}/ui")   # the list shows it running, with its stage's progress
+    page.wait_for_selector(f'#jobs-body tr[data-job-id="{long_id}"][data-status=running] progress')
+    label = page.locator(f'#jobs-body tr[data-job-id="{long_id}"] .progress').text_content()
+    assert re.fullmatch(r"\s*(waiting|load|whiten|svd|recover|evaluate|upload) \d+ %", label), label
+    page.goto(f"{base}/ui/jobs/{long_id}")
+    wait_status(page, "running", 30)
     page.click("#cancel")
     wait_status(page, "cancelled", 120)
     assert page.locator("#cancel").is_hidden()
