@@ -78,7 +78,9 @@ const SVD = (() => {
     const head = document.createElement("p");
     head.textContent = err instanceof Problem ? err.message : String(err.message || err);
     el.appendChild(head);
-    const issues = (err.doc && Array.isArray(err.doc.errors)) ? err.doc.errors : [];
+    const detail = err.doc && err.doc.detail;
+    const issues = ((err.doc && Array.isArray(err.doc.errors)) ? err.doc.errors : [])
+      .filter((issue) => !(detail || "").includes(`${issue.field}: ${issue.message}`));  // not said twice
     if (issues.length) {
       const ul = document.createElement("ul");
       for (const issue of issues) {

@@ -166,7 +166,7 @@
       body.appendChild(SVD.el("tr", { dataset: { metric: label } }, SVD.el("th", {}, label),
         ...values.map((v) => SVD.el("td", {}, v === undefined || v === null ? "—" : fmt(v)))));
     }
-    const ev = report.evaluation || {};
+    const ev = entries[0].evaluation || {};  // a sweep evaluates every ratio on the same text
     byId("report-note").textContent = report.metrics || sweep
       ? `Evaluated on ${ev.scored_tokens !== undefined ? fmt(ev.scored_tokens) : "?"} tokens of ${ev.source || "the evaluation text"}.`
       : "This job was not evaluated.";
