@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 
-from svdforge.api import openapi, problems
+from svdforge.api import openapi, problems, ui
 from svdforge.api.deps import reject_unknown_query
 from svdforge.api.limits import BodyLimitMiddleware, KeyBeforeBodyMiddleware
 from svdforge.api.routes import files, health, jobs, webhooks
@@ -65,5 +65,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs.router, prefix=API_PREFIX, dependencies=strict_query)
     app.include_router(files.router, prefix=API_PREFIX, dependencies=strict_query)
     app.include_router(webhooks.router, prefix=API_PREFIX, dependencies=strict_query)
+    ui.install(app)  # the dashboard at /ui (not in the OpenAPI document)
     openapi.install(app)
     return app
