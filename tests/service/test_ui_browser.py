@@ -227,7 +227,7 @@ def serve_events_as_sse(page) -> list[str]:
             route.continue_()
             return
         streams.append(request.url)
-        events = route.fetch().json()["data"]
+        events = route.fetch(headers={**request.headers, "accept": "application/json"}).json()["data"]
         marked = [{**e, "message": f"[sse] {e['message']}"} for e in events]
         body = ": comment\r\n\r\n" + "".join(
             f"id: {e['id']}\r\nevent: {e['type']}\r\ndata: {json.dumps(e)}\r\n\r\n" for e in marked)
@@ -261,6 +261,8 @@ def test_event_stream_frames_split_anywhere(server, page):
 
 def test_dashboard_in_a_browser(server, page, tmp_path):
     base, alice, bob = server["base"], server["alice"], server["bob"]
+    event_types = []  # content types of the events answers: the job page follows the real event stream
+    page.on("response", lambda r: EVENTS.fullmatch(r.url) and event_types.append(r.headers.get("content-type", "")))
     page.goto(f"{base}/ui")
     page.fill("#signin-key", "svdf_not-a-key")
     page.click("#signin-submit")
@@ -285,6 +287,7 @@ def test_dashboard_in_a_browser(server, page, tmp_path):
     page.wait_for_url(f"{base}/ui/jobs/job_*")
     job_id = page.url.rsplit("/", 1)[1]
     wait_status(page, "succeeded", 180)
+    assert any(t.startswith("text/event-stream") for t in event_types), event_types
     client = api(server, alice)
     job = client.get(f"/v1/jobs/{job_id}").json()
     assert job["request"]["calibration"] == {"source": "builtin", "samples": 4, "seq_len": 32, "seed": 0}
