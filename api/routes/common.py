@@ -6,7 +6,9 @@ from typing import Annotated, Any
 
 from fastapi import Query, Request
 
+from svdforge.api.problems import field_error
 from svdforge.api.schemas import ArtifactOut, FileOut, JobEventOut, JobOut, Problem, StageOut
+from svdforge.persistence.ids import is_id
 from svdforge.persistence.settings import Settings
 from svdforge.persistence.state import JobStatus, Stage
 from svdforge.persistence.storage import Storage
@@ -24,6 +26,15 @@ def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 Limit = Annotated[int, Query(ge=1, le=100, description="Page size.")]
 After = Annotated[str | None, Query(max_length=64, description="Cursor: the last id of the previous page.")]
+
+
+def cursor(after: str | None, prefix: str) -> str | None:
+    """`after` checked as an id of the listed kind (`prefix_` + 22 base32 characters): a
+    malformed cursor is a 422 naming `after`, not a silently empty page."""
+    if after is not None and not is_id(after, prefix):
+        raise field_error("after", f"must be an id like {prefix}_01m8tqeengrrm2jrwfp27v: "
+                                   "the last_id of the previous page")
+    return after
 
 
 def page(rows: list[Any], limit: int) -> tuple[list[Any], bool]:

@@ -14,7 +14,17 @@ from sqlalchemy.orm import Session
 
 from svdforge.api.deps import CeleryDep, CurrentKey, SessionDep, SettingsDep, StorageDep
 from svdforge.api.problems import ProblemError, field_error
-from svdforge.api.routes.common import After, Limit, artifact_out, event_out, job_out, list_response, page, problems
+from svdforge.api.routes.common import (
+    After,
+    Limit,
+    artifact_out,
+    cursor,
+    event_out,
+    job_out,
+    list_response,
+    page,
+    problems,
+)
 from svdforge.api.schemas import ArtifactList, ArtifactOut, JobCreate, JobEventList, JobList, JobOut, JobReport
 from svdforge.persistence import jobs as jobs_repo
 from svdforge.persistence.modelref import ModelRefError, check_hub_name, check_model_ref
@@ -123,7 +133,7 @@ def list_jobs(session: SessionDep, key: CurrentKey, after: After = None, limit: 
     q = select(Job).where(Job.owner_id == key.id)
     if status is not None:
         q = q.where(Job.status == status.value)
-    if after:
+    if cursor(after, "job"):
         q = q.where(Job.id < after)
     rows, more = page(list(session.scalars(q.order_by(Job.id.desc()).limit(limit + 1))), limit)
     data = [job_out(j) for j in rows]
@@ -202,7 +212,7 @@ def list_job_artifacts(job_id: str, request: Request, session: SessionDep, key: 
                        settings: SettingsDep, after: After = None, limit: Limit = 100) -> ArtifactList:
     _owned_job(session, job_id, key)
     q = select(Artifact).where(Artifact.job_id == job_id)
-    if after:
+    if cursor(after, "art"):
         q = q.where(Artifact.id > after)
     rows, more = page(list(session.scalars(q.order_by(Artifact.id).limit(limit + 1))), limit)
     data = [artifact_out(a, request, storage, settings) for a in rows]

@@ -262,6 +262,20 @@ def test_list_pagination_newest_first(client, auth):
     assert_problem(client.get("/v1/jobs", params={"status": "exploded"}, headers=auth), 422, field="status")
 
 
+@pytest.mark.parametrize("after", ["garbage", "job_", "job_x", "file_01m8tqeengrrm2jrwfp27v",
+                                   "JOB_01M8TQEENGRRM2JRWFP27V", "job_01m8tqeengrrm2jrwfp27",
+                                   "job_01m8tqeengrrm2jrwfp27u"])
+def test_a_malformed_cursor_is_a_422_naming_after(client, auth, after):
+    job_id = client.post("/v1/jobs", json=MINIMAL, headers=auth).json()["id"]
+    for url in ("/v1/jobs", f"/v1/jobs/{job_id}/artifacts"):
+        body = assert_problem(client.get(url, params={"after": after}, headers=auth), 422, "validation_error", "after")
+        assert "last_id" in body["detail"]
+    # a well-formed id of the right kind is a cursor, whether or not it exists
+    assert client.get("/v1/jobs", params={"after": "job_zzzzzzzzzzzzzzzzzzzzzz"}, headers=auth).json()["data"]
+    r = client.get(f"/v1/jobs/{job_id}/artifacts", params={"after": "art_01m8tqeengrrm2jrwfp27v"}, headers=auth)
+    assert r.status_code == 200 and r.json()["data"] == []
+
+
 def test_list_filters_by_status(client, auth):
     a = client.post("/v1/jobs", json=MINIMAL, headers=auth).json()["id"]
     b = client.post("/v1/jobs", json=MINIMAL, headers=auth).json()["id"]
