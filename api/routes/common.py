@@ -19,6 +19,7 @@ def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI entries for error statuses (rendered as application/problem+json, see api.openapi)."""
     text = {400: "Bad request", 401: "Missing or invalid API key", 404: "Not found (or not yours)",
             409: "Conflict with the object's current state", 413: "Request body too large",
+            415: "The body is not application/json",
             416: "Range not satisfiable", 422: "Validation error naming the field",
             503: "A dependency is unavailable"}
     return {s: {"model": Problem, "description": text.get(s, "Error")} for s in statuses}

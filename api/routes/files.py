@@ -13,6 +13,7 @@ from fastapi import APIRouter, File, Form, Request, Response, UploadFile
 from sqlalchemy import select
 
 from svdforge.api.deps import CurrentKey, SessionDep, SettingsDep, StorageDep
+from svdforge.api.json_body import JsonRoute
 from svdforge.api.limits import too_large
 from svdforge.api.problems import ProblemError, field_error
 from svdforge.api.routes.common import After, Limit, cursor, file_out, list_response, page, problems
@@ -21,7 +22,7 @@ from svdforge.persistence.ids import new_id
 from svdforge.persistence.storage import StorageError
 from svdforge.persistence.tables import File as FileRow
 
-router = APIRouter(prefix="/files", tags=["files"])
+router = APIRouter(prefix="/files", tags=["files"], route_class=JsonRoute)  # JSON bodies, if any, parsed as the others
 
 CHUNK = 1024 * 1024
 

@@ -13,6 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from svdforge.api.deps import CeleryDep, CurrentKey, SessionDep, SettingsDep, StorageDep
+from svdforge.api.json_body import JsonRoute
 from svdforge.api.problems import ProblemError, field_error
 from svdforge.api.routes.common import (
     After,
@@ -35,7 +36,7 @@ from svdforge.persistence.storage import StorageError
 from svdforge.persistence.tables import ApiKey, Artifact, File, Job, JobEvent, utcnow
 
 log = logging.getLogger("svdforge.api")
-router = APIRouter(prefix="/jobs", tags=["jobs"])
+router = APIRouter(prefix="/jobs", tags=["jobs"], route_class=JsonRoute)
 
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255,
                                               description="Retries with the same key and body return the same job.")]
@@ -100,7 +101,7 @@ def _replay(existing: Job, payload: dict, celery, session: Session, request: Req
 @router.post("", status_code=201, operation_id="create_job", response_model=JobOut,
              responses={201: {"headers": {"Location": {"description": "URL of the job.",
                                                        "schema": {"type": "string"}}}},
-                        **problems(400, 401, 413, 422)},
+                        **problems(400, 401, 413, 415, 422)},
              summary="Create a compression job",
              description="Answers 201 with the job and a Location header. With an `Idempotency-Key`, a retry "
                          "with the same body returns the same job; the same key with another body is a 422.")

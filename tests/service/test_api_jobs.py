@@ -370,3 +370,64 @@ def test_job_rows_are_committed_before_enqueue(client, auth, app, db, settings):
     app.state.celery = Spy()
     client.post("/v1/jobs", json=MINIMAL, headers=auth)
     assert seen == ["queued"]
+
+
+@pytest.mark.parametrize(("content", "content_type"), [
+    (json.dumps(MINIMAL), "text/plain"),
+    ("model=smollm2-135m&ratio=0.4", "application/x-www-form-urlencoded"),
+    ('--b\r\nContent-Disposition: form-data; name="model"\r\n\r\nx\r\n--b--\r\n', "multipart/form-data; boundary=b"),
+    (json.dumps(MINIMAL), None),
+])
+def test_a_body_that_is_not_json_is_a_415(client, auth, settings, content, content_type):
+    headers = {**auth, **({"content-type": content_type} if content_type else {})}
+    r = client.post("/v1/jobs", content=content.encode(), headers=headers)
+    body = assert_problem(r, 415, "unsupported_media_type")
+    assert "application/json" in body["detail"] and body["expected"] == "application/json"
+    assert queued_messages(settings) == []
+    # the same body as JSON (a charset or a +json subtype too) is accepted
+    for ok in ("application/json; charset=utf-8", "application/merge-patch+json"):
+        r = client.post("/v1/jobs", content=json.dumps(MINIMAL), headers={**auth, "content-type": ok})
+        assert r.status_code == 201, r.text
+
+
+def test_every_json_body_route_parses_strictly_and_documents_415(app):
+    from fastapi.params import Form
+    from fastapi.routing import APIRoute
+
+    from svdforge.api.json_body import JsonRoute
+    from svdforge.api.routes import files, health, jobs
+
+    spec = app.openapi()["paths"]
+    routes = [(r, prefix) for router, prefix in ((jobs.router, "/v1"), (files.router, "/v1"), (health.router, ""))
+              for r in router.routes]
+    bodies = [(r, prefix) for r, prefix in routes if isinstance(r, APIRoute) and r.body_field is not None
+              and not isinstance(r.body_field.field_info, Form)]
+    assert [r.name for r, _ in bodies] == ["create_job"]
+    for route, prefix in bodies:
+        assert isinstance(route, JsonRoute), route.name
+        op = next(iter(spec[prefix + route.path_format][m.lower()] for m in route.methods))
+        assert "application/problem+json" in op["responses"]["415"]["content"]
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    ('{"model": "smollm2-135m", "ratio": NaN}', "NaN is not valid JSON"),
+    ('{"model": "smollm2-135m", "ratio": Infinity}', "Infinity is not valid JSON"),
+    ('{"model": "smollm2-135m", "ratio": 0.4, "evaluation": {"max_tokens": -Infinity}}', "-Infinity is not valid"),
+    ('{"model": "smollm2-135m", "ratio": 0.4, "ratio": 0.9}', 'duplicate key "ratio"'),
+    ('{"model": "smollm2-135m", "ratio": 0.4, "evaluation": {"seq_len": 32, "seq_len": 64}}',
+     'duplicate key "seq_len"'),
+    ('{"model": "smollm2-135m", "ratio": 0.4, "metadata": {"a": "1", "a": "2"}}', 'duplicate key "a"'),
+])
+def test_non_rfc8259_json_is_refused_like_malformed_json(client, auth, settings, raw, message):
+    r = client.post("/v1/jobs", content=raw, headers={**auth, "content-type": "application/json"})
+    body = assert_problem(r, 422, "validation_error", "body")
+    assert message in body["detail"] and body["errors"][0]["type"] == "json_invalid"
+    assert queued_messages(settings) == []
+    # malformed JSON has the same shape, and says where
+    r = client.post("/v1/jobs", content=b'{"model": ', headers={**auth, "content-type": "application/json"})
+    bad = assert_problem(r, 422, "validation_error", "body")
+    assert bad["errors"][0]["type"] == "json_invalid" and "at character 10" in bad["errors"][0]["message"]
+    # NaN inside a string and the same key in two objects are fine
+    ok = '{"model": "smollm2-135m", "ratio": 0.4, "metadata": {"ratio": "NaN"}, "calibration": {"seq_len": 32}, ' \
+         '"evaluation": {"seq_len": 32}}'
+    assert client.post("/v1/jobs", content=ok, headers={**auth, "content-type": "application/json"}).status_code == 201
