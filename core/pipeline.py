@@ -52,7 +52,7 @@ from svdforge.core.models import cache_dir as models_cache_dir
 from svdforge.core.models import (
     load_model,
     load_tokenizer,
-    model_type_of,
+    model_config_of,
     own_weights,
     pick_device,
     resolve_source,
@@ -157,7 +157,9 @@ def load(run: Run, *, sweep: bool = False) -> Loaded:
     rep.stage_started("load", "loading model")
     t0 = time.perf_counter()
     source, gguf_file = resolve_source(config.model, config.allow_pickle)
-    architectures.require(model_type_of(source, gguf_file, config.trust_remote_code))
+    model_config = model_config_of(source, gguf_file, config.trust_remote_code)
+    architectures.require(model_config.get("model_type"))
+    architectures.require_positions(config.window_lengths(), model_config)
     stream, reason = streaming.decide(config, source, gguf_file)
     if stream and sweep:
         raise UserError(f"this model would have to stream ({reason}), which a sweep cannot do: it keeps "

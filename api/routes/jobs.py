@@ -27,8 +27,9 @@ from svdforge.api.routes.common import (
     problems,
 )
 from svdforge.api.schemas import ArtifactList, ArtifactOut, JobCreate, JobEventList, JobList, JobOut, JobReport
+from svdforge.core import architectures
 from svdforge.persistence import jobs as jobs_repo
-from svdforge.persistence.modelref import ModelRefError, check_hub_name, check_model_ref
+from svdforge.persistence.modelref import ModelRefError, check_hub_name, check_model_ref, local_config
 from svdforge.persistence.queue import enqueue
 from svdforge.persistence.settings import Settings
 from svdforge.persistence.state import TERMINAL, JobStatus, StaleTransition, transition
@@ -52,9 +53,11 @@ def _owned_job(session: Session, job_id: str, key: ApiKey) -> Job:
 def _validate_references(body: JobCreate, session: Session, key: ApiKey, settings: Settings) -> None:
     """What pydantic cannot know: the model reference policy and the caller's uploaded files."""
     try:
-        check_model_ref(body.model, settings)
+        model_config = local_config(check_model_ref(body.model, settings))
     except ModelRefError as e:
         raise field_error("model", str(e)) from None
+    if model_config is not None:
+        _check_positions(body, model_config)
     refs = [("calibration", body.calibration), ("evaluation", body.evaluation)]
     if getattr(body.adapter, "data", None) is not None:
         refs.append(("adapter.data", body.adapter.data))
@@ -68,6 +71,20 @@ def _validate_references(body: JobCreate, session: Session, key: ApiKey, setting
             f = session.get(File, spec.file_id)
             if f is None or f.owner_id != key.id:
                 raise field_error(f"{field}.file_id", f"no uploaded file {spec.file_id}")
+
+
+def _check_positions(body: JobCreate, model_config: dict) -> None:
+    """Every window the job would feed the model fits its positions (a local model's config is
+    read at submission; any other model is checked by the worker when the job starts)."""
+    lengths = {"calibration.seq_len": body.calibration.seq_len}
+    if getattr(body.adapter, "data", None) is not None:
+        lengths["adapter.data.seq_len"] = body.adapter.data.seq_len
+    if body.evaluation.enabled:
+        lengths["evaluation.seq_len"] = body.evaluation.seq_len
+    for field, seq_len in lengths.items():
+        why = architectures.too_long(seq_len, model_config)
+        if why is not None:
+            raise field_error(field, why)
 
 
 def _enqueue(celery, session: Session, job: Job) -> None:

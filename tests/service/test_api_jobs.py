@@ -431,3 +431,26 @@ def test_non_rfc8259_json_is_refused_like_malformed_json(client, auth, settings,
     ok = '{"model": "smollm2-135m", "ratio": 0.4, "metadata": {"ratio": "NaN"}, "calibration": {"seq_len": 32}, ' \
          '"evaluation": {"seq_len": 32}}'
     assert client.post("/v1/jobs", content=ok, headers={**auth, "content-type": "application/json"}).status_code == 201
+
+
+@pytest.mark.parametrize(("patch", "field"), [
+    ({"evaluation": {"seq_len": 2048, "max_tokens": 4096}}, "evaluation.seq_len"),
+    ({"calibration": {"seq_len": 1025}}, "calibration.seq_len"),
+    ({"adapter": {"type": "lora", "data": {"seq_len": 4096}}}, "adapter.data.seq_len"),
+])
+def test_windows_longer_than_a_local_models_positions_are_refused(client, auth, settings, patch, field):
+    d = settings.model_root / "short"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": 1024}))
+    (d / "model.safetensors").write_bytes(b"{}")
+    body = assert_problem(client.post("/v1/jobs", json={**MINIMAL, "model": str(d), **patch}, headers=auth),
+                          422, "validation_error", field)
+    assert "1024 positions" in body["detail"] and "max_position_embeddings" in body["detail"]
+    assert queued_messages(settings) == []
+    # as long as the model allows is fine; a window the disabled evaluation would have used is not checked
+    ok = {**MINIMAL, "model": str(d), "calibration": {"seq_len": 1024},
+          "evaluation": {"enabled": False, "seq_len": 2048, "max_tokens": 4096}}
+    assert client.post("/v1/jobs", json=ok, headers=auth).status_code == 201
+    # a config without max_position_embeddings (GPT-2's n_positions is read too) leaves it to the worker
+    (d / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert client.post("/v1/jobs", json={**MINIMAL, "model": str(d), **patch}, headers=auth).status_code == 201

@@ -438,3 +438,19 @@ def test_cancel_during_a_long_evaluation_stops_it(tmp_path, tiny_model_root):
         assert s.scalars(select(Artifact).where(Artifact.job_id == job_id)).all() == []
     assert not list((settings.storage_dir / "artifacts").glob(f"{job_id}*/**/*.*"))
     db.dispose()
+
+
+def test_a_window_longer_than_the_model_fails_the_job_at_its_start(tmp_path, tiny_model_root):
+    """Where the API could not read the model's config (a hub model; here a row written
+    directly), the pipeline refuses the window when the job starts: invalid_input naming it."""
+    from .conftest import fresh_database, make_settings
+
+    settings = make_settings(tmp_path, model_root=tiny_model_root)
+    db = fresh_database(settings)
+    job_id = new_job(db, model=str(tiny_model_root / "tiny"),
+                     evaluation={"source": "builtin", "seq_len": 2048, "max_tokens": 4096})
+    assert JobRunner(db, make_storage(settings), settings).run(job_id) == "failed"
+    job = job_row(db, job_id)
+    assert (job.error_code, job.error_stage) == ("invalid_input", "load")
+    assert job.error_message.startswith("evaluation.seq_len: 2048 is longer than the model's 1024 positions")
+    db.dispose()
