@@ -31,8 +31,9 @@ After = Annotated[str | None, Query(max_length=64, description="Cursor: the last
 
 def cursor(after: str | None, prefix: str) -> str | None:
     """`after` checked as an id of the listed kind (`prefix_` + 22 base32 characters): a
-    malformed cursor is a 422 naming `after`, not a silently empty page."""
-    if after is not None and not is_id(after, prefix):
+    malformed cursor is a 422 naming `after`, not a silently empty page (an empty one is no
+    cursor, as on /events)."""
+    if after and not is_id(after, prefix):
         raise field_error("after", f"must be an id like {prefix}_01m8tqeengrrm2jrwfp27v: "
                                    "the last_id of the previous page")
     return after
