@@ -45,6 +45,25 @@ def field_error(field: str, message: str, type_: str = "value_error") -> Problem
                         errors=[FieldIssue(field=field, message=message, type=type_)])
 
 
+def invalid_json(message: str) -> ProblemError:
+    """The 422 of a body that is not JSON: the same shape as FastAPI's malformed-JSON error
+    (see `_issue`), raised where the strict parser refuses what Python's accepts."""
+    return ProblemError(422, "validation_error", f"body: invalid JSON: {message}", title="Request validation failed",
+                        errors=[FieldIssue(field="body", message=f"invalid JSON: {message}", type="json_invalid")])
+
+
+def _issue(error: dict[str, Any]) -> FieldIssue:
+    """One pydantic / FastAPI error as a FieldIssue. A malformed body (`json_invalid`, located
+    at a character offset) names `body` and says what the parser found, and where."""
+    if error.get("type") == "json_invalid":
+        loc = list(error.get("loc", ()))
+        at = f" at character {loc[1]}" if len(loc) > 1 and isinstance(loc[1], int) else ""
+        why = (error.get("ctx") or {}).get("error") or error.get("msg", "malformed")
+        return FieldIssue(field="body", message=f"invalid JSON: {why}{at}", type="json_invalid")
+    return FieldIssue(field=field_name(error.get("loc", ())), message=str(error.get("msg", "invalid")),
+                      type=str(error.get("type", "value_error")))
+
+
 def problem_response(request: Request, status: int, code: str, detail: str | None = None, *,
                      title: str | None = None, errors: list[FieldIssue] | None = None,
                      headers: dict[str, str] | None = None, **extensions: Any) -> JSONResponse:
@@ -90,8 +109,7 @@ def _code_for(status: int) -> str:
 def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        issues = [FieldIssue(field=field_name(e.get("loc", ())), message=str(e.get("msg", "invalid")),
-                             type=str(e.get("type", "value_error"))) for e in exc.errors()]
+        issues = [_issue(e) for e in exc.errors()]
         detail = "; ".join(f"{i.field}: {i.message}" for i in issues[:5])
         return problem_response(request, 422, "validation_error", detail, title="Request validation failed",
                                 errors=issues)

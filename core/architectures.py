@@ -64,3 +64,30 @@ def require(model_type: str | None) -> Architecture:
     if why is not None:
         raise UserError(why)
     return SUPPORTED[model_type]
+
+
+def max_positions(model_config: dict) -> int | None:
+    """The longest sequence a model's config takes: `max_position_embeddings` (GPT-2:
+    `n_positions`; a multimodal config: its `text_config`'s), or None when it says none."""
+    for key in ("max_position_embeddings", "n_positions"):
+        value = model_config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    text = model_config.get("text_config")
+    return max_positions(text) if isinstance(text, dict) else None
+
+
+def too_long(seq_len: int, model_config: dict) -> str | None:
+    """Why a window of `seq_len` tokens does not fit the model, or None when it does."""
+    limit = max_positions(model_config)
+    if limit is None or seq_len <= limit:
+        return None
+    return f"{seq_len} is longer than the model's {limit} positions (max_position_embeddings in its config)"
+
+
+def require_positions(lengths: dict[str, int], model_config: dict) -> None:
+    """Refuse the first window length (by field name) the model cannot take."""
+    for field, seq_len in lengths.items():
+        why = too_long(seq_len, model_config)
+        if why is not None:
+            raise UserError(f"{field}: {why}")

@@ -287,6 +287,15 @@ class CompressConfig:
         else:
             _choice("targets", self.targets, TARGET_PRESETS)
 
+    def window_lengths(self) -> dict[str, int]:
+        """The token windows this run feeds the model, by field: each must fit its positions."""
+        lengths = {"calibration.seq_len": self.calibration.seq_len}
+        if self.recover.type in ("lora", "adalora"):
+            lengths["recover.data.seq_len"] = self.recover.data.seq_len
+        if self.evaluation.enabled:
+            lengths["evaluation.seq_len"] = self.evaluation.seq_len
+        return lengths
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

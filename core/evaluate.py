@@ -2,7 +2,9 @@
 
 All metrics are over the same scored positions: in each window of L tokens the L-1
 positions that predict a next token. Non-finite logits raise `NumericalError`; nothing is
-skipped.
+skipped. Every loop here takes `check_cancel` (a callable that raises `Cancelled`, e.g.
+`Reporter.check_cancel`) and calls it before each batch, timed run or generated token, so a
+cancelled job stops within one forward whatever the size of its evaluation.
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ from svdforge.core.layer_loop import Handler, LayerLoop, LayerStep, Stream
 from svdforge.core.layers import decoder_layers
 from svdforge.core.lowrank import LowRankLinear
 
+CheckCancel = Callable[[], None] | None
+
 
 def _logits(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     out = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
@@ -33,9 +37,10 @@ def _logits(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, device="cpu",
-               on_batch: Callable[[float], None] | None = None) -> dict:
+               on_batch: Callable[[float], None] | None = None, check_cancel: CheckCancel = None) -> dict:
     nll, count = 0.0, 0
     for lo in range(0, windows.shape[0], batch_size):
+        _check(check_cancel)
         batch = windows[lo:lo + batch_size].to(device)
         logits = _logits(model, batch)
         nll += float(F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum"))
@@ -47,16 +52,18 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, dev
 
 @torch.no_grad()
 def compare(teacher: nn.Module | None, student: nn.Module, windows: torch.Tensor, batch_size: int = 1,
-            device="cpu", on_batch: Callable[[float], None] | None = None, topk: int = 10) -> dict:
+            device="cpu", on_batch: Callable[[float], None] | None = None, topk: int = 10,
+            check_cancel: CheckCancel = None) -> dict:
     """Perplexity of both models and the student's fidelity to the teacher, in one pass.
 
     teacher_kl: mean over tokens of KL(p_teacher || p_student) in nats; top10_recall: mean
     |top10(t) & top10(s)| / 10; agreement (ARR): % of tokens whose top-1 matches.
     """
     if teacher is None:
-        return {"compressed": perplexity(student, windows, batch_size, device, on_batch)}
+        return {"compressed": perplexity(student, windows, batch_size, device, on_batch, check_cancel)}
     acc = Fidelity(topk)
     for lo in range(0, windows.shape[0], batch_size):
+        _check(check_cancel)
         batch = windows[lo:lo + batch_size].to(device)
         acc.add(_logits(teacher, batch), _logits(student, batch), batch)
         if on_batch:
@@ -108,6 +115,11 @@ class Fidelity:
         }
 
 
+def _check(check_cancel: CheckCancel) -> None:
+    if check_cancel is not None:
+        check_cancel()
+
+
 def count_params(model: nn.Module) -> int:
     """Unique parameters (tied embeddings counted once)."""
     seen, total = set(), 0
@@ -139,15 +151,17 @@ def flops_per_token(model: nn.Module, context: int) -> int:
 
 @torch.no_grad()
 def throughput(models: dict[str, nn.Module], vocab: int, seq_len: int = 512, runs: int = 5,
-               device="cpu", seed: int = 0) -> dict:
+               device="cpu", seed: int = 0, check_cancel: CheckCancel = None) -> dict:
     """Forward tokens/s at batch 1 x seq_len, models interleaved run by run, median of `runs`."""
     g = torch.Generator().manual_seed(seed)
     batch = torch.randint(0, vocab, (1, seq_len), generator=g).to(device)
     times: dict[str, list[float]] = {k: [] for k in models}
     for m in models.values():  # warm-up
+        _check(check_cancel)
         m(input_ids=batch, use_cache=False)
     for _ in range(runs):
         for name, m in models.items():
+            _check(check_cancel)
             if device != "cpu" and torch.cuda.is_available():
                 torch.cuda.synchronize()
             t = time.perf_counter()
@@ -168,28 +182,47 @@ FIXED_PROMPTS = ("The capital of France is", "Once upon a time,", "def fibonacci
 
 @torch.no_grad()
 def greedy_samples(models: dict[str, nn.Module], tokenizer, prompts: list[str], max_new_tokens: int,
-                   device="cpu") -> dict:
+                   device="cpu", check_cancel: CheckCancel = None) -> dict:
     """The report's `samples`: each model's greedy completion (new text only) of the fixed
     prompts, then of `prompts`. Every model stops on the first model's end-of-text tokens; the
-    KV cache is on for the call (the pipeline's models have `use_cache=False`) and restored."""
+    KV cache is on for the call (the pipeline's models have `use_cache=False`) and restored.
+    `check_cancel` runs before every generated token (a stopping criterion that raises)."""
     gen = next(iter(models.values())).generation_config
     eos = gen.eos_token_id if gen.eos_token_id is not None else tokenizer.eos_token_id
     pad = gen.pad_token_id if gen.pad_token_id is not None else tokenizer.pad_token_id
     pad = pad if pad is not None else (eos[0] if isinstance(eos, list) else eos)
     items = [{"prompt": p, "source": "fixed"} for p in FIXED_PROMPTS]
     items += [{"prompt": p, "source": "request"} for p in prompts]
+    stopping = _cancel_criteria(check_cancel)
     for name, model in models.items():
         cached, model.config.use_cache = model.config.use_cache, True
         try:
             for item in items:
                 enc = tokenizer(item["prompt"], return_tensors="pt")  # ids and mask only (no token_type_ids)
                 ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+                _check(check_cancel)
                 out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                     do_sample=False, num_beams=1, use_cache=True, eos_token_id=eos, pad_token_id=pad)
+                                     do_sample=False, num_beams=1, use_cache=True, eos_token_id=eos, pad_token_id=pad,
+                                     stopping_criteria=stopping)
                 item[name] = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
         finally:
             model.config.use_cache = cached
     return {"max_new_tokens": max_new_tokens, "items": items}
+
+
+def _cancel_criteria(check_cancel: CheckCancel):
+    """A `StoppingCriteriaList` whose one criterion calls `check_cancel` at every generated token
+    (its `Cancelled` leaves `generate`); None without a check."""
+    if check_cancel is None:
+        return None
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class CancelCriterion(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+            check_cancel()
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([CancelCriterion()])
 
 
 def compressed_linear_params(model: nn.Module) -> int:
@@ -242,7 +275,8 @@ def compare_streamed(job, windows: torch.Tensor, batch_size: int, on_batch=None,
     decoder layer at a time (dense layer from the checkpoint, compressed layer from the
     artifact just written), then the final norm and `lm_head`. Holds two [N, L, hidden]
     streams and one spare (offloaded past the budget) and one layer. Assumes logits =
-    lm_head(norm(h)), soft-capped where the config says so (Gemma-2)."""
+    lm_head(norm(h)), soft-capped where the config says so (Gemma-2). `reporter`'s
+    `check_cancel` runs before every batch of every layer and of the logits."""
     model = job.model
     layers, _ = decoder_layers(model)
     streams = [Stream("teacher", calibrate=False, reuse=False,
@@ -265,6 +299,8 @@ def compare_streamed(job, windows: torch.Tensor, batch_size: int, on_batch=None,
     acc = Fidelity()
     teacher, student = streams[0].hidden, streams[1].hidden
     for lo in range(0, windows.shape[0], batch_size):
+        if reporter is not None:
+            reporter.check_cancel()
         hi = min(lo + batch_size, windows.shape[0])
         acc.add(logits(teacher[lo:hi]), logits(student[lo:hi]), windows[lo:hi].to(job.device))
     return acc.result()

@@ -103,11 +103,14 @@ def layer_output(out):
 
 
 @torch.no_grad()
-def run_layer(layer: nn.Module, inputs: LayerInputs, out=None):
-    """`layer` over every batch of `inputs`, into `out` (a new tensor by default)."""
+def run_layer(layer: nn.Module, inputs: LayerInputs, out=None, check_cancel: Callable[[], None] | None = None):
+    """`layer` over every batch of `inputs`, into `out` (a new tensor by default);
+    `check_cancel()` (raises `Cancelled`) before each batch."""
     if out is None:
         out = torch.empty_like(inputs.hidden)
     for lo, hi, kw in inputs.batches():
+        if check_cancel is not None:
+            check_cancel()
         out[lo:hi] = layer_output(layer(inputs.hidden[lo:hi], **kw))
     return out
 
@@ -283,6 +286,7 @@ class LayerLoop:
         with Hooks() as step.hooks:
             self._each("on_inputs_ready", step)
             for lo, hi, kw in self._batches():
+                self.rep.check_cancel()  # a long layer (many windows) stops mid-way
                 self._each("on_batch_start", step)
                 for s in calibrating:
                     step.stream = s.name
@@ -306,7 +310,8 @@ class LayerLoop:
                 s.pending = None
             out = self._buffer()
             with (s.module or self._current_layer)(step) as module:
-                run_layer(module, LayerInputs(s.hidden, self.kwargs, self.batch_size), out=out)
+                run_layer(module, LayerInputs(s.hidden, self.kwargs, self.batch_size), out=out,
+                          check_cancel=self.rep.check_cancel)
             self._spare.append(s.hidden)
             s.hidden = out
 

@@ -148,19 +148,23 @@ def resolve_source(name: str, allow_pickle: bool = False) -> tuple[str, str | No
     return name, None
 
 
-def model_type_of(source: str, gguf_file: str | None = None, trust_remote_code: bool = False) -> str | None:
-    """config.json's `model_type` of a resolved source, read without loading any weight."""
+def model_config_of(source: str, gguf_file: str | None = None, trust_remote_code: bool = False) -> dict:
+    """A resolved source's config as a dict (config.json itself when there is one), read
+    without loading any weight."""
     p = Path(source)
     if gguf_file is None and (p / "config.json").is_file():
         try:
-            return json.loads((p / "config.json").read_text()).get("model_type")
+            config = json.loads((p / "config.json").read_text())
         except ValueError as e:
             raise UserError(f"{p / 'config.json'} is not valid JSON: {e}") from None
+        if not isinstance(config, dict):
+            raise UserError(f"{p / 'config.json'} is not a JSON object")
+        return config
     from transformers import AutoConfig
 
     _quiet_transformers()
     try:
-        return AutoConfig.from_pretrained(source, gguf_file=gguf_file, trust_remote_code=trust_remote_code).model_type
+        return AutoConfig.from_pretrained(source, gguf_file=gguf_file, trust_remote_code=trust_remote_code).to_dict()
     except Exception as e:  # noqa: BLE001 - any loader failure is a bad input: one line for the user
         raise UserError(f"could not read the config of {source!r}: {_first_line(e)}") from None
 

@@ -52,7 +52,7 @@ from svdforge.core.models import cache_dir as models_cache_dir
 from svdforge.core.models import (
     load_model,
     load_tokenizer,
-    model_type_of,
+    model_config_of,
     own_weights,
     pick_device,
     resolve_source,
@@ -157,7 +157,9 @@ def load(run: Run, *, sweep: bool = False) -> Loaded:
     rep.stage_started("load", "loading model")
     t0 = time.perf_counter()
     source, gguf_file = resolve_source(config.model, config.allow_pickle)
-    architectures.require(model_type_of(source, gguf_file, config.trust_remote_code))
+    model_config = model_config_of(source, gguf_file, config.trust_remote_code)
+    architectures.require(model_config.get("model_type"))
+    architectures.require_positions(config.window_lengths(), model_config)
     stream, reason = streaming.decide(config, source, gguf_file)
     if stream and sweep:
         raise UserError(f"this model would have to stream ({reason}), which a sweep cannot do: it keeps "
@@ -341,6 +343,7 @@ def _evaluate_saved(run: Run, report: dict, model, tok, job) -> None:
     trim_heap()         # calibration's freed heap, before the teacher comes in
     teacher, teacher_tok, _ = load_model(config.model, config.dtype, run.device, config.allow_pickle,
                                          config.trust_remote_code)
+    run.rep.check_cancel()  # loading the teacher is one call: stop right after it
     report.update(evaluate_models(teacher, model, tok if tok is not None else teacher_tok,
                                   config.evaluation, run.device, run.rep))
 
@@ -373,18 +376,21 @@ def evaluate_models(teacher, student, tokenizer, ev: EvalConfig, device: str, re
     t0 = time.perf_counter()
     win = data_mod.evaluation_windows(tokenizer, ev.data, ev.seq_len, ev.max_tokens)
     metrics = compare(teacher, student, win.ids, ev.batch_size, device,
-                      on_batch=lambda f: rep.progress("evaluate", 0.9 * f, "perplexity / fidelity"))
+                      on_batch=lambda f: rep.progress("evaluate", 0.9 * f, "perplexity / fidelity"),
+                      check_cancel=rep.check_cancel)
     out = {"metrics": metrics, "evaluation": win.spec | {"scored_tokens": metrics["compressed"]["tokens"]}}
     if ev.throughput:
         models = {"dense": teacher, "compressed": student} if teacher is not None else {"compressed": student}
-        out["throughput"] = throughput(models, len(tokenizer), ev.throughput_seq_len, ev.throughput_runs, device)
+        out["throughput"] = throughput(models, len(tokenizer), ev.throughput_seq_len, ev.throughput_runs, device,
+                                       check_cancel=rep.check_cancel)
         if teacher is not None:
             out["throughput"]["speedup"] = (out["throughput"]["compressed"]["tokens_per_s"]
                                             / out["throughput"]["dense"]["tokens_per_s"])
+    rep.check_cancel()
     out["zero_shot"] = zero_shot(student, tokenizer, ev.zero_shot, data_mod.offline())
     rep.progress("evaluate", 0.95, "sample completions")
     models = {"dense": teacher, "compressed": student} if teacher is not None else {"compressed": student}
-    out["samples"] = greedy_samples(models, tokenizer, ev.prompts, ev.sample_tokens, device)
+    out["samples"] = greedy_samples(models, tokenizer, ev.prompts, ev.sample_tokens, device, rep.check_cancel)
     rep.stage_finished("evaluate", time.perf_counter() - t0)
     rep.metrics("evaluate", metrics)
     return out
@@ -398,7 +404,7 @@ def evaluate_streaming(job, tokenizer, ev: EvalConfig, rep: Reporter) -> dict:
     t0 = time.perf_counter()
     win = data_mod.evaluation_windows(tokenizer, ev.data, ev.seq_len, ev.max_tokens)
     metrics = compare_streamed(job, win.ids, ev.batch_size,
-                               on_batch=lambda f: rep.progress("evaluate", f, "perplexity / fidelity"))
+                               on_batch=lambda f: rep.progress("evaluate", f, "perplexity / fidelity"), reporter=rep)
     why = "streaming: the whole model is never in memory at once"
     out = {"metrics": metrics, "evaluation": win.spec | {"scored_tokens": metrics["compressed"]["tokens"],
                                                          "streamed": True}}

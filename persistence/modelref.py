@@ -8,7 +8,8 @@ relative to the process's working folder: transformers and datasets load such a 
 instead of asking the hub, which would bypass the root. Pickle checkpoints are refused
 unless `SVDFORGE_ALLOW_PICKLE` is set (remote code is refused by the loader itself unless
 `SVDFORGE_TRUST_REMOTE_CODE` is set: telling needs transformers). A local folder's
-config.json must name an architecture svdforge compresses (`svdforge.core.architectures`).
+config.json must name an architecture svdforge compresses (`svdforge.core.architectures`);
+`local_config` gives the API that config, to check window lengths against its positions.
 Kept free of torch so that the API does not import it.
 """
 from __future__ import annotations
@@ -83,15 +84,26 @@ def _check_path(model: str, settings: Settings) -> str:
     return str(resolved)
 
 
+def local_config(model: str) -> dict | None:
+    """The config.json of a local model folder (a reference `check_model_ref` returned), or
+    None for an alias, a hub id, a .gguf file or a folder without one (the loader judges those)."""
+    config = Path(model) / "config.json"
+    if not looks_like_path(model) or not config.is_file():
+        return None
+    try:
+        value = json.loads(config.read_text())
+    except (OSError, ValueError):
+        value = None
+    if not isinstance(value, dict):
+        raise ModelRefError("the model folder's config.json is not a valid JSON object")
+    return value
+
+
 def _check_architecture(folder: Path) -> None:
     """A local folder's architecture must be one svdforge compresses (its config.json says)."""
-    config = folder / "config.json"
-    if not folder.is_dir() or not config.is_file():
+    config = local_config(str(folder)) if folder.is_dir() else None
+    if config is None:
         return  # a .gguf file, or a folder the loader will refuse with its own message
-    try:
-        model_type = json.loads(config.read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        raise ModelRefError("the model folder's config.json is not a valid JSON object") from None
-    why = architectures.refusal(model_type)
+    why = architectures.refusal(config.get("model_type"))
     if why is not None:
         raise ModelRefError(why)

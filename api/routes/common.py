@@ -6,7 +6,9 @@ from typing import Annotated, Any
 
 from fastapi import Query, Request
 
+from svdforge.api.problems import field_error
 from svdforge.api.schemas import ArtifactOut, FileOut, JobEventOut, JobOut, Problem, StageOut
+from svdforge.persistence.ids import is_id
 from svdforge.persistence.settings import Settings
 from svdforge.persistence.state import Stage
 from svdforge.persistence.storage import Storage
@@ -18,6 +20,7 @@ def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI entries for error statuses (rendered as application/problem+json, see api.openapi)."""
     text = {400: "Bad request", 401: "Missing or invalid API key", 404: "Not found (or not yours)",
             409: "Conflict with the object's current state", 413: "Request body too large",
+            415: "The body is not application/json",
             416: "Range not satisfiable", 422: "Validation error naming the field",
             503: "A dependency is unavailable"}
     return {s: {"model": Problem, "description": text.get(s, "Error")} for s in statuses}
@@ -25,6 +28,16 @@ def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 Limit = Annotated[int, Query(ge=1, le=100, description="Page size.")]
 After = Annotated[str | None, Query(max_length=64, description="Cursor: the last id of the previous page.")]
+
+
+def cursor(after: str | None, prefix: str) -> str | None:
+    """`after` checked as an id of the listed kind (`prefix_` + 22 base32 characters): a
+    malformed cursor is a 422 naming `after`, not a silently empty page (an empty one is no
+    cursor, as on /events)."""
+    if after and not is_id(after, prefix):
+        raise field_error("after", f"must be an id like {prefix}_01m8tqeengrrm2jrwfp27v: "
+                                   "the last_id of the previous page")
+    return after
 
 
 def page(rows: list[Any], limit: int) -> tuple[list[Any], bool]:

@@ -13,15 +13,16 @@ from fastapi import APIRouter, File, Form, Request, Response, UploadFile
 from sqlalchemy import select
 
 from svdforge.api.deps import CurrentKey, SessionDep, SettingsDep, StorageDep
+from svdforge.api.json_body import JsonRoute
 from svdforge.api.limits import too_large
 from svdforge.api.problems import ProblemError, field_error
-from svdforge.api.routes.common import After, Limit, file_out, list_response, page, problems
+from svdforge.api.routes.common import After, Limit, cursor, file_out, list_response, page, problems
 from svdforge.api.schemas import FileDeleted, FileList, FileOut
 from svdforge.persistence.ids import new_id
 from svdforge.persistence.storage import StorageError
 from svdforge.persistence.tables import File as FileRow
 
-router = APIRouter(prefix="/files", tags=["files"])
+router = APIRouter(prefix="/files", tags=["files"], route_class=JsonRoute)  # JSON bodies, if any, parsed as the others
 
 CHUNK = 1024 * 1024
 
@@ -101,7 +102,7 @@ def _owned_file(session, file_id: str, key) -> FileRow:
             summary="List your uploaded files, newest first")
 def list_files(session: SessionDep, key: CurrentKey, after: After = None, limit: Limit = 20) -> FileList:
     q = select(FileRow).where(FileRow.owner_id == key.id)
-    if after:
+    if cursor(after, "file"):
         q = q.where(FileRow.id < after)
     rows, more = page(list(session.scalars(q.order_by(FileRow.id.desc()).limit(limit + 1))), limit)
     data = [file_out(f) for f in rows]

@@ -14,11 +14,23 @@ from sqlalchemy.orm import Session
 
 from svdforge.api import event_stream
 from svdforge.api.deps import CeleryDep, CurrentKey, SessionDep, SettingsDep, StorageDep
+from svdforge.api.json_body import JsonRoute
 from svdforge.api.problems import ProblemError, field_error
-from svdforge.api.routes.common import After, Limit, artifact_out, event_out, job_out, list_response, page, problems
+from svdforge.api.routes.common import (
+    After,
+    Limit,
+    artifact_out,
+    cursor,
+    event_out,
+    job_out,
+    list_response,
+    page,
+    problems,
+)
 from svdforge.api.schemas import ArtifactList, ArtifactOut, JobCreate, JobEventList, JobList, JobOut, JobReport
+from svdforge.core import architectures
 from svdforge.persistence import jobs as jobs_repo
-from svdforge.persistence.modelref import ModelRefError, check_hub_name, check_model_ref
+from svdforge.persistence.modelref import ModelRefError, check_hub_name, check_model_ref, local_config
 from svdforge.persistence.queue import enqueue
 from svdforge.persistence.settings import Settings
 from svdforge.persistence.state import TERMINAL, JobStatus, StaleTransition, transition
@@ -26,7 +38,7 @@ from svdforge.persistence.storage import StorageError
 from svdforge.persistence.tables import ApiKey, Artifact, File, Job, JobEvent, utcnow
 
 log = logging.getLogger("svdforge.api")
-router = APIRouter(prefix="/jobs", tags=["jobs"])
+router = APIRouter(prefix="/jobs", tags=["jobs"], route_class=JsonRoute)
 
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255,
                                               description="Retries with the same key and body return the same job.")]
@@ -42,9 +54,11 @@ def _owned_job(session: Session, job_id: str, key: ApiKey) -> Job:
 def _validate_references(body: JobCreate, session: Session, key: ApiKey, settings: Settings) -> None:
     """What pydantic cannot know: the model reference policy and the caller's uploaded files."""
     try:
-        check_model_ref(body.model, settings)
+        model_config = local_config(check_model_ref(body.model, settings))
     except ModelRefError as e:
         raise field_error("model", str(e)) from None
+    if model_config is not None:
+        _check_positions(body, model_config)
     refs = [("calibration", body.calibration), ("evaluation", body.evaluation)]
     if getattr(body.adapter, "data", None) is not None:
         refs.append(("adapter.data", body.adapter.data))
@@ -58,6 +72,20 @@ def _validate_references(body: JobCreate, session: Session, key: ApiKey, setting
             f = session.get(File, spec.file_id)
             if f is None or f.owner_id != key.id:
                 raise field_error(f"{field}.file_id", f"no uploaded file {spec.file_id}")
+
+
+def _check_positions(body: JobCreate, model_config: dict) -> None:
+    """Every window the job would feed the model fits its positions (a local model's config is
+    read at submission; any other model is checked by the worker when the job starts)."""
+    lengths = {"calibration.seq_len": body.calibration.seq_len}
+    if getattr(body.adapter, "data", None) is not None:
+        lengths["adapter.data.seq_len"] = body.adapter.data.seq_len
+    if body.evaluation.enabled:
+        lengths["evaluation.seq_len"] = body.evaluation.seq_len
+    for field, seq_len in lengths.items():
+        why = architectures.too_long(seq_len, model_config)
+        if why is not None:
+            raise field_error(field, why)
 
 
 def _enqueue(celery, session: Session, job: Job) -> None:
@@ -91,7 +119,7 @@ def _replay(existing: Job, payload: dict, celery, session: Session, request: Req
 @router.post("", status_code=201, operation_id="create_job", response_model=JobOut,
              responses={201: {"headers": {"Location": {"description": "URL of the job.",
                                                        "schema": {"type": "string"}}}},
-                        **problems(400, 401, 413, 422)},
+                        **problems(400, 401, 413, 415, 422)},
              summary="Create a compression job",
              description="Answers 201 with the job and a Location header. With an `Idempotency-Key`, a retry "
                          "with the same body returns the same job; the same key with another body is a 422.")
@@ -124,7 +152,7 @@ def list_jobs(session: SessionDep, key: CurrentKey, after: After = None, limit: 
     q = select(Job).where(Job.owner_id == key.id)
     if status is not None:
         q = q.where(Job.status == status.value)
-    if after:
+    if cursor(after, "job"):
         q = q.where(Job.id < after)
     rows, more = page(list(session.scalars(q.order_by(Job.id.desc()).limit(limit + 1))), limit)
     data = [job_out(j) for j in rows]
@@ -221,7 +249,7 @@ def list_job_artifacts(job_id: str, request: Request, session: SessionDep, key: 
                        settings: SettingsDep, after: After = None, limit: Limit = 100) -> ArtifactList:
     _owned_job(session, job_id, key)
     q = select(Artifact).where(Artifact.job_id == job_id)
-    if after:
+    if cursor(after, "art"):
         q = q.where(Artifact.id > after)
     rows, more = page(list(session.scalars(q.order_by(Artifact.id).limit(limit + 1))), limit)
     data = [artifact_out(a, request, storage, settings) for a in rows]

@@ -10,7 +10,7 @@ import torch
 
 from svdforge.core import architectures, compress
 from svdforge.core.artifact import check_saved, load_artifact, remote_code_sha256
-from svdforge.core.config import CompressConfig, EvalConfig
+from svdforge.core.config import CompressConfig, DataSpec, EvalConfig, RecoverConfig
 from svdforge.core.errors import UserError
 from svdforge.core.hf import modeling_svdforge
 from svdforge.core.testing import MATRIX, make_tiny_model
@@ -143,3 +143,30 @@ def test_the_tensor_parallel_plan_is_written_at_factor_level():
         "layers.*.self_attn.o_proj.v": "rowwise",      # input split: v's columns, then all-reduce
         "layers.*.mlp.down_proj": "rowwise",           # kept dense everywhere: the linear's own entry
         "embed_in": "embedding_rowwise"}
+
+
+def test_max_positions_reads_the_config():
+    from svdforge.core.architectures import max_positions, require_positions
+
+    assert max_positions({"max_position_embeddings": 2048}) == 2048
+    assert max_positions({"n_positions": 1024}) == 1024  # GPT-2
+    assert max_positions({"text_config": {"max_position_embeddings": 512}}) == 512
+    assert max_positions({}) is None and max_positions({"max_position_embeddings": None}) is None
+    require_positions({"calibration.seq_len": 2048}, {"max_position_embeddings": 2048})  # fits exactly
+    require_positions({"calibration.seq_len": 10**6}, {})  # nothing known: the loader is the judge
+    with pytest.raises(UserError, match=r"^evaluation.seq_len: 2049 is longer than the model's 2048 positions"):
+        require_positions({"calibration.seq_len": 8, "evaluation.seq_len": 2049}, {"max_position_embeddings": 2048})
+
+
+@pytest.mark.parametrize(("kw", "field"), [
+    ({"calibration": DataSpec(samples=2, seq_len=1025)}, "calibration.seq_len"),
+    ({"evaluation": EvalConfig(seq_len=1100, max_tokens=2200)}, "evaluation.seq_len"),
+    ({"recover": RecoverConfig(type="lora", data=DataSpec(seq_len=4096))}, "recover.data.seq_len"),
+])
+def test_the_pipeline_refuses_windows_longer_than_the_model(tiny_llama, tmp_path, kw, field):
+    cfg = CompressConfig(**{"model": str(tiny_llama), "ratio": 0.4, "calibration": DataSpec(samples=2, seq_len=16),
+                            **kw})
+    events = []
+    with pytest.raises(UserError, match=rf"^{field}: .* than the model's 1024 positions"):
+        compress(cfg, tmp_path / "out", progress=events.append)
+    assert not any(e["type"] == "stage_finished" for e in events)  # refused before the model was loaded

@@ -154,3 +154,14 @@ def test_a_rank_multiple_too_large_for_the_ranks_exits_2(tiny_llama, tmp_path):
             "--seq-len", 32, "--rank-multiple", 64, "--no-eval", "-q")
     lines = [line for line in p.stderr.splitlines() if line.strip()]
     assert p.returncode == 2 and len(lines) == 1 and "rank_multiple 64 is too large" in lines[0], p.stderr
+
+
+def test_an_evaluation_window_longer_than_the_model_exits_2(tiny_llama, tmp_path):
+    """The tiny llama has 1024 positions: the pipeline refuses a longer window once it has
+    read the config, before loading any weight."""
+    p = run("compress", tiny_llama, "--ratio", "0.4", "--out", tmp_path / "o", "--eval-seq-len", "2048",
+            "--eval-max-tokens", "4096")
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert "evaluation.seq_len: 2048 is longer than the model's 1024 positions" in lines[0]
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())

@@ -85,3 +85,5 @@ def test_file_pagination(client, auth):
     assert [f["id"] for f in p1["data"]] == [ids[2], ids[1]] and p1["has_more"]
     p2 = client.get("/v1/files", params={"limit": 2, "after": p1["last_id"]}, headers=auth).json()
     assert [f["id"] for f in p2["data"]] == [ids[0]] and not p2["has_more"]
+    for after in ("garbage", "file_", ids[0][:-1], ids[0].replace("file_", "job_")):
+        assert_problem(client.get("/v1/files", params={"after": after}, headers=auth), 422, "validation_error", "after")

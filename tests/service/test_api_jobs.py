@@ -262,6 +262,20 @@ def test_list_pagination_newest_first(client, auth):
     assert_problem(client.get("/v1/jobs", params={"status": "exploded"}, headers=auth), 422, field="status")
 
 
+@pytest.mark.parametrize("after", ["garbage", "job_", "job_x", "file_01m8tqeengrrm2jrwfp27v",
+                                   "JOB_01M8TQEENGRRM2JRWFP27V", "job_01m8tqeengrrm2jrwfp27",
+                                   "job_01m8tqeengrrm2jrwfp27u"])
+def test_a_malformed_cursor_is_a_422_naming_after(client, auth, after):
+    job_id = client.post("/v1/jobs", json=MINIMAL, headers=auth).json()["id"]
+    for url in ("/v1/jobs", f"/v1/jobs/{job_id}/artifacts"):
+        body = assert_problem(client.get(url, params={"after": after}, headers=auth), 422, "validation_error", "after")
+        assert "last_id" in body["detail"]
+    # a well-formed id of the right kind is a cursor, whether or not it exists
+    assert client.get("/v1/jobs", params={"after": "job_zzzzzzzzzzzzzzzzzzzzzz"}, headers=auth).json()["data"]
+    r = client.get(f"/v1/jobs/{job_id}/artifacts", params={"after": "art_01m8tqeengrrm2jrwfp27v"}, headers=auth)
+    assert r.status_code == 200 and r.json()["data"] == []
+
+
 def test_list_filters_by_status(client, auth):
     a = client.post("/v1/jobs", json=MINIMAL, headers=auth).json()["id"]
     b = client.post("/v1/jobs", json=MINIMAL, headers=auth).json()["id"]
@@ -356,3 +370,87 @@ def test_job_rows_are_committed_before_enqueue(client, auth, app, db, settings):
     app.state.celery = Spy()
     client.post("/v1/jobs", json=MINIMAL, headers=auth)
     assert seen == ["queued"]
+
+
+@pytest.mark.parametrize(("content", "content_type"), [
+    (json.dumps(MINIMAL), "text/plain"),
+    ("model=smollm2-135m&ratio=0.4", "application/x-www-form-urlencoded"),
+    ('--b\r\nContent-Disposition: form-data; name="model"\r\n\r\nx\r\n--b--\r\n', "multipart/form-data; boundary=b"),
+    (json.dumps(MINIMAL), None),
+])
+def test_a_body_that_is_not_json_is_a_415(client, auth, settings, content, content_type):
+    headers = {**auth, **({"content-type": content_type} if content_type else {})}
+    r = client.post("/v1/jobs", content=content.encode(), headers=headers)
+    body = assert_problem(r, 415, "unsupported_media_type")
+    assert "application/json" in body["detail"] and body["expected"] == "application/json"
+    assert queued_messages(settings) == []
+    # the same body as JSON (a charset or a +json subtype too) is accepted
+    for ok in ("application/json; charset=utf-8", "application/merge-patch+json"):
+        r = client.post("/v1/jobs", content=json.dumps(MINIMAL), headers={**auth, "content-type": ok})
+        assert r.status_code == 201, r.text
+
+
+def test_every_json_body_route_parses_strictly_and_documents_415(app):
+    from fastapi.params import Form
+    from fastapi.routing import APIRoute
+
+    from svdforge.api.json_body import JsonRoute
+    from svdforge.api.routes import files, health, jobs
+
+    spec = app.openapi()["paths"]
+    routes = [(r, prefix) for router, prefix in ((jobs.router, "/v1"), (files.router, "/v1"), (health.router, ""))
+              for r in router.routes]
+    bodies = [(r, prefix) for r, prefix in routes if isinstance(r, APIRoute) and r.body_field is not None
+              and not isinstance(r.body_field.field_info, Form)]
+    assert [r.name for r, _ in bodies] == ["create_job"]
+    for route, prefix in bodies:
+        assert isinstance(route, JsonRoute), route.name
+        op = next(iter(spec[prefix + route.path_format][m.lower()] for m in route.methods))
+        assert "application/problem+json" in op["responses"]["415"]["content"]
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    ('{"model": "smollm2-135m", "ratio": NaN}', "NaN is not valid JSON"),
+    ('{"model": "smollm2-135m", "ratio": Infinity}', "Infinity is not valid JSON"),
+    ('{"model": "smollm2-135m", "ratio": 0.4, "evaluation": {"max_tokens": -Infinity}}', "-Infinity is not valid"),
+    ('{"model": "smollm2-135m", "ratio": 0.4, "ratio": 0.9}', 'duplicate key "ratio"'),
+    ('{"model": "smollm2-135m", "ratio": 0.4, "evaluation": {"seq_len": 32, "seq_len": 64}}',
+     'duplicate key "seq_len"'),
+    ('{"model": "smollm2-135m", "ratio": 0.4, "metadata": {"a": "1", "a": "2"}}', 'duplicate key "a"'),
+])
+def test_non_rfc8259_json_is_refused_like_malformed_json(client, auth, settings, raw, message):
+    r = client.post("/v1/jobs", content=raw, headers={**auth, "content-type": "application/json"})
+    body = assert_problem(r, 422, "validation_error", "body")
+    assert message in body["detail"] and body["errors"][0]["type"] == "json_invalid"
+    assert queued_messages(settings) == []
+    # malformed JSON has the same shape, and says where
+    r = client.post("/v1/jobs", content=b'{"model": ', headers={**auth, "content-type": "application/json"})
+    bad = assert_problem(r, 422, "validation_error", "body")
+    assert bad["errors"][0]["type"] == "json_invalid" and "at character 10" in bad["errors"][0]["message"]
+    # NaN inside a string and the same key in two objects are fine
+    ok = '{"model": "smollm2-135m", "ratio": 0.4, "metadata": {"ratio": "NaN"}, "calibration": {"seq_len": 32}, ' \
+         '"evaluation": {"seq_len": 32}}'
+    assert client.post("/v1/jobs", content=ok, headers={**auth, "content-type": "application/json"}).status_code == 201
+
+
+@pytest.mark.parametrize(("patch", "field"), [
+    ({"evaluation": {"seq_len": 2048, "max_tokens": 4096}}, "evaluation.seq_len"),
+    ({"calibration": {"seq_len": 1025}}, "calibration.seq_len"),
+    ({"adapter": {"type": "lora", "data": {"seq_len": 4096}}}, "adapter.data.seq_len"),
+])
+def test_windows_longer_than_a_local_models_positions_are_refused(client, auth, settings, patch, field):
+    d = settings.model_root / "short"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": 1024}))
+    (d / "model.safetensors").write_bytes(b"{}")
+    body = assert_problem(client.post("/v1/jobs", json={**MINIMAL, "model": str(d), **patch}, headers=auth),
+                          422, "validation_error", field)
+    assert "1024 positions" in body["detail"] and "max_position_embeddings" in body["detail"]
+    assert queued_messages(settings) == []
+    # as long as the model allows is fine; a window the disabled evaluation would have used is not checked
+    ok = {**MINIMAL, "model": str(d), "calibration": {"seq_len": 1024},
+          "evaluation": {"enabled": False, "seq_len": 2048, "max_tokens": 4096}}
+    assert client.post("/v1/jobs", json=ok, headers=auth).status_code == 201
+    # a config without max_position_embeddings (GPT-2's n_positions is read too) leaves it to the worker
+    (d / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert client.post("/v1/jobs", json={**MINIMAL, "model": str(d), **patch}, headers=auth).status_code == 201

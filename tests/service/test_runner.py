@@ -388,3 +388,69 @@ def test_s3_storage_through_the_api(tmp_path, monkeypatch):
             keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="forge")["Contents"]]
             assert f"env/prod/artifacts/{job_id}/1/model.safetensors" in keys
         db.dispose()
+
+
+def test_cancel_during_a_long_evaluation_stops_it(tmp_path, tiny_model_root):
+    """A real job on the tiny model whose evaluation has 6250 windows: cancelled once its
+    `evaluate` stage shows, it ends `cancelled` after a small part of them, with no artifacts
+    (the checkpoint uploaded before evaluation goes too)."""
+    from svdforge.worker.runner import default_compress
+
+    from .conftest import fresh_database, make_settings
+
+    settings = make_settings(tmp_path, model_root=tiny_model_root)
+    db = fresh_database(settings)
+    storage = make_storage(settings)
+    job_id = new_job(db, model=str(tiny_model_root / "tiny"), calibration={"source": "builtin", "samples": 4,
+                                                                             "seq_len": 32},
+                     evaluation={"source": "builtin", "seq_len": 32, "max_tokens": 6250 * 32, "throughput": False})
+    fractions: list[float] = []
+
+    def watched(config, out_dir, progress=None, should_cancel=None, **hooks):
+        def seen(event):
+            if event.get("type") == "progress" and event.get("stage") == "evaluate":
+                fractions.append(event["fraction"])
+            progress(event)
+        return default_compress(config, out_dir, progress=seen, should_cancel=should_cancel, **hooks)
+
+    def cancel_at_evaluate():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            with db.begin() as s:
+                job = s.get(Job, job_id)
+                if job.status not in ("queued", "running"):
+                    return
+                if job.status == "running" and job.stage == "evaluate":
+                    transition(s, job, JobStatus.CANCELLING, message="cancel requested")
+                    return
+            time.sleep(0.02)
+
+    t = threading.Thread(target=cancel_at_evaluate)
+    t.start()
+    try:
+        assert runner(db, storage, settings, watched).run(job_id) == "cancelled"
+    finally:
+        t.join()
+    job = job_row(db, job_id)
+    assert job.status == "cancelled" and job.error_code is None
+    assert max(fractions, default=0.0) < 0.9 * 0.5, fractions  # stopped before half of the windows
+    with db.session() as s:
+        assert s.scalars(select(Artifact).where(Artifact.job_id == job_id)).all() == []
+    assert not list((settings.storage_dir / "artifacts").glob(f"{job_id}*/**/*.*"))
+    db.dispose()
+
+
+def test_a_window_longer_than_the_model_fails_the_job_at_its_start(tmp_path, tiny_model_root):
+    """Where the API could not read the model's config (a hub model; here a row written
+    directly), the pipeline refuses the window when the job starts: invalid_input naming it."""
+    from .conftest import fresh_database, make_settings
+
+    settings = make_settings(tmp_path, model_root=tiny_model_root)
+    db = fresh_database(settings)
+    job_id = new_job(db, model=str(tiny_model_root / "tiny"),
+                     evaluation={"source": "builtin", "seq_len": 2048, "max_tokens": 4096})
+    assert JobRunner(db, make_storage(settings), settings).run(job_id) == "failed"
+    job = job_row(db, job_id)
+    assert (job.error_code, job.error_stage) == ("invalid_input", "load")
+    assert job.error_message.startswith("evaluation.seq_len: 2048 is longer than the model's 1024 positions")
+    db.dispose()
