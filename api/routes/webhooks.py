@@ -13,8 +13,9 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from svdforge.api.deps import CurrentKey, SessionDep, SettingsDep
+from svdforge.api.json_body import JsonRoute
 from svdforge.api.problems import ProblemError, field_error
-from svdforge.api.routes.common import After, Limit, list_response, page, problems
+from svdforge.api.routes.common import After, Limit, cursor, list_response, page, problems
 from svdforge.api.schemas import (
     WebhookCreate,
     WebhookCreated,
@@ -29,7 +30,7 @@ from svdforge.persistence.tables import ApiKey, Webhook, WebhookDelivery, utcnow
 from svdforge.persistence.urlguard import UnsafeURL, check_url
 from svdforge.persistence.webhooks import new_secret
 
-router = APIRouter(prefix="/webhooks", tags=["webhooks"])
+router = APIRouter(prefix="/webhooks", tags=["webhooks"], route_class=JsonRoute)
 
 
 def webhook_out(h: Webhook) -> WebhookOut:
@@ -54,7 +55,7 @@ def _owned(session: Session, webhook_id: str, key: ApiKey) -> Webhook:
 @router.post("", status_code=201, operation_id="create_webhook", response_model=WebhookCreated,
              responses={201: {"headers": {"Location": {"description": "URL of the webhook.",
                                                        "schema": {"type": "string"}}}},
-                        **problems(401, 409, 413, 422)},
+                        **problems(400, 401, 409, 413, 415, 422)},
              summary="Register a webhook for your jobs' events",
              description="The response holds the signing secret (`whsec_...`), shown this once. URLs whose host "
                          "resolves to a loopback, private, link-local, multicast, reserved or metadata address "
@@ -81,7 +82,7 @@ def create_webhook(body: WebhookCreate, request: Request, response: Response, se
             summary="List your webhooks, newest first (without their secrets)")
 def list_webhooks(session: SessionDep, key: CurrentKey, after: After = None, limit: Limit = 20) -> WebhookList:
     q = select(Webhook).where(Webhook.owner_id == key.id)
-    if after:
+    if cursor(after, "whk"):
         q = q.where(Webhook.id < after)
     rows, more = page(list(session.scalars(q.order_by(Webhook.id.desc()).limit(limit + 1))), limit)
     return list_response(WebhookList, [webhook_out(h) for h in rows], more)
@@ -115,7 +116,7 @@ def list_webhook_deliveries(
     q = select(WebhookDelivery).where(WebhookDelivery.webhook_id == webhook_id)
     if status is not None:
         q = q.where(WebhookDelivery.status == status)
-    if after:
+    if cursor(after, "msg"):
         q = q.where(WebhookDelivery.id < after)
     rows, more = page(list(session.scalars(q.order_by(WebhookDelivery.id.desc()).limit(limit + 1))), limit)
     return list_response(WebhookDeliveryList, [delivery_out(d) for d in rows], more)

@@ -139,6 +139,19 @@ def test_registration_validates_and_defaults(client, auth):
         assert problem["errors"][0]["field"] == field, (body, problem)
 
 
+def test_bodies_and_cursors_are_checked_as_on_the_other_routes(client, auth):
+    """The webhook routes share the jobs routes' strict JSON and cursors: 415, invalid JSON, a bad `after`."""
+    r = client.post("/v1/webhooks", content=b"url=http://127.0.0.1/", headers={**auth, "Content-Type": "text/plain"})
+    assert "application/json" in assert_problem(r, 415, None)["detail"]
+    r = client.post("/v1/webhooks", content=b'{"url": "http://127.0.0.1/", "url": "http://127.0.0.1/x"}',
+                    headers={**auth, "Content-Type": "application/json"})
+    assert "url" in assert_problem(r, 422, None)["detail"]
+    hook = register(client, auth, "http://127.0.0.1:9/x")
+    for url in ("/v1/webhooks", f"/v1/webhooks/{hook['id']}/deliveries"):
+        assert_problem(client.get(url, params={"after": "garbage"}, headers=auth), 422, "validation_error", "after")
+    assert client.get("/v1/webhooks", params={"after": "whk_zzzzzzzzzzzzzzzzzzzzzz"}, headers=auth).json()["data"]
+
+
 @pytest.mark.parametrize("url", [
     "http://127.0.0.1/hook", "http://localhost:8080/hook", "http://[::1]/hook", "https://127.1/hook",
     "http://2130706433/hook", "http://10.1.2.3/hook", "http://172.16.0.1/hook", "http://192.168.0.10/hook",
