@@ -34,9 +34,7 @@ def get_runner() -> JobRunner:
 
 @celery_app.task(name=RUN_JOB, acks_late=True, ignore_result=True)
 def run_job(job_id: str) -> str:
-    status = get_runner().run(job_id)
-    log.info("job %s: %s", job_id, status)
-    return status
+    return get_runner().run(job_id)  # which logs the job's end, with its id
 
 
 @lru_cache(maxsize=1)
