@@ -65,6 +65,7 @@ class RouteTemplates:
     def __init__(self, app: FastAPI) -> None:
         self.app = app
         self._table: list[tuple[re.Pattern, str]] | None = None
+        self._by_route: dict[int, tuple[re.Pattern, str]] = {}  # routes live as long as the app
 
     def _build(self) -> list[tuple[re.Pattern, str]]:
         table: dict[str, re.Pattern] = {t: compile_path(t)[0] for t in (self.app.openapi().get("paths") or {})}
@@ -74,11 +75,19 @@ class RouteTemplates:
                 table.setdefault(fmt, regex)
         return sorted(((regex, t) for t, regex in table.items()), key=lambda e: (e[1].count("{"), -len(e[1])))
 
-    def __call__(self, path: str) -> str:
+    def __call__(self, path: str, route: object = None) -> str:
+        """The template for `path`; `route`, the route object that served it, if any, makes
+        it one regex match once that route has been seen (verified: a route included twice,
+        under two prefixes, falls back to the table)."""
         if self._table is None:
             self._table = self._build()
+        known = self._by_route.get(id(route)) if route is not None else None
+        if known is not None and known[0].match(path):
+            return known[1]
         for regex, template in self._table:
             if regex.match(path):
+                if route is not None:
+                    self._by_route[id(route)] = (regex, template)
                 return template
         return "unmatched"
 
@@ -86,6 +95,7 @@ class RouteTemplates:
 class ObserveMiddleware:
     def __init__(self, app: ASGIApp, routes: RouteTemplates, histogram: Histogram | None, access_log: bool) -> None:
         self.app, self.route_of, self.histogram, self.access_log = app, routes, histogram, access_log
+        self._series: dict[tuple[str, str, int], object] = {}  # the histogram's children, by labels
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -111,17 +121,23 @@ class ObserveMiddleware:
 
     def _record(self, scope: Scope, status: int, seconds: float, fields: dict) -> None:
         method = scope["method"] if scope["method"] in METHODS else "other"
-        route = self.route_of(scope["path"])
+        route = self.route_of(scope["path"], scope.get("route"))
         if self.histogram is not None:
-            self.histogram.labels(method, route, str(status)).observe(seconds)
+            key = (method, route, status)
+            child = self._series.get(key)
+            if child is None:
+                child = self._series[key] = self.histogram.labels(method, route, str(status))
+            child.observe(seconds)
         if self.access_log:
             job_id = (scope.get("path_params") or {}).get("job_id")
             if job_id is not None and "job_id" not in fields:
                 fields["job_id"] = job_id
             level = logging.DEBUG if scope["path"] in QUIET else logging.INFO
-            access.log(level, "%s %s %s", method, scope["path"], status,
-                       extra={"method": method, "route": route, "status": status,
-                              "duration_ms": round(seconds * 1000, 2)})
+            if access.isEnabledFor(level):  # the record made directly: no caller lookup (a third of the cost)
+                access.handle(access.makeRecord(
+                    access.name, level, __file__, 0, "%s %s %s", (method, scope["path"], status), None,
+                    extra={"method": method, "route": route, "status": status,
+                           "duration_ms": round(seconds * 1000, 2)}))
 
 
 def build_registry(app: FastAPI) -> tuple[CollectorRegistry, Histogram]:
