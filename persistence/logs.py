@@ -71,6 +71,16 @@ def redact(text: str) -> str:
     return SECRET.sub(MASK, text) if ("svdf_" in text or "earer" in text) else text
 
 
+def _field(value: Any) -> Any:
+    """A record's extra field as JSON: numbers as they are, structures as structures, the rest
+    as (masked) text. Masking never touches quotes or brackets, so masked JSON stays JSON."""
+    if isinstance(value, (int, float, bool)) or value is None:
+        return value
+    if isinstance(value, (dict, list, tuple)):
+        return json.loads(redact(json.dumps(value, default=str)))
+    return redact(str(value))
+
+
 class JsonFormatter(logging.Formatter):
     """`{"ts", "level", "logger", "message", <scope and extra fields>, "exc_info"?}`, one line."""
 
@@ -80,7 +90,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(), "logger": record.name, "message": redact(record.getMessage())}
         for key, value in vars(record).items():
             if key not in _STANDARD and not key.startswith("_"):
-                out[key] = value if isinstance(value, (int, float, bool)) or value is None else redact(str(value))
+                out[key] = _field(value)
         if record.exc_info:
             out["exc_info"] = redact(self.formatException(record.exc_info))
         if record.stack_info:

@@ -289,10 +289,12 @@ def test_formatters_carry_the_scope_and_mask_keys(capsys):
     try:
         configure_logging("json", "INFO")
         with log_context(job_id="job_1", request_id="r1"):
-            log.info("using svdf_%s", "A" * 43, extra={"header": "Bearer abc.def"})
+            log.info("using svdf_%s", "A" * 43, extra={"header": "Bearer abc.def",
+                                                        "data": {"n": 2, "keys": ["svdf_" + "B" * 43]}})
         rec = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
         assert rec["job_id"] == "job_1" and rec["request_id"] == "r1"
         assert rec["message"] == "using [redacted]" and rec["header"] == "[redacted]"
+        assert rec["data"] == {"n": 2, "keys": ["[redacted]"]}  # a structure stays one
         configure_logging("text", "INFO")
         with log_context(job_id="job_2"):
             log.warning("hello")
@@ -301,3 +303,26 @@ def test_formatters_carry_the_scope_and_mask_keys(capsys):
         assert JsonFormatter().format(logging.makeLogRecord({"msg": "plain"})).startswith('{"ts": ')
     finally:
         configure_logging("json", "INFO")
+
+
+def test_the_monitor_thread_logs_in_the_jobs_scope(settings, capsys):
+    """The worker's monitor thread (heartbeat) runs in the job's scope: its lines carry the id."""
+    import time
+
+    from svdforge.worker.runner import JobMonitor
+
+    class DatabaseDown:
+        def begin(self):
+            raise OSError("database down")
+
+    configure_logging("json", "INFO")
+    with log_context(job_id="job_monitored"):
+        monitor = JobMonitor(DatabaseDown(), "job_monitored", settings, attempt=1)
+    monitor.start()  # outside the scope: the thread took the context it was built in
+    err, deadline = "", time.monotonic() + 30
+    while "progress write failed" not in err and time.monotonic() < deadline:
+        time.sleep(0.05)
+        err += capsys.readouterr().err
+    monitor.stop()
+    failed = [json.loads(line) for line in err.splitlines() if "progress write failed" in line]
+    assert failed and all(rec["job_id"] == "job_monitored" and "exc_info" in rec for rec in failed)
