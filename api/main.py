@@ -11,12 +11,13 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 
-from svdforge.api import openapi, problems, ui
+from svdforge.api import observe, openapi, problems, ui
 from svdforge.api.deps import reject_unknown_query
 from svdforge.api.limits import BodyLimitMiddleware, KeyBeforeBodyMiddleware
 from svdforge.api.routes import files, health, jobs, webhooks
 from svdforge.persistence.db import Database
 from svdforge.persistence.jobs import API_PREFIX
+from svdforge.persistence.logs import configure_logging
 from svdforge.persistence.queue import make_celery
 from svdforge.persistence.settings import Settings, get_settings
 from svdforge.persistence.storage import make_storage
@@ -33,6 +34,7 @@ TAGS = [
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     settings.ensure_dirs()
+    configure_logging(settings.log_format, settings.log_level)
     db = Database(settings)
 
     @asynccontextmanager
@@ -42,9 +44,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # instead of ~100 ms, a pause every request in flight used to wait for (p99 latency,
         # bench/api_load.py). Shutdown hands them back, for processes that build many apps.
         gc.freeze()
+        metrics_server = observe.start_port(app)
         try:
             yield
         finally:
+            observe.stop_port(metrics_server)
             gc.unfreeze()
             db.dispose()
 
@@ -56,6 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.storage = make_storage(settings)
     app.state.celery = make_celery(settings)
     problems.install(app)
+    observe.install(app, settings)  # request ids, access lines, /metrics: around everything below
     # inner: runs after the size check, which needs no database
     app.add_middleware(KeyBeforeBodyMiddleware, prefix=f"{API_PREFIX}/")
     app.add_middleware(BodyLimitMiddleware, default_limit=1024 * 1024,

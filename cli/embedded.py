@@ -26,6 +26,7 @@ from svdforge.persistence import migrate
 from svdforge.persistence.db import Database
 from svdforge.persistence.jobs import artifact_prefix, recover_orphans
 from svdforge.persistence.keys import create_key, find_key
+from svdforge.persistence.logs import configure_logging
 from svdforge.persistence.queue import QUEUE
 from svdforge.persistence.settings import Settings
 from svdforge.persistence.storage import make_storage
@@ -139,6 +140,7 @@ def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8000, log_lev
 
     from svdforge.api.main import create_app
 
+    configure_logging(settings.log_format, settings.log_level)  # the worker child does the same (worker/app.py)
     with data_dir_lock(settings):
         db, key_file, created = prepare(settings)
         with db.session() as s:
@@ -154,6 +156,7 @@ def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8000, log_lev
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
         try:
             print(f"svdforge: API on http://{host}:{port} (docs at /docs), worker pid {worker.pid}", flush=True)
-            uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, access_log=False)
+            uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, access_log=False,
+                        log_config=None)  # svdforge's handler (persistence/logs.py), not uvicorn's
         finally:
             stop_worker(worker)

@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -76,6 +76,20 @@ class Settings(BaseSettings):
     webhooks_poll_s: float = Field(1.0, gt=0.0)
     webhooks_max_per_key: int = Field(20, ge=1)
 
+    # Operations (README "Operations"). Logs: one line per record on stderr, JSON objects
+    # (`ts`, `level`, `logger`, `message`, `job_id`, `request_id`, ...) or text for a terminal.
+    log_format: Literal["json", "text"] = "json"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    access_log: bool = True  # one API line per request (health probes and /metrics at DEBUG)
+    # Metrics: GET /metrics in the Prometheus text format (false: 404). It needs no API key:
+    # expose it on the operators' network only, or set metrics_token, or give it its own port.
+    metrics_enabled: bool = True
+    # Serve the metrics on this port (prometheus_client's HTTP server, in the API process) and
+    # not on the API's; 0 picks a free one. One API process per port (uvicorn --workers 1).
+    metrics_port: int | None = Field(None, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"  # the address metrics_port binds (0.0.0.0 in a container)
+    metrics_token: SecretStr | None = None  # /metrics on the API port then wants `Authorization: Bearer <token>`
+
     @model_validator(mode="after")
     def _fill_paths(self) -> Settings:
         # absolute, so that the worker process and every cwd agree on the same files
@@ -89,6 +103,9 @@ class Settings(BaseSettings):
             raise ValueError("SVDFORGE_LEASE_S must be at least twice SVDFORGE_PROGRESS_INTERVAL_S (the heartbeat)")
         if any(d < 0 for d in self.webhooks_retry_schedule_s):
             raise ValueError("SVDFORGE_WEBHOOKS_RETRY_SCHEDULE_S: delays must be >= 0 seconds")
+        if self.metrics_token is not None and self.metrics_port is not None:
+            raise ValueError("SVDFORGE_METRICS_TOKEN guards /metrics on the API port; the separate "
+                             "SVDFORGE_METRICS_PORT is guarded by its bind address (SVDFORGE_METRICS_HOST): set one")
         if self.storage == "s3" and not self.s3_bucket:
             raise ValueError("SVDFORGE_S3_BUCKET is required when SVDFORGE_STORAGE=s3")
         return self
@@ -134,6 +151,8 @@ class Settings(BaseSettings):
         for name, value in self.model_dump().items():
             if value is None:
                 continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
             env[f"SVDFORGE_{name.upper()}"] = str(value)
         return env
 

@@ -43,7 +43,7 @@ class Reaper:
             try:
                 self.storage.delete_prefix(artifact_prefix(job_id))
             except StorageError:
-                log.exception("job %s: could not delete its files", job_id)
+                log.exception("job %s: could not delete its files", job_id, extra={"job_id": job_id})
         with self.db.begin() as s:
             due = claim_sends(s, now=now, grace_s=self.settings.enqueue_grace_s,
                               resend_after_s=self.settings.resend_after_s)
@@ -52,7 +52,7 @@ class Reaper:
             try:
                 self.send(job_id)
             except Exception as e:  # noqa: BLE001 - the broker is down: the next sweep tries again
-                log.warning("job %s: could not send its queue message: %s", job_id, e)
+                log.warning("job %s: could not send its queue message: %s", job_id, e, extra={"job_id": job_id})
                 failed.append(job_id)
         if failed:
             with self.db.begin() as s:

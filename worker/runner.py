@@ -19,6 +19,7 @@ keeps nothing.
 """
 from __future__ import annotations
 
+import contextvars
 import functools
 import hashlib
 import json
@@ -43,6 +44,7 @@ from svdforge.core.errors import Cancelled, NumericalError, UserError
 from svdforge.persistence.db import Database
 from svdforge.persistence.ids import new_id
 from svdforge.persistence.jobs import add_event, artifact_prefix
+from svdforge.persistence.logs import bind, log_context
 from svdforge.persistence.settings import Settings
 from svdforge.persistence.state import ACTIVE, JobError, JobStatus, Stage, StaleTransition, transition
 from svdforge.persistence.storage import Storage, StorageError
@@ -119,7 +121,9 @@ class JobMonitor:
         self.lease_lost = False  # the lease could not be renewed in time: stop before another worker may start
         self._renewed_at = time.monotonic()  # the claim set the first lease
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=f"monitor-{job_id}", daemon=True)
+        # run in a copy of the creator's context: its log lines carry the job's id (persistence.logs)
+        self._thread = threading.Thread(target=contextvars.copy_context().run, args=(self._loop,),
+                                        name=f"monitor-{job_id}", daemon=True)
 
     # --- called by the pipeline (compute thread) ---------------------------------------
     def __call__(self, event: dict[str, Any]) -> None:
@@ -275,11 +279,22 @@ class JobRunner:
         self.stopping = threading.Event()
 
     def run(self, job_id: str) -> str:
-        """Run the job if it is ours to run; return its final status (or `skipped`)."""
+        """Run the job if it is ours to run; return its final status (or `skipped`).
+
+        Every log line meanwhile, in this thread or the monitor's, carries `job_id` (and
+        `attempt` once claimed)."""
+        with log_context(job_id=job_id):
+            status = self._run(job_id)
+            log.info("job %s", status, extra={"status": status})
+            return status
+
+    def _run(self, job_id: str) -> str:
         claimed = self._claim(job_id)
         if claimed is None:
             return "skipped"
         request, attempt, checkpoint = claimed
+        bind(attempt=attempt)
+        log.info("job running on %s (attempt %s)", self.worker_id, attempt)
         work = self.settings.work_dir / job_id
         shutil.rmtree(work, ignore_errors=True)
         out_dir = work / "out"

@@ -6,11 +6,13 @@ when Celery imports this module.
 from __future__ import annotations
 
 import logging
+from contextlib import ExitStack
 from functools import lru_cache
 
-from celery.signals import worker_ready, worker_shutting_down
+from celery.signals import task_postrun, task_prerun, worker_ready, worker_shutting_down
 
 from svdforge.persistence.db import Database
+from svdforge.persistence.logs import log_context
 from svdforge.persistence.queue import RUN_JOB, enqueue
 from svdforge.persistence.settings import get_settings
 from svdforge.persistence.storage import make_storage
@@ -35,9 +37,26 @@ def get_runner() -> JobRunner:
 
 @celery_app.task(name=RUN_JOB, acks_late=True, ignore_result=True)
 def run_job(job_id: str) -> str:
-    status = get_runner().run(job_id)
-    log.info("job %s: %s", job_id, status)
-    return status
+    return get_runner().run(job_id)  # which logs the job's end, with its id
+
+
+_scopes: dict[str, ExitStack] = {}  # task id -> the log scope of its job, open while Celery traces it
+
+
+@task_prerun.connect
+def _open_job_scope(task_id=None, task=None, args=(), **_kwargs) -> None:
+    """Celery's own lines about the task (its outcome and time) carry the job's id too."""
+    if getattr(task, "name", None) == RUN_JOB and args:
+        stack = ExitStack()
+        stack.enter_context(log_context(job_id=str(args[0])))
+        _scopes[task_id] = stack
+
+
+@task_postrun.connect
+def _close_job_scope(task_id=None, **_kwargs) -> None:
+    stack = _scopes.pop(task_id, None)
+    if stack is not None:
+        stack.close()
 
 
 @lru_cache(maxsize=1)

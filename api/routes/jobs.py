@@ -30,6 +30,7 @@ from svdforge.api.routes.common import (
 from svdforge.api.schemas import ArtifactList, ArtifactOut, JobCreate, JobEventList, JobList, JobOut, JobReport
 from svdforge.core import architectures
 from svdforge.persistence import jobs as jobs_repo
+from svdforge.persistence.logs import bind
 from svdforge.persistence.modelref import ModelRefError, check_hub_name, check_model_ref, local_config
 from svdforge.persistence.queue import enqueue
 from svdforge.persistence.settings import Settings
@@ -48,6 +49,7 @@ def _owned_job(session: Session, job_id: str, key: ApiKey) -> Job:
     job = jobs_repo.get_owned_job(session, job_id, key.id)
     if job is None:
         raise ProblemError(404, "not_found", f"no job {job_id}")
+    bind(job_id=job.id)  # the request's later log lines (its access line too) name the job
     return job
 
 
@@ -90,6 +92,7 @@ def _check_positions(body: JobCreate, model_config: dict) -> None:
 
 def _enqueue(celery, session: Session, job: Job) -> None:
     """Send the job id (its row is committed); if the queue is down the job waits, it is not lost."""
+    bind(job_id=job.id)
     try:
         enqueue(celery, job.id)
     except Exception as e:  # noqa: BLE001 - any broker failure: the recovery sweep will enqueue it
@@ -108,6 +111,7 @@ def _created(job: Job, request: Request, response: Response, replayed: bool = Fa
 
 def _replay(existing: Job, payload: dict, celery, session: Session, request: Request,
             response: Response) -> JobOut:
+    bind(job_id=existing.id)
     if existing.request_hash != jobs_repo.request_hash(payload):
         raise ProblemError(422, "idempotency_key_reused",
                            "this Idempotency-Key was used with a different request body", job_id=existing.id)
@@ -141,6 +145,8 @@ def create_job(body: JobCreate, request: Request, response: Response, session: S
         if idempotency_key is None or existing is None:
             raise
         return _replay(existing, payload, celery, session, request, response)
+    bind(job_id=job.id)
+    log.info("job created: %s", job.model)
     _enqueue(celery, session, job)
     return _created(job, request, response)
 
@@ -181,6 +187,7 @@ def cancel_job(job_id: str, session: SessionDep, key: CurrentKey) -> JobOut:
         try:
             transition(session, job, target, message="cancel requested")
             session.commit()
+            log.info("cancel requested: %s", target.value)
             return job_out(job)
         except StaleTransition:  # the worker moved it meanwhile: look again
             session.rollback()

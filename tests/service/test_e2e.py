@@ -125,6 +125,15 @@ def test_real_job_through_celery_and_download(server, tmp_path):
     # the work folder is gone; the artifacts are in the store under the job's attempt
     assert not (server["data"] / "work" / job["id"]).exists()
     assert (server["data"] / "storage" / "artifacts" / job["id"] / "1" / "model.safetensors").is_file()
+    # operations: the API and the worker process log JSON lines (the worker's carry the job's
+    # id, Celery's own go through the same handler), and /metrics counts the job
+    records = [json.loads(line) for line in server["log"].read_text().splitlines() if line.startswith("{")]
+    mine = [rec for rec in records if rec["logger"] == "svdforge.worker" and rec.get("job_id") == job["id"]]
+    assert "job succeeded" in {rec["message"] for rec in mine}, records[-20:]
+    assert any(rec["logger"] == "celery.app.trace" and rec.get("job_id") == job["id"] for rec in records), \
+        records[-20:]  # Celery's own line about the task, through the same handler, in the job's scope
+    assert any(rec["logger"] == "svdforge.api" and rec.get("job_id") == job["id"] for rec in records)
+    assert 'svdforge_jobs{status="succeeded"}' in client.get("/metrics").text
 
 
 def sse_events(client: httpx.Client, job_id: str, **headers: str) -> list[dict]:
