@@ -42,24 +42,32 @@ def layer_params(h: int, inter: int, heads: int, kv_heads: int) -> int:
 
 
 def write_checkpoint(path: Path, hidden: int, inter: int, layers: int, heads: int, kv_heads: int,
-                     seed: int = 0, shard_bytes: int = 2 * 10**9) -> int:
-    """A random Llama checkpoint (fp32), written shard by shard. Returns bytes on disk."""
+                     seed: int = 0, shard_bytes: int = 2 * 10**9, *, tokenizer=None, vocab: int | None = None,
+                     dtype: str = "float32", device: str = "cpu") -> int:
+    """A random Llama checkpoint, written shard by shard. Returns bytes on disk.
+
+    `tokenizer` defaults to the 512-token BPE of `svdforge.core.testing` (trained on the builtin
+    corpus); `vocab` (>= the tokenizer's) sizes the embeddings and head; `dtype` float32 or
+    float16; `device` where the random numbers are drawn (cuda: seconds for a 7B checkpoint)."""
     import torch
     from safetensors.torch import save_file
     from transformers import LlamaConfig
 
-    from svdforge.core.testing import tiny_tokenizer
-
     path.mkdir(parents=True, exist_ok=True)
-    tok = tiny_tokenizer()
-    vocab = len(tok)
+    if tokenizer is None:
+        from svdforge.core.testing import tiny_tokenizer
+
+        tokenizer = tiny_tokenizer()
+    tok = tokenizer
+    vocab = max(vocab or 0, len(tok))
+    tdt = getattr(torch, dtype)
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                       num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
                       tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    cfg.dtype = "float32"
+    cfg.dtype = dtype
     cfg.save_pretrained(path)
     tok.save_pretrained(path)
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)
     hd = hidden // heads
 
     def tensors():
@@ -89,10 +97,10 @@ def write_checkpoint(path: Path, hidden: int, inter: int, layers: int, heads: in
 
     for name, shape in tensors():
         if len(shape) == 1:
-            t = torch.ones(shape)
+            t = torch.ones(shape, dtype=tdt)
         else:   # std 1/sqrt(fan_in) x 0.5: activations stay O(1) through hundreds of layers
-            t = torch.randn(shape, generator=g).mul_(0.5 / shape[1] ** 0.5)
-        nb = t.numel() * 4
+            t = torch.randn(shape, generator=g, device=device).mul_(0.5 / shape[1] ** 0.5).to("cpu", tdt)
+        nb = t.numel() * t.element_size()
         if pending and pending_bytes + nb > shard_bytes:
             flush()
         pending[name] = t
@@ -118,6 +126,8 @@ def child(model: str, out: str, samples: int, seq_len: int, threads: int) -> Non
     from svdforge.core import CompressConfig, DataSpec, EvalConfig, compress
 
     stamps: list[tuple[int, float]] = []
+    hwm: list[float] = []     # VmHWM (GiB) after each layer
+    svd_start: list[float] = []   # when the layer loop starts: layer 0's time is its first stamp minus this
     t0 = time.perf_counter()
 
     def hwm_gib() -> float:
@@ -125,14 +135,16 @@ def child(model: str, out: str, samples: int, seq_len: int, threads: int) -> Non
                         if ln.startswith("VmHWM"))) / 2**20
 
     def progress(ev):
+        if ev.get("type") == "stage_started" and ev.get("stage") == "svd":
+            svd_start.append(time.perf_counter())
         if ev.get("type") in ("stage_started", "stage_finished"):
             print(f"[{ev['type']} {ev.get('stage')}] {time.perf_counter() - t0:.0f} s, peak RSS so far "
                   f"{hwm_gib():.2f} GiB", flush=True)
         if ev.get("type") == "progress" and ev.get("stage") == "svd" and "layer" in ev:
             stamps.append((ev["layer"], time.perf_counter()))
-            if ev["layer"] % 100 == 0:   # a trace that shows the curve while a long run goes on
-                print(f"[layer {ev['layer']}] {time.perf_counter() - t0:.0f} s, peak RSS so far {hwm_gib():.2f} GiB",
-                      flush=True)
+            hwm.append(hwm_gib())
+            print(f"[layer {ev['layer']} done] {time.perf_counter() - t0:.0f} s, peak RSS so far {hwm[-1]:.2f} GiB",
+                  flush=True)
 
     t0 = time.perf_counter()
     cfg = CompressConfig(model=model, ratio=0.4, calibration=DataSpec(samples=samples, seq_len=seq_len),
@@ -146,6 +158,8 @@ def child(model: str, out: str, samples: int, seq_len: int, threads: int) -> Non
         "total_s": total, "layer_median_s": q(0.5), "layer_p10_s": q(0.1), "layer_p90_s": q(0.9),
         "first_layer_s": stamps[0][1] - t0 if stamps else None, "timings_s": r["timings_s"],
         "peak_rss_bytes": int(hwm_gib() * 2**30), "peak_rss_self": r["peak_rss_bytes"],
+        "layer_s": [b - a for a, b in zip(svd_start[:1] + [t for _, t in stamps], [t for _, t in stamps])],
+        "hwm_after_layer_gib": hwm,
         "streaming": r.get("streaming"), "params": r["params"], "out_bytes": r["bytes"]["compressed"],
         "device": r["device"], "threads": torch.get_num_threads()}), flush=True)
 
@@ -315,6 +329,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--layers", type=int, nargs="+",
+                    help="layer counts at the given width instead of --sizes (the real-width series)")
     ap.add_argument("--keep", action="store_true", help="keep checkpoints and artifacts")
     ap.add_argument("--extrapolate", action="store_true", help="only rewrite the extrapolation table")
     ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
@@ -342,9 +358,11 @@ def main() -> None:
             "ram_gib": psutil.virtual_memory().total / GiB, "samples": a.samples, "seq_len": a.seq_len}
     per_layer = layer_params(a.hidden, a.intermediate, a.heads, a.kv_heads) * 4
     rows = []
-    for size in a.sizes:
-        layers = max(1, round(size * GiB / per_layer))
-        d, o = base / f"llama-{size}g", base / f"llama-{size}g-out"
+    plan = [(n * per_layer / GiB, n) for n in a.layers] if a.layers else \
+        [(size, max(1, round(size * GiB / per_layer))) for size in a.sizes]
+    for size, layers in plan:
+        tag = f"h{a.hidden}-{layers}l" if a.layers else f"{size}g"
+        d, o = base / f"llama-{tag}", base / f"llama-{tag}-out"
         shutil.rmtree(o, ignore_errors=True)
         t0 = time.perf_counter()
         if _same_checkpoint(d, a.hidden, a.intermediate, layers):   # left by an interrupted run
@@ -362,7 +380,8 @@ def main() -> None:
         if not a.keep:
             shutil.rmtree(o, ignore_errors=True)
         row = {"target_gib": size, "disk_bytes": disk, "hidden": a.hidden, "intermediate": a.intermediate,
-               "layers": layers, "heads": a.heads, "kv_heads": a.kv_heads, "generate_s": t_gen, **res}
+               "layers": layers, "heads": a.heads, "kv_heads": a.kv_heads, "generate_s": t_gen,
+               "samples": a.samples, "seq_len": a.seq_len, "series": "real-width" if a.layers else "depth", **res}
         rows.append(row)
         write_docs([row], meta)
         print(f"[scale] peak RSS {fmt_gib(row['peak_rss_bytes'])} GiB, total {row['total_s']:.0f} s, "
