@@ -213,29 +213,106 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_docs(new_rows: list[dict], meta: dict) -> list[dict]:
-    """Merge rows into docs/scale.json by (hidden, intermediate, layers); rewrite the table."""
+def _replace_block(text: str, name: str, block: str) -> str:
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    if begin not in text:
+        return text + "\n" + block + "\n"
+    pre, rest = text.split(begin, 1)
+    return pre + block + rest.split(end, 1)[1]
+
+
+def write_docs(new_rows: list[dict], meta: dict, series: str = "depth") -> list[dict]:
+    """Merge rows into docs/scale.json by (hidden, intermediate, layers); rewrite both tables.
+    `meta` describes the runs of `series` (depth: the narrow curve; real-width: 7B-wide layers)."""
     DOCS.mkdir(exist_ok=True)
     path = DOCS / "scale.json"
-    old = json.loads(path.read_text())["rows"] if path.is_file() else []
+    data = json.loads(path.read_text()) if path.is_file() else {}
     key = lambda r: (r["hidden"], r["intermediate"], r["layers"])  # noqa: E731 - a one-line sort key
-    merged = {key(r): r for r in old}
+    merged = {key(r): r for r in data.get("rows", [])}
     merged.update({key(r): r for r in new_rows})
     rows = sorted(merged.values(), key=lambda r: r["disk_bytes"])
-    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    data["rows"] = rows
+    if series != "depth" and "rates" not in meta and "rates" in data.get("meta_real_width", {}):
+        meta = {**meta, "rates": data["meta_real_width"]["rates"]}   # until this series measures its own
+    data["meta" if series == "depth" else "meta_real_width"] = meta
+    path.write_text(json.dumps(data, indent=2))
     md = DOCS / "scale.md"
-    block = (f"<!-- scale:begin -->\n{table(rows)}\n\n"
-             f"Measured {meta['date']} on {meta['cpu']} ({meta['ram_gib']:.0f} GiB RAM, 2 cores "
-             f"shared with other jobs: timings are noisy), calibration {meta['samples']} x {meta['seq_len']} "
-             f"tokens, ratio 0.4, svd-llm, sequential, evaluation off.\n<!-- scale:end -->")
-    if md.is_file() and "<!-- scale:begin -->" in md.read_text():
-        text = md.read_text()
-        pre, rest = text.split("<!-- scale:begin -->", 1)
-        post = rest.split("<!-- scale:end -->", 1)[1]
-        md.write_text(pre + block + post)
-    else:
-        md.write_text(f"# Scaling\n\n{block}\n")
+    text = md.read_text() if md.is_file() else "# Scaling\n"
+    depth = [r for r in rows if r.get("series", "depth") == "depth"]
+    if depth and data.get("meta"):
+        m = data["meta"]
+        text = _replace_block(text, "scale", (
+            f"<!-- scale:begin -->\n{table(depth)}\n\n"
+            f"Measured {m['date']} on {m['cpu']} ({m['ram_gib']:.0f} GiB RAM, 2 cores "
+            f"shared with other jobs: timings are noisy), calibration {m['samples']} x {m['seq_len']} "
+            f"tokens, ratio 0.4, svd-llm, sequential, evaluation off.\n<!-- scale:end -->"))
+    wide = [r for r in rows if r.get("series") == "real-width"]
+    if wide and "rates" in data.get("meta_real_width", {}):
+        text = _replace_block(text, "scale-width", (
+            f"<!-- scale-width:begin -->\n{width_table(wide, data['meta_real_width'], depth)}\n"
+            "<!-- scale-width:end -->"))
+    md.write_text(text)
     return rows
+
+
+def predicted(r: dict, rates: dict, r0: float) -> dict:
+    """The formula's peak RSS and per-layer time for one measured row (CPU: activations in RAM)."""
+    t = layer_terms(r["hidden"], r["intermediate"], r["heads"], r["kv_heads"], tokens=r["samples"] * r["seq_len"],
+                    seq=r["seq_len"], batch=8)
+    f = t["flops"]
+    times = {"forward bf16": f["forward bf16"] / rates["bf16"], "Grams fp32": f["Grams fp32"] / rates["fp32"],
+             "fp64 GEMM": f["fp64 GEMM"] / rates["fp64"], "eigh fp64": f["eigh fp64"] / rates["eigh"]}
+    return {"rss": r0 + sum(t["mem"].values()) + t["act"], "mem": t["mem"], "layer_s": sum(times.values()),
+            "times": times}
+
+
+def width_table(rows: list[dict], meta: dict, depth: list[dict]) -> str:
+    """Measured real-width rows beside the formula's predictions (docs/scale.md)."""
+    r0 = min(r["peak_rss_bytes"] for r in depth) if depth else 0.9 * GiB
+    rates = meta["rates"]
+    head = ("| hidden / intermediate | layers | checkpoint (GiB) | peak RSS measured (GiB) | formula (GiB) | "
+            "per layer measured, median (s) | formula at the measured rates (s) | measured / formula | total (s) |")
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        pr = predicted(r, rates, r0)
+        lines.append(f"| {r['hidden']} / {r['intermediate']} | {r['layers']} | {fmt_gib(r['disk_bytes'])} | "
+                     f"{fmt_gib(r['peak_rss_bytes'])} | {fmt_gib(pr['rss'])} | {r['layer_median_s']:.0f} | "
+                     f"{pr['layer_s']:.0f} | {r['layer_median_s'] / pr['layer_s']:.2f} | {r['total_s']:.0f} |")
+    pr = predicted(rows[0], rates, r0)
+    terms = ", ".join(f"{k} {v:.0f} s" for k, v in pr["times"].items())
+    mem = ", ".join(f"{k} {v / GiB:.2f}" for k, v in pr["mem"].items())
+    rate_s = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in rates.items() if k != "disk")
+    return "\n".join(lines) + (
+        f"\n\nMeasured {meta['date']} on {meta['cpu']}, {meta['threads']} threads under `nice -n 10` on 2 cores "
+        f"shared with other jobs, calibration {rows[0]['samples']} x {rows[0]['seq_len']} tokens, ratio 0.4, "
+        f"svd-llm, sequential, fp32 checkpoint, 512-token vocabulary, evaluation off. Rates (GFLOPS, measured "
+        f"right after the runs with the same threads and niceness: {meta.get('rates_note', '')}): {rate_s}. "
+        f"The formula's time per layer: {terms}. Its memory terms (GiB): {mem}; R0 = {r0 / GiB:.2f} GiB "
+        f"(the narrow curve's smallest peak).")
+
+
+def measure_rates(threads: int, n: int = 4096) -> dict:
+    """Effective CPU rates (FLOP/s) of the formula's four kinds of work, at the given threads:
+    bf16 / fp32 / fp64 GEMM (2n x n times n x n) and fp64 eigh (counted as 9 n^3)."""
+    import torch
+
+    torch.set_num_threads(threads)
+
+    def timed(fn, reps):
+        fn()
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - t) / reps
+
+    out = {}
+    for name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32), ("fp64", torch.float64)):
+        a, b = torch.randn(2 * n, n, dtype=dt), torch.randn(n, n, dtype=dt)
+        out[name] = 4 * n ** 3 / timed(lambda a=a, b=b: a @ b, 2)
+    g = torch.randn(n, n, dtype=torch.float64)
+    g = g @ g.T
+    out["eigh"] = 9 * n ** 3 / timed(lambda: torch.linalg.eigh(g), 1)
+    return out
 
 
 # ----------------------------------------------------------------------------- extrapolation
@@ -333,10 +410,19 @@ def main() -> None:
                     help="layer counts at the given width instead of --sizes (the real-width series)")
     ap.add_argument("--keep", action="store_true", help="keep checkpoints and artifacts")
     ap.add_argument("--extrapolate", action="store_true", help="only rewrite the extrapolation table")
+    ap.add_argument("--rates", action="store_true",
+                    help="only measure the CPU rates (at --threads) and rewrite the real-width table")
     ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.extrapolate:
         write_extrapolation()
+        return
+    if a.rates:
+        data = json.loads((DOCS / "scale.json").read_text())
+        meta = {**data["meta_real_width"], "rates": measure_rates(a.threads), "threads": a.threads,
+                "rates_date": time.strftime("%Y-%m-%d %H:%M")}
+        print(json.dumps(meta["rates"]))
+        write_docs([], meta, "real-width")
         return
     if a.child:
         m, o, s, L, t = a.child
@@ -383,10 +469,14 @@ def main() -> None:
                "layers": layers, "heads": a.heads, "kv_heads": a.kv_heads, "generate_s": t_gen,
                "samples": a.samples, "seq_len": a.seq_len, "series": "real-width" if a.layers else "depth", **res}
         rows.append(row)
-        write_docs([row], meta)
+        write_docs([row], meta, row["series"])
         print(f"[scale] peak RSS {fmt_gib(row['peak_rss_bytes'])} GiB, total {row['total_s']:.0f} s, "
               f"per layer {row['layer_median_s']:.2f} s", flush=True)
-    print(table(write_docs([], meta)))
+    if a.layers:   # the formula's rates, measured now under the same conditions as the runs
+        meta["rates"] = measure_rates(a.threads)
+        meta["rates_note"] = "one run each"
+        write_docs([], meta, "real-width")
+    print(table(write_docs([], meta, "real-width" if a.layers else "depth")))
 
 
 if __name__ == "__main__":
