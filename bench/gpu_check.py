@@ -406,16 +406,16 @@ def _speed(model, device: str, vocab: int, tp: dict) -> dict:
         for batch in tp["decode_batches"]:
             prompt = torch.randint(1, vocab, (batch, tp["prompt"]), generator=g).to(device)
 
-            def decode(prompt=prompt):
+            def decode(prompt=prompt, new=tp["new_tokens"]):
                 nxt, past = _step(model, prompt, None)
                 sync(device)
                 t = time.perf_counter()
-                for _ in range(tp["new_tokens"]):
+                for _ in range(new):
                     nxt, past = _step(model, nxt, past)
                 sync(device)
                 return time.perf_counter() - t
 
-            decode()
+            decode(new=4)     # warm-up
             ts = [decode() for _ in range(2)]
             out[f"decode_b{batch}_tokens_per_s"] = batch * tp["new_tokens"] / statistics.median(ts)
     return out

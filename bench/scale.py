@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -128,6 +129,7 @@ def child(model: str, out: str, samples: int, seq_len: int, threads: int) -> Non
     stamps: list[tuple[int, float]] = []
     hwm: list[float] = []     # VmHWM (GiB) after each layer
     svd_start: list[float] = []   # when the layer loop starts: layer 0's time is its first stamp minus this
+    cpu: list[float] = []         # process CPU seconds (all threads) at the loop's start and after each layer
     t0 = time.perf_counter()
 
     def hwm_gib() -> float:
@@ -137,11 +139,13 @@ def child(model: str, out: str, samples: int, seq_len: int, threads: int) -> Non
     def progress(ev):
         if ev.get("type") == "stage_started" and ev.get("stage") == "svd":
             svd_start.append(time.perf_counter())
+            cpu.append(time.process_time())
         if ev.get("type") in ("stage_started", "stage_finished"):
             print(f"[{ev['type']} {ev.get('stage')}] {time.perf_counter() - t0:.0f} s, peak RSS so far "
                   f"{hwm_gib():.2f} GiB", flush=True)
         if ev.get("type") == "progress" and ev.get("stage") == "svd" and "layer" in ev:
             stamps.append((ev["layer"], time.perf_counter()))
+            cpu.append(time.process_time())
             hwm.append(hwm_gib())
             print(f"[layer {ev['layer']} done] {time.perf_counter() - t0:.0f} s, peak RSS so far {hwm[-1]:.2f} GiB",
                   flush=True)
@@ -159,7 +163,7 @@ def child(model: str, out: str, samples: int, seq_len: int, threads: int) -> Non
         "first_layer_s": stamps[0][1] - t0 if stamps else None, "timings_s": r["timings_s"],
         "peak_rss_bytes": int(hwm_gib() * 2**30), "peak_rss_self": r["peak_rss_bytes"],
         "layer_s": [b - a for a, b in zip(svd_start[:1] + [t for _, t in stamps], [t for _, t in stamps])],
-        "hwm_after_layer_gib": hwm,
+        "hwm_after_layer_gib": hwm, "layer_cpu_s": [b - a for a, b in zip(cpu, cpu[1:])],
         "streaming": r.get("streaming"), "params": r["params"], "out_bytes": r["bytes"]["compressed"],
         "device": r["device"], "threads": torch.get_num_threads()}), flush=True)
 
@@ -271,17 +275,21 @@ def width_table(rows: list[dict], meta: dict, depth: list[dict]) -> str:
     r0 = min(r["peak_rss_bytes"] for r in depth) if depth else 0.9 * GiB
     rates = meta["rates"]
     head = ("| hidden / intermediate | layers | checkpoint (GiB) | peak RSS measured (GiB) | formula (GiB) | "
-            "per layer measured, median (s) | formula at the measured rates (s) | measured / formula | total (s) |")
-    lines = [head, "|" + "---|" * 9]
+            "per layer, wall (s) | formula, wall (s) | per layer, CPU (s) | formula, CPU (s) | total (s) |")
+    lines = [head, "|" + "---|" * 10]
+    cpu_rates = rates.get("per_cpu_second")
     for r in rows:
         pr = predicted(r, rates, r0)
+        cpu_s = statistics.median(r["layer_cpu_s"]) if r.get("layer_cpu_s") else None
+        cpu_f = predicted(r, cpu_rates, r0)["layer_s"] if cpu_rates else None
         lines.append(f"| {r['hidden']} / {r['intermediate']} | {r['layers']} | {fmt_gib(r['disk_bytes'])} | "
-                     f"{fmt_gib(r['peak_rss_bytes'])} | {fmt_gib(pr['rss'])} | {r['layer_median_s']:.0f} | "
-                     f"{pr['layer_s']:.0f} | {r['layer_median_s'] / pr['layer_s']:.2f} | {r['total_s']:.0f} |")
+                     f"{fmt_gib(r['peak_rss_bytes'])} | {fmt_gib(pr['rss'])} | {statistics.median(r['layer_s']):.0f} | "
+                     f"{pr['layer_s']:.0f} | {'-' if cpu_s is None else f'{cpu_s:.0f}'} | "
+                     f"{'-' if cpu_f is None else f'{cpu_f:.0f}'} | {r['total_s']:.0f} |")
     pr = predicted(rows[0], rates, r0)
     terms = ", ".join(f"{k} {v:.0f} s" for k, v in pr["times"].items())
     mem = ", ".join(f"{k} {v / GiB:.2f}" for k, v in pr["mem"].items())
-    rate_s = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in rates.items() if k != "disk")
+    rate_s = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in rates.items() if isinstance(v, float))
     return "\n".join(lines) + (
         f"\n\nMeasured {meta['date']} on {meta['cpu']}, {meta['threads']} threads under `nice -n 10` on 2 cores "
         f"shared with other jobs, calibration {rows[0]['samples']} x {rows[0]['seq_len']} tokens, ratio 0.4, "
@@ -298,21 +306,23 @@ def measure_rates(threads: int, n: int = 4096) -> dict:
 
     torch.set_num_threads(threads)
 
-    def timed(fn, reps):
+    wall, cpu = {}, {}
+
+    def timed(name, flops, fn, reps):
         fn()
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         for _ in range(reps):
             fn()
-        return (time.perf_counter() - t) / reps
+        wall[name] = flops * reps / (time.perf_counter() - t)
+        cpu[name] = flops * reps / (time.process_time() - c)
 
-    out = {}
     for name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32), ("fp64", torch.float64)):
         a, b = torch.randn(2 * n, n, dtype=dt), torch.randn(n, n, dtype=dt)
-        out[name] = 4 * n ** 3 / timed(lambda a=a, b=b: a @ b, 2)
+        timed(name, 4 * n ** 3, lambda a=a, b=b: a @ b, 2)
     g = torch.randn(n, n, dtype=torch.float64)
     g = g @ g.T
-    out["eigh"] = 9 * n ** 3 / timed(lambda: torch.linalg.eigh(g), 1)
-    return out
+    timed("eigh", 9 * n ** 3, lambda: torch.linalg.eigh(g), 1)
+    return {**wall, "per_cpu_second": cpu}
 
 
 # ----------------------------------------------------------------------------- extrapolation
