@@ -115,7 +115,7 @@ def predict_layer_s(shape: dict, samples: int, rates: dict) -> float:
                     tokens=samples * shape["seq_len"], seq=shape["seq_len"])
     f = t["flops"]
     io = (2 * t["P"] + 4 * t["kept"]) / rates["disk"]
-    return (f["forward bf16"] / rates["bf16"] + f["Grams fp32"] / rates["fp32"] + f["fp64 GEMM"] / rates["fp64"]
+    return (f["forward bf16"] / rates["bf16"] + f["Grams bf16"] / rates["bf16"] + f["fp64 GEMM"] / rates["fp64"]
             + f["eigh fp64"] / rates["eigh"] + io)
 
 

@@ -262,12 +262,12 @@ def write_docs(new_rows: list[dict], meta: dict, series: str = "depth") -> list[
 def predicted(r: dict, rates: dict, r0: float) -> dict:
     """The formula's peak RSS and per-layer time for one measured row (CPU: activations in RAM)."""
     t = layer_terms(r["hidden"], r["intermediate"], r["heads"], r["kv_heads"], tokens=r["samples"] * r["seq_len"],
-                    seq=r["seq_len"], batch=8)
+                    seq=r["seq_len"], batch=8, sqrt_copies=r.get("sqrt_copies"))
     f = t["flops"]
-    times = {"forward bf16": f["forward bf16"] / rates["bf16"], "Grams fp32": f["Grams fp32"] / rates["fp32"],
+    times = {"forward bf16": f["forward bf16"] / rates["bf16"], "Grams bf16": f["Grams bf16"] / rates["bf16"],
              "fp64 GEMM": f["fp64 GEMM"] / rates["fp64"], "eigh fp64": f["eigh fp64"] / rates["eigh"]}
-    return {"rss": r0 + sum(t["mem"].values()) + t["act"], "mem": t["mem"], "layer_s": sum(times.values()),
-            "times": times}
+    return {"rss": r0 + t["peak"] + t["act"], "rss_sum": r0 + sum(t["mem"].values()) + t["act"], "mem": t["mem"],
+            "moments": t["moments"], "layer_s": sum(times.values()), "times": times}
 
 
 def width_table(rows: list[dict], meta: dict, depth: list[dict]) -> str:
@@ -338,8 +338,15 @@ GPU = {"bf16": 300e12, "fp32": 40e12, "fp64": 40e12, "eigh": 1.0e12, "disk": 2e9
 N_CAL, L_CAL, BATCH = 256, 2048, 8   # SVD-LLM's calibration: 256 x 2048 tokens
 
 
-def layer_terms(h, inter, heads, kv, ratio=0.4, tokens=N_CAL * L_CAL, seq=L_CAL, batch=BATCH) -> dict:
-    """Bytes and FLOPs of one decoder layer in the streaming loop (see docs/scale.md)."""
+def layer_terms(h, inter, heads, kv, ratio=0.4, tokens=N_CAL * L_CAL, seq=L_CAL, batch=BATCH,
+                sqrt_copies: int | None = None) -> dict:
+    """Bytes and FLOPs of one decoder layer in the streaming loop (see docs/scale.md).
+
+    `mem` are the terms; `moments` the three points where most of them are live at once
+    (calibration, the whitening of the widest Gram, the decomposition of the widest linear);
+    `peak` the largest. `sqrt_copies`: transient n x n fp64 copies of `gram_sqrt` beyond the
+    Gram and its factor (1 when Cholesky succeeds, 2 on the jitter path, which a Gram of fewer
+    tokens than its width takes; 4 before the in-place shift). Default: from tokens vs width."""
     hd = h // heads
     lin = [(h, h), (kv * hd, h), (kv * hd, h), (h, h), (inter, h), (inter, h), (h, inter)]   # (m, n)
     P = sum(m * n for m, n in lin) + 2 * h
@@ -355,15 +362,29 @@ def layer_terms(h, inter, heads, kv, ratio=0.4, tokens=N_CAL * L_CAL, seq=L_CAL,
         "forward transient": batch * seq * (4 * h + 3 * inter) * 2 + batch * seq * inter * 4 + 12 * inter * inter,
         "rotary kwargs": 2 * tokens * hd * 2,
     }
+    if sqrt_copies is None:
+        sqrt_copies = 1 if tokens >= inter else 2
+    big = max(groups)
+    mem["whitening transient (widest Gram)"] = sqrt_copies * 8 * big * big
+    live = mem["layer fp32"] + mem["forward copy bf16"] + mem["Grams fp64"]
+    share = 1 - h * inter / P                  # factors made before the down projection's whitening
+    moments = {
+        "calibration": live + mem["forward transient"] + mem["rotary kwargs"],
+        "whitening of the widest Gram": live + share * mem["factors fp32 + bf16 copy"]
+        + mem["whitening factors fp64"] + mem["whitening transient (widest Gram)"],
+        "decomposition of the widest linear": live + mem["factors fp32 + bf16 copy"]
+        + mem["whitening factors fp64"] + mem["decomposition workspace"],
+    }
     act = 2 * tokens * h * 2                         # in + out streams, bf16
     fl = {
         "forward bf16": 2 * 2 * P * tokens,          # sequential: statistics pass + next-layer pass
-        "Grams fp32": 2 * tokens * sum(n * n for n in groups),
+        "Grams bf16": 2 * tokens * sum(n * n for n in groups),   # bf16 products (gram_of) with a bf16 forward
         "fp64 GEMM": sum(2 * m * n * n + 2 * m * n * min(m, n) + 2 * (m * n * (1 - ratio) / (m + n)) * m * n
                          for m, n in lin) + sum(n ** 3 / 3 for n in groups),
         "eigh fp64": sum(9 * min(m, n) ** 3 for m, n in lin),
     }
-    return {"P": P, "kept": kept, "mem": mem, "act": act, "flops": fl}
+    return {"P": P, "kept": kept, "mem": mem, "moments": moments, "peak": max(moments.values()), "act": act,
+            "flops": fl}
 
 
 def extrapolate(rows: list[dict]) -> str:
@@ -376,7 +397,7 @@ def extrapolate(rows: list[dict]) -> str:
     for name, (h, inter, L, heads, kv, V) in LLAMA.items():
         t = layer_terms(h, inter, heads, kv)
         E = 2 * V * h * 4
-        per_layer_mem = sum(t["mem"].values())
+        per_layer_mem = t["peak"]
         act_dev = t["act"] if t["act"] <= 0.25 * (80 * GiB - GPU["context"]) else 0
         device = GPU["context"] + E + per_layer_mem + act_dev
         ckpt = 2 * (L * t["P"] + V * h * 2)
@@ -384,7 +405,7 @@ def extrapolate(rows: list[dict]) -> str:
         host = base + GPU["host_runtime"] + 2 * t["P"] + 2 * biggest_tensor
         f = t["flops"]
         io = (2 * t["P"] + 4 * t["kept"]) / GPU["disk"]
-        t_layer = (f["forward bf16"] / GPU["bf16"] + f["Grams fp32"] / GPU["fp32"] + f["fp64 GEMM"] / GPU["fp64"]
+        t_layer = (f["forward bf16"] / GPU["bf16"] + f["Grams bf16"] / GPU["bf16"] + f["fp64 GEMM"] / GPU["fp64"]
                    + f["eigh fp64"] / GPU["eigh"] + io)
         host_cpu = base + E + per_layer_mem + min(t["act"], 0.25 * 20 * GiB)
         lines.append(f"| {name} | {L} | {ckpt / 1e9:.1f} GB | {t['act'] / GiB:.1f} GiB | {device / GiB:.1f} GiB | "
