@@ -282,10 +282,13 @@ def width_table(rows: list[dict], meta: dict, depth: list[dict]) -> str:
         pr = predicted(r, rates, r0)
         cpu_s = statistics.median(r["layer_cpu_s"]) if r.get("layer_cpu_s") else None
         cpu_f = predicted(r, cpu_rates, r0)["layer_s"] if cpu_rates else None
-        lines.append(f"| {r['hidden']} / {r['intermediate']} | {r['layers']} | {fmt_gib(r['disk_bytes'])} | "
+        done = r.get("layers_done", r["layers"])
+        layers = f"{r['layers']}" if done == r["layers"] else f"{r['layers']} ({done} compressed, then stopped)"
+        total = f"{r['total_s']:.0f}" if done == r["layers"] else "-"
+        lines.append(f"| {r['hidden']} / {r['intermediate']} | {layers} | {fmt_gib(r['disk_bytes'])} | "
                      f"{fmt_gib(r['peak_rss_bytes'])} | {fmt_gib(pr['rss'])} | {statistics.median(r['layer_s']):.0f} | "
                      f"{pr['layer_s']:.0f} | {'-' if cpu_s is None else f'{cpu_s:.0f}'} | "
-                     f"{'-' if cpu_f is None else f'{cpu_f:.0f}'} | {r['total_s']:.0f} |")
+                     f"{'-' if cpu_f is None else f'{cpu_f:.0f}'} | {total} |")
     pr = predicted(rows[0], rates, r0)
     terms = ", ".join(f"{k} {v:.0f} s" for k, v in pr["times"].items())
     mem = ", ".join(f"{k} {v / GiB:.2f}" for k, v in pr["mem"].items())
@@ -293,8 +296,8 @@ def width_table(rows: list[dict], meta: dict, depth: list[dict]) -> str:
     return "\n".join(lines) + (
         f"\n\nMeasured {meta['date']} on {meta['cpu']}, {meta['threads']} threads under `nice -n 10` on 2 cores "
         f"shared with other jobs, calibration {rows[0]['samples']} x {rows[0]['seq_len']} tokens, ratio 0.4, "
-        f"svd-llm, sequential, fp32 checkpoint, 512-token vocabulary, evaluation off. Rates (GFLOPS, measured "
-        f"right after the runs with the same threads and niceness: {meta.get('rates_note', '')}): {rate_s}. "
+        f"svd-llm, sequential, fp32 checkpoint, 512-token vocabulary, evaluation off. Rates (GFLOPS of wall "
+        f"time, measured with the same threads and niceness; {meta.get('rates_note', '')}): {rate_s}. "
         f"The formula's time per layer: {terms}. Its memory terms (GiB): {mem}; R0 = {r0 / GiB:.2f} GiB "
         f"(the narrow curve's smallest peak).")
 
