@@ -42,17 +42,23 @@ def gram_sqrt(G: torch.Tensor, max_jitter_tries: int = 3) -> Sqrt:
     G = G.to(torch.float64)
     if not torch.isfinite(G).all():
         raise NumericalError("the Gram matrix has non-finite entries (inputs overflowed)")
-    G = 0.5 * (G + G.T)
+    # Memory: the caller's G, its symmetric copy, one shifted copy and L; no identity matrix
+    # (at n = intermediate size the old G + lam * eye path held 5 n x n fp64 copies, not 3).
+    G = (G + G.T).mul_(0.5)
     L, bad = torch.linalg.cholesky_ex(G)
     if bad.item() == 0:
         return Sqrt(L, "cholesky")
+    del L
     scale = float(G.diagonal().mean().clamp_min(1e-30))
-    eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+    shifted = torch.empty_like(G)
     for i in range(max_jitter_tries):
         lam = scale * 1e-10 * (100.0 ** i)
-        L, bad = torch.linalg.cholesky_ex(G + lam * eye)
+        shifted.copy_(G).diagonal().add_(lam)     # G + lam I, the same values as with an identity
+        L, bad = torch.linalg.cholesky_ex(shifted)
         if bad.item() == 0:
             return Sqrt(L, "jitter", lam)
+        del L
+    del shifted
     evals, evecs = torch.linalg.eigh(G)
     neg = int((evals < 0).sum())
     S = evecs * evals.clamp_min(0).sqrt()

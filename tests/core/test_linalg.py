@@ -47,6 +47,20 @@ def test_rank_deficient_gram_never_fails():
     assert float(((W - f.u @ f.v) @ X).norm() / (W @ X).norm()) < 1e-6
 
 
+def test_jitter_is_the_cholesky_of_the_shifted_gram_bit_for_bit():
+    # gram_sqrt shifts the diagonal of a copy in place instead of adding lam * eye (two fewer
+    # n x n fp64 matrices at the down projection's width): the factor must be the same bits
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(64, 16, generator=g, dtype=torch.float64)
+    G = X @ X.T  # rank 16 of 64
+    sq = gram_sqrt(G)
+    assert sq.path == "jitter" and sq.jitter > 0
+    sym = 0.5 * (G + G.T)
+    expected = torch.linalg.cholesky(sym + sq.jitter * torch.eye(64, dtype=torch.float64))
+    assert torch.equal(sq.S, expected)
+    assert torch.equal(G, X @ X.T)   # the caller's Gram is left as it was
+
+
 def test_exactly_singular_gram_takes_eigh_path():
     G = torch.zeros(6, 6, dtype=torch.float64)
     G[0, 0] = 1.0
