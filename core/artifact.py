@@ -190,7 +190,9 @@ def load_artifact(path: str | Path, device: str = "cpu", verify: bool = False):
     if verify:
         verify_files(path, manifest)
     model = load_weights(path, {name: e["rank"] for name, e in manifest["ranks"].items()}, device)
-    tok = AutoTokenizer.from_pretrained(path)
+    # the folder's config names its remote code: without an answer, transformers would ask on a
+    # terminal whether to run it; the tokenizer needs none of it
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model, tok

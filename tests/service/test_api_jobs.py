@@ -332,7 +332,11 @@ def test_report_before_success_is_409(client, auth):
 
 def test_unknown_route_and_method_are_problems(client, auth):
     assert_problem(client.get("/v1/nothing", headers=auth), 404)
-    assert_problem(client.delete("/v1/jobs", headers=auth), 405)
+    r = client.delete("/v1/jobs", headers=auth)
+    assert_problem(r, 405)
+    assert r.headers["allow"] == "GET, POST"  # the methods the path serves (RFC 9110)
+    job_id = client.post("/v1/jobs", json=MINIMAL, headers=auth).json()["id"]
+    assert client.put(f"/v1/jobs/{job_id}/cancel", headers=auth).headers["allow"] == "POST"
 
 
 def test_oversized_body_is_413(client, auth, settings):
