@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 
-from svdforge.api import observe, openapi, problems, ui
+from svdforge.api import event_stream, observe, openapi, problems, ui
 from svdforge.api.deps import reject_unknown_query
 from svdforge.api.limits import BodyLimitMiddleware, KeyBeforeBodyMiddleware
 from svdforge.api.routes import files, health, jobs, webhooks
@@ -48,6 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            await app.state.event_poller.close()
             observe.stop_port(metrics_server)
             gc.unfreeze()
             db.dispose()
@@ -57,6 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                               "Errors are RFC 9457 problem documents (`application/problem+json`).")
     app.state.settings = settings
     app.state.db = db
+    app.state.event_poller = event_stream.Poller(db, settings.sse_poll_s)  # its task starts with the first stream
     app.state.storage = make_storage(settings)
     app.state.celery = make_celery(settings)
     problems.install(app)

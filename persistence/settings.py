@@ -55,8 +55,9 @@ class Settings(BaseSettings):
     enqueue_grace_s: float = Field(10.0, ge=0.0)  # a job the API committed but did not enqueue is sent after this
     resend_after_s: float = Field(900.0, gt=0.0)  # a queued job not started this long after its send is sent again
     # GET /v1/jobs/{id}/events with `Accept: text/event-stream` (api/event_stream.py): a keep-alive
-    # comment this often (proxies close idle connections), and the job's new events read from the
-    # database this often, each read in its own short session (none is held across the wait).
+    # comment this often (proxies close idle connections), and the new events of all followed jobs
+    # read from the database this often, by one poller per API process, in one statement and one
+    # short session per read (none is held across the wait).
     sse_keepalive_s: float = Field(15.0, gt=0.0)
     sse_poll_s: float = Field(0.5, gt=0.0, le=60.0)
     checkpoints: bool = True  # upload the saved artifact before evaluation, so that a retry resumes there

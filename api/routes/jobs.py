@@ -219,7 +219,7 @@ def list_job_events(job_id: str, request: Request, session: SessionDep, key: Cur
         elif after:
             start = event_stream.parse_event_id(after, "after")
         session.close()  # the stream reads in short sessions of its own
-        return event_stream.event_stream(request.app.state.db, settings, job_id, start)
+        return event_stream.event_stream(request.app.state.event_poller, settings, job_id, start)
     q = select(JobEvent).where(JobEvent.job_id == job_id)
     if after:
         m = re.fullmatch(r"evt_(\d{1,18})", after)

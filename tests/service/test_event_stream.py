@@ -1,14 +1,20 @@
 """GET /v1/jobs/{id}/events as Server-Sent Events, on events written straight into the
 database: the same items as the JSON list, resuming, the end after the final status,
-keep-alives, authorization, and a disconnect that leaves no generator and no connection."""
+keep-alives, authorization, a disconnect that leaves no generator and no connection, and
+one poller per app: one read per interval for all the streams, none lost or repeated."""
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import httpx
 import pytest
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from svdforge.api import event_stream
 from svdforge.api.main import create_app
@@ -207,3 +213,136 @@ def test_read_batch_pages_and_says_when_the_stream_is_done(db, tokens):
     assert [e["type"] for e in items] == ["status", "status"] and not done
     assert event_stream.read_batch(db, running, int(items[-1]["id"][4:])) == ([], False)  # waits for more
     assert event_stream.read_batch(db, "job_gone", 0) == ([], True)  # a deleted job ends its stream
+
+
+def events_in_db(db, job_id: str) -> list[dict]:
+    return event_stream.read_batch(db, job_id, 0)[0]
+
+
+@contextmanager
+def count_selects(engine, tag=lambda: None) -> Iterator[list]:
+    """A list that gets `tag()` for each SELECT the engine runs (BEGIN and PRAGMA left out)."""
+    seen: list = []
+
+    def on_execute(conn, cursor, statement, *args):
+        if statement.lstrip().upper().startswith("SELECT"):
+            seen.append(tag())
+
+    event.listen(engine, "before_cursor_execute", on_execute)
+    try:
+        yield seen
+    finally:
+        event.remove(engine, "before_cursor_execute", on_execute)
+
+
+def test_the_poller_reads_all_streams_in_one_statement_and_loses_nothing_mid_poll(db, tokens):
+    a, b, c = new_job(db), new_job(db), new_job(db)
+    for job_id in (a, b, c):
+        move(db, job_id, JobStatus.RUNNING)
+    first_a = int(events_in_db(db, a)[0]["id"][4:])
+
+    async def polled(poller, hook=None) -> bool:
+        """One poll, checked to be one statement on the read engine."""
+        with count_selects(db.engine) as selects:
+            if hook:
+                event.listen(db.engine, "before_cursor_execute", hook)
+            try:
+                cut = await poller.poll_once()
+            finally:
+                if hook:
+                    event.remove(db.engine, "before_cursor_execute", hook)
+        assert len(selects) == 1, selects
+        return cut
+
+    async def scenario():
+        poller = event_stream.Poller(db, poll_s=3600.0)  # its own task only waits: polls run here
+        fa0, fa1, fb, fc = (poller.register(a, 0), poller.register(a, first_a), poller.register(b, 0),
+                            poller.register(c, 0))
+        assert poller._task is not None  # started by the first stream
+        progress(db, a, 2)
+        assert await polled(poller) is False  # four streams, three jobs: one read
+        assert fa0.pending == events_in_db(db, a) and fa1.pending == events_in_db(db, a)[1:]
+        assert fb.pending == events_in_db(db, b) and fc.pending == events_in_db(db, c)
+        assert fa0.wake.is_set() and not fa0.done
+        for f in (fa0, fa1, fb, fc):
+            f.pending.clear()
+
+        loop, late = asyncio.get_running_loop(), []
+
+        def mid_read(conn, cursor, statement, *args):  # on the read's thread, before its statement runs
+            if statement.lstrip().upper().startswith("SELECT") and not late:
+                registered = threading.Event()
+                loop.call_soon_threadsafe(lambda: (late.append(poller.register(b, 0)), registered.set()))
+                assert registered.wait(10)
+                progress(db, b, 1)  # committed now: this read may or may not see it, the next one must
+
+        await polled(poller, mid_read)
+        assert late[0].pending == []  # registered during the read: not in it
+        move(db, c, JobStatus.SUCCEEDED)
+        with db.begin() as s:
+            s.delete(s.get(Job, a))  # a deleted job ends its streams
+        got_b, fb.pending = fb.pending, []  # what the stream would take
+        assert await polled(poller) is False
+        got_b += fb.pending
+        assert late[0].pending == events_in_db(db, b)  # everything from its cursor, once
+        assert got_b == events_in_db(db, b)[-1:]  # the event written mid-read, exactly once
+        assert fc.done and fc.pending[-1]["data"]["to"] == "succeeded" and not fb.done
+        assert fa0.done and fa1.done and fa0.pending == fa1.pending == []
+        task = poller._task
+        for f in (fa0, fa1, fb, fc, late[0]):
+            poller.unregister(f)
+        assert poller._task is None  # the last stream gone: the task is cancelled
+        await asyncio.sleep(0)
+        assert task.cancelled()
+
+    asyncio.run(scenario())
+
+
+def test_many_live_streams_share_one_read_per_poll(settings, db, auth):
+    app = create_app(settings)
+    poller = app.state.event_poller
+    jobs = [new_job(db) for _ in range(3)]
+    first = {j: events_in_db(db, j)[0]["id"] for j in jobs}
+    starts = [(j, resume) for j in jobs for resume in (False, True)]  # two streams a job, one resuming
+    with live_server(app) as url, httpx.Client(base_url=url, headers=auth, timeout=30) as c:
+        def stream(start):
+            job_id, resume = start
+            headers = {**SSE, "Last-Event-ID": first[job_id]} if resume else SSE
+            with c.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers) as r:
+                return events_of(r)
+
+        with ThreadPoolExecutor(len(starts)) as pool:
+            futures = [pool.submit(stream, s) for s in starts]
+            deadline = time.monotonic() + 20
+            while len(poller.followers) < len(starts):
+                assert time.monotonic() < deadline, "the streams did not register"
+                time.sleep(0.01)
+            with count_selects(app.state.db.engine, tag=lambda: poller.rounds) as rounds:
+                for job_id in jobs:
+                    move(db, job_id, JobStatus.RUNNING)
+                    progress(db, job_id, 3)
+                    time.sleep(0.06)
+                for job_id in jobs:
+                    move(db, job_id, JobStatus.SUCCEEDED)
+                got = [f.result(timeout=30) for f in futures]
+        for (job_id, resume), messages_ in zip(starts, got, strict=True):
+            listed = c.get(f"/v1/jobs/{job_id}/events").json()["data"]
+            assert [m.json for m in messages_] == (listed[1:] if resume else listed)  # no loss, no repeat
+    assert rounds and set(Counter(rounds).values()) == {1}  # one statement per poll, for all six streams
+    assert poller._task is None and not poller.followers
+    assert event_stream.open_streams() == 0
+
+
+def test_read_new_cuts_at_the_limit_oldest_first_and_leaves_out_deleted_jobs(db, tokens):
+    done, running = finished_job(db), new_job(db)  # 8 events, 1 event
+    events, statuses, cut = event_stream.read_new(db, {done: 0, running: 0, "job_gone": 0}, limit=3)  # 3 + a row a job
+    ids = sorted(int(item["id"][4:]) for rows in events.values() for item, _ in rows)
+    assert cut and len(ids) == 3 + 3 and ids == [int(e["id"][4:]) for e in events_in_db(db, done)][:len(ids)]
+    events, statuses, cut = event_stream.read_new(db, {done: 0, running: 0, "job_gone": 0})
+    assert not cut and set(statuses) == {done, running}  # the deleted job: no row
+    assert [item for item, _ in events[done]] == events_in_db(db, done)
+    assert [final for _, final in events[done]] == [False] * 7 + [True]
+    assert [item for item, _ in events[running]] == events_in_db(db, running)
+    last = int(events_in_db(db, done)[-1]["id"][4:])
+    events, statuses, cut = event_stream.read_new(db, {done: last, running: 0})
+    assert done not in events and statuses[done] == "succeeded" and len(events[running]) == 1  # per-job cursors
