@@ -6,7 +6,7 @@ seconds; bench/crash_recovery.py measures it with the defaults (lease 60 s)."""
 from __future__ import annotations
 
 import hashlib
-import re
+import json
 import threading
 import time
 
@@ -251,8 +251,10 @@ def test_two_workers_never_run_the_same_job_at_once(make_stack, model_root):
     finally:
         db.dispose()
     # every one of the 24 messages was consumed: 8 ran a job, 16 were dropped by the claim
-    def outcomes(text: str, what: str) -> int:
-        return len(re.findall(rf"job job_\w+: {what}$", text, flags=re.M))
+    def outcomes(text: str, what: str) -> int:  # the workers' JSON lines: the runner logs each run's end
+        lines = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+        return sum(1 for r in lines if r.get("logger") == "svdforge.worker" and r.get("message") == f"job {what}"
+                   and r.get("status") == what and r.get("job_id") in ids)
 
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
