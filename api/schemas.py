@@ -16,6 +16,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from svdforge.core.config import (
     ALLOCATIONS,
+    LOSS_SCORES,
     MAX_PROMPT_CHARS,
     MAX_PROMPTS,
     MAX_RANK_MULTIPLE,
@@ -36,6 +37,7 @@ from svdforge.persistence.webhooks import DEFAULT_EVENTS, EVENT_TYPES
 # The names come from core: the method registry, and the choices its config validates.
 MethodName = Literal[method_names()]
 Allocation = Literal[ALLOCATIONS]
+LossScore = Literal[LOSS_SCORES]
 Objective = Literal[OBJECTIVES]
 TargetPreset = Literal[TARGET_PRESETS]   # `re:<regex>` targets are the library's and the CLI's only
 
@@ -247,7 +249,14 @@ class JobCreate(Strict):
             "folder (`ratio-0.40/model.safetensors`, ...) and metrics under the report's `sweep.ratios`; "
             "`ppl_vs_ratio.png` compares them. Give this or `ratio`. Not with adapter `update`."))
     method: MethodName = default_of(CompressConfig, "method")
-    allocation: Allocation = default_of(CompressConfig, "allocation")
+    allocation: Allocation = Field(default_of(CompressConfig, "allocation"), description=(
+        "How ranks are chosen: `uniform` (every linear keeps 1 - ratio of its parameters), `global` (ranks "
+        "moved between layers of one kind by the whitened spectra), `loss` (every singular component scored "
+        "by its estimated effect on the model's loss, one budget for the whole model; a linear may stay dense; "
+        "one extra forward + backward of the dense model, which cannot stream)."))
+    loss_score: LossScore = Field(default_of(CompressConfig, "loss_score"), description=(
+        "The score of `allocation: loss`: `fisher` (empirical Fisher along each component) or `taylor` "
+        "(first-order term plus the Fisher term)."))
     rank_multiple: Annotated[int, Field(ge=1, le=MAX_RANK_MULTIPLE)] = Field(
         default_of(CompressConfig, "rank_multiple"), description=(
             "Round every compressed linear's rank to a multiple of this (kernel-friendly shapes), within the "

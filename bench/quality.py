@@ -58,7 +58,9 @@ def config_for(row: dict, args) -> dict:
            "objective": objective or args.train_objective, "update_mix": args.update_mix}
     if args.train_steps:
         rec["max_steps"] = args.train_steps
-    return {"model": args.model, "ratio": row["ratio"], "method": row["method"], "allocation": row["allocation"],
+    allocation, _, score = row["allocation"].partition("@")     # loss@taylor: the loss score's variant
+    return {"model": args.model, "ratio": row["ratio"], "method": row["method"], "allocation": allocation,
+            "loss_score": score or "fisher",
             "rank_multiple": row.get("rank_multiple", 1), "calibration": calib, "evaluation": ev, "recover": rec,
             "calibration_mode": row.get("mode", args.mode),
             "stats_cache": False}   # every row calibrates: its compress_s is a real calibration

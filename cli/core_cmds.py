@@ -10,6 +10,8 @@ import typer
 from svdforge.cli.app import app
 from svdforge.core.architectures import supported_list
 from svdforge.core.config import (
+    ALLOCATIONS,
+    LOSS_SCORES,
     MAX_RANK_MULTIPLE,
     MAX_SAMPLE_TOKENS,
     CompressConfig,
@@ -86,7 +88,8 @@ def compress(
     ratios: Annotated[str | None, typer.Option("--ratios", help="A sweep: 2-8 ratios, comma separated (e.g. 0.2,0.4,0.6), from one parallel calibration; one artifact per ratio in OUT/ratio-0.40/ ...")] = None,
     method: Annotated[str, typer.Option("--method", help=" | ".join(method_names()))] = default_of(CompressConfig, "method"),
     method_option: Annotated[list[str] | None, typer.Option("--method-option", help=f"KEY=VALUE, repeatable: an option of --method ({method_options_help()}).")] = None,
-    allocation: Annotated[str, typer.Option("--allocation", help="uniform | global")] = default_of(CompressConfig, "allocation"),
+    allocation: Annotated[str, typer.Option("--allocation", help=" | ".join(ALLOCATIONS) + " (loss: components scored by their effect on the loss, one budget for the whole model)")] = default_of(CompressConfig, "allocation"),
+    loss_score: Annotated[str, typer.Option("--loss-score", help=" | ".join(LOSS_SCORES) + " (the score of --allocation loss)")] = default_of(CompressConfig, "loss_score"),
     targets: Annotated[str, typer.Option("--targets", help="all | attention | mlp | re:<regex>")] = default_of(CompressConfig, "targets"),
     rank_multiple: Annotated[int, typer.Option("--rank-multiple", help=f"Round every rank to a multiple of N (1..{MAX_RANK_MULTIPLE}; 1: no rounding) within the same parameters: kernel-friendly shapes.")] = default_of(CompressConfig, "rank_multiple"),
     mode: Annotated[str | None, typer.Option("--mode", help="sequential | parallel calibration (default: sequential; parallel for --ratios, the only mode a sweep can share)")] = None,
@@ -144,7 +147,8 @@ def compress(
     mode = mode or ("parallel" if sweep_ratios is not None else "sequential")
     config = CompressConfig(
         model=model, ratio=ratio if ratio is not None else sweep_ratios[0], method=method,
-        method_options=_method_options(method_option), allocation=allocation, rank_multiple=rank_multiple,
+        method_options=_method_options(method_option), allocation=allocation, loss_score=loss_score,
+        rank_multiple=rank_multiple,
         targets=targets, calibration_mode=mode, calibration_batch_size=batch_size,
         calibration=_data(calib_file, calib_hf, calib_hf_config, calib_split, calib_samples, seq_len, seed,
                           "calibration"),

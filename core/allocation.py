@@ -57,6 +57,7 @@ from svdforge.core.linalg import saves_params, uniform_rank
 from svdforge.core.methods import Method, get_method
 from svdforge.core.progress import Reporter
 from svdforge.core.rounding import rounded
+from svdforge.core.sensitivity import component_gradients, concave, score
 from svdforge.core.statistics import MAIN, Statistics
 
 
@@ -68,35 +69,44 @@ def uniform_cost(m: int, n: int, ratio: float) -> int:
 
 class Spectra(Handler):
     """The layer loop's spectra pass: name -> (m, n, singular values of the scaled weight) of
-    every target linear, from its statistics; the model is not changed."""
+    every target linear, from its statistics; the model is not changed. `keep_components`: also
+    every linear's rank-1 components (P, Q) in fp32 (`Truncation.components`), for loss scores."""
 
-    def __init__(self, method: Method, fisher: dict | None = None):
-        self.method, self.fisher = method, fisher
+    def __init__(self, method: Method, fisher: dict | None = None, keep_components: bool = False):
+        self.method, self.fisher, self.keep = method, fisher, keep_components
         self.spectra: dict[str, tuple[int, int, torch.Tensor]] = {}
+        self.components: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @torch.no_grad()
     def on_decompose(self, step: LayerStep) -> None:
         collector = step.state.pop("stats")
         for name, lin in step.linears:
-            sigma = self.method.spectrum(lin.weight.detach().to(torch.float64), collector.stats_for(name),
-                                         None if self.fisher is None else self.fisher.get(name))
+            W = lin.weight.detach().to(torch.float64)
+            fisher = None if self.fisher is None else self.fisher.get(name)
+            if self.keep:
+                t = self.method.prepare(W, collector.stats_for(name), fisher)
+                sigma = t.sigma
+                self.components[name] = tuple(c.float().cpu() for c in t.components())
+            else:
+                sigma = self.method.spectrum(W, collector.stats_for(name), fisher)
             self.spectra[name] = (lin.out_features, lin.in_features, sigma.double().cpu())
 
 
 def whitened_spectra(model, ids: torch.Tensor, method: Method, targets: str = "all", batch_size: int = 8,
                      device="cpu", fisher: dict | None = None, forward_dtype: torch.dtype | None = None,
                      reporter: Reporter | None = None, layer_io=None,
-                     activations=None) -> dict[str, tuple[int, int, torch.Tensor]]:
+                     activations=None, keep_components: bool = False):
     """name -> (m, n, singular values of the scaled weight), from one dense (parallel) pass
     of the layer loop. The model is not changed. layer_io / activations: a streamed job's
-    read-only layer source and an activation store (`StreamingJob.spectra_io`)."""
-    spectra = Spectra(method, fisher)
+    read-only layer source and an activation store (`StreamingJob.spectra_io`).
+    `keep_components`: returns (spectra, components) (`Spectra`)."""
+    spectra = Spectra(method, fisher, keep_components)
     statistics = Statistics(method.needs - {"fisher"}, reporter=reporter,
                             progress="rank planning: spectra of layer {i}/{n}")
     LayerLoop(model, [statistics, spectra], ids=ids, batch_size=batch_size, device=device,
               forward_dtype=forward_dtype, streams=[Stream(MAIN, reuse=True)], targets=targets,
               layer_io=layer_io, activations=activations, reporter=reporter).run()
-    return spectra.spectra
+    return (spectra.spectra, spectra.components) if keep_components else spectra.spectra
 
 
 def allocate(spectra: dict[str, tuple[int, int, torch.Tensor]], budget: int,
@@ -104,18 +114,29 @@ def allocate(spectra: dict[str, tuple[int, int, torch.Tensor]], budget: int,
     """Greedy ranks under `budget` parameters; None = the linear stays dense (see module doc).
 
     Each linear's sigma_i^2 are divided by its tail after rank `reference[name]` (by its
-    total energy where no reference is given). Every linear starts at rank 1 (rank 0 would
-    delete it). Items are taken from a heap keyed by normalised energy per parameter;
-    within a linear they come in order, so its rank is always a prefix of its spectrum.
+    total energy where no reference is given), then `greedy_ranks` spends the budget.
     """
-    state: dict[str, list] = {}      # name -> [k, dense]
-    heap: list = []
-    spent = 0
+    gains = {}
     for name, (m, n, sigma) in spectra.items():
         e = sigma.pow(2)
         total = float(e.sum())
         norm = total if reference is None else max(float(e[reference[name]:].sum()), 1e-12 * total)
-        e = (e / norm) if total > 0 else torch.zeros_like(e)
+        gains[name] = (m, n, (e / norm) if total > 0 else torch.zeros_like(e))
+    return greedy_ranks(gains, budget)
+
+
+def greedy_ranks(gains: dict[str, tuple[int, int, torch.Tensor]], budget: int) -> dict[str, int | None]:
+    """Ranks under `budget` parameters from each linear's non-increasing gain per component.
+
+    Every linear starts at rank 1 (rank 0 would delete it). Items are taken from a heap keyed
+    by gain per parameter; within a linear they come in order, so its rank is always a prefix
+    of its spectrum. Past the largest rank that saves parameters a linear's only item is to
+    stay dense (None), which costs the rest of its m n and buys the rest of its gains.
+    """
+    state: dict[str, list] = {}      # name -> [k, dense, m, n, gains, k_max]
+    heap: list = []
+    spent = 0
+    for name, (m, n, e) in gains.items():
         k_max = max(1, (m * n - 1) // (m + n))          # largest k with k (m + n) < m n
         state[name] = [1, False, m, n, e.tolist(), k_max]
         spent += m + n
@@ -175,14 +196,47 @@ def global_spectra(model, calib_ids: torch.Tensor, config, device, rep: Reporter
 
 
 def needs_spectra(config) -> bool:
-    """Whether the ranks of `config` come from a spectra pass: global allocation or rank rounding."""
-    return config.allocation == "global" or config.rank_multiple > 1
+    """Whether the ranks of `config` come from a spectra pass: global or loss-aware allocation, or rank
+    rounding."""
+    return config.allocation in ("global", "loss") or config.rank_multiple > 1
 
 
-def rank_plan(spectra: dict[str, tuple[int, int, torch.Tensor]], config, ratio: float, seconds: float = 0.0):
+def plan_spectra(model, calib_ids: torch.Tensor, config, device, rep: Reporter | None = None,
+                 fisher: dict | None = None, forward_dtype: torch.dtype | None = None, layer_io=None,
+                 activations=None, check_cancel=None) -> tuple[dict, dict | None]:
+    """(spectra, loss scores or None): what `rank_plan` needs for every ratio of `config` (one pass;
+    for `allocation="loss"` also one forward + backward of the dense model, `svdforge.core.sensitivity`)."""
+    if config.allocation != "loss":
+        return global_spectra(model, calib_ids, config, device, rep, fisher, forward_dtype, layer_io,
+                              activations), None
+    rep = rep or Reporter()
+    if layer_io is not None:
+        raise UserError("loss-aware allocation back-propagates through the whole dense model, so the job "
+                        "cannot stream; use streaming 'off' or another allocation")
+    method = get_method(config.method, config.method_options)
+    if "fisher" in method.needs and fisher is None:
+        raise UserError(f"loss-aware allocation with method {config.method!r} needs its Fisher information")
+    rep.log("loss-aware allocation: one dense calibration pass for the spectra and components", "whiten")
+    t0 = time.perf_counter()
+    spectra, components = whitened_spectra(model, calib_ids, method, config.targets,
+                                           config.calibration_batch_size, device, fisher, forward_dtype, rep,
+                                           activations=activations, keep_components=True)
+    t1 = time.perf_counter()
+    grads = component_gradients(model, calib_ids, components, device, rep, check_cancel)
+    del components
+    scores = {name: score(g, config.loss_score) for name, g in grads.items()}
+    return spectra, {"scores": scores, "kind": config.loss_score, "spectra_seconds": t1 - t0,
+                     "gradient_seconds": time.perf_counter() - t1, "windows": int(calib_ids.shape[0])}
+
+
+def rank_plan(spectra: dict[str, tuple[int, int, torch.Tensor]], config, ratio: float, seconds: float = 0.0,
+              scores: dict | None = None):
     """(rank_fn, allocation_info or None, rank_rounding or None) at `ratio`: `config.allocation`'s
-    ranks, rounded to multiples of `config.rank_multiple` when it is > 1 (`svdforge.core.rounding`)."""
-    if config.allocation == "global":
+    ranks, rounded to multiples of `config.rank_multiple` when it is > 1 (`svdforge.core.rounding`).
+    `scores`: `plan_spectra`'s loss scores (needed by `allocation="loss"`)."""
+    if config.allocation == "loss":
+        rank_fn, info = allocate_loss(spectra, scores, ratio, seconds)
+    elif config.allocation == "global":
         rank_fn, info = allocate_ratio(spectra, ratio, seconds)
     else:
         rank_fn, info = (lambda name, m, n: uniform_rank(m, n, ratio)), None
@@ -222,6 +276,42 @@ def allocate_ratio(spectra: dict[str, tuple[int, int, torch.Tensor]], ratio: flo
     def rank_fn(name: str, m: int, n: int) -> int | None:
         if name not in ranks:
             raise UserError(f"global allocation has no rank for {name}")
+        return ranks[name]
+
+    return rank_fn, info
+
+
+def allocate_loss(spectra: dict[str, tuple[int, int, torch.Tensor]], scores: dict, ratio: float,
+                  seconds: float = 0.0):
+    """(rank_fn, allocation_info): ranks from the components' loss scores under ONE budget for the
+    whole model (what `uniform` at `ratio` spends, no per-kind budget); a linear may stay dense."""
+    t0 = time.perf_counter()
+    shapes = {name: (m, n) for name, (m, n, _) in spectra.items()}
+    budget = sum(uniform_cost(m, n, ratio) for m, n in shapes.values())
+    gains = {name: (m, n, concave(scores["scores"][name])) for name, (m, n) in shapes.items()}
+    ranks = greedy_ranks(gains, budget)
+    uniform = {name: (uniform_rank(m, n, ratio) if saves_params(m, n, uniform_rank(m, n, ratio))
+                      else None) for name, (m, n) in shapes.items()}
+    info = {
+        "normalisation": f"{scores['kind']} score: estimated loss increase of removing each component "
+                         "(svdforge.core.sensitivity), per parameter (m + n); one budget for the whole model",
+        "score": scores["kind"],
+        "budget_params": budget,
+        "allocated_params": params_of(ranks, shapes),
+        "uniform_params": params_of(uniform, shapes),
+        "kept_dense": sorted(n for n, k in ranks.items() if k is None),
+        "ranks": ranks,
+        "uniform_ranks": uniform,
+        "retained_energy": {n: _retained(spectra[n][2], k) for n, k in ranks.items()},
+        "by_kind": _by_kind(ranks, uniform),
+        "gradient_windows": scores["windows"],
+        "gradient_seconds": scores["gradient_seconds"],
+        "seconds": seconds + time.perf_counter() - t0,
+    }
+
+    def rank_fn(name: str, m: int, n: int) -> int | None:
+        if name not in ranks:
+            raise UserError(f"loss-aware allocation has no rank for {name}")
         return ranks[name]
 
     return rank_fn, info

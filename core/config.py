@@ -16,7 +16,9 @@ from svdforge.core.errors import UserError
 from svdforge.core.methods.base import MethodConfig, method_config
 
 DATA_SOURCES = ("builtin", "file", "hf")
-ALLOCATIONS = ("uniform", "global")
+ALLOCATIONS = ("uniform", "global", "loss")
+# how `allocation="loss"` scores a singular component (`svdforge.core.sensitivity.score`)
+LOSS_SCORES = ("fisher", "taylor")
 RECOVER_TYPES = ("none", "update", "lora", "adalora")
 OBJECTIVES = ("ntp", "kl", "both")
 CALIBRATION_MODES = ("sequential", "parallel")
@@ -239,6 +241,7 @@ class CompressConfig:
     ratio: float
     method: str = "svd-llm"
     allocation: str = "uniform"
+    loss_score: str = "fisher"
     targets: str = "all"
     calibration: DataSpec = field(default_factory=lambda: DataSpec(split="calibration"))
     calibration_mode: str = "sequential"
@@ -270,6 +273,7 @@ class CompressConfig:
                f"method_options must be an object of the method's options, got {self.method_options!r}")
         self.method_options = method_config(self.method, self.method_options)
         _choice("allocation", self.allocation, ALLOCATIONS)
+        _choice("loss_score", self.loss_score, LOSS_SCORES)
         _int_in("rank_multiple", self.rank_multiple, 1, MAX_RANK_MULTIPLE)
         _choice("calibration_mode", self.calibration_mode, CALIBRATION_MODES)
         _choice("dtype", self.dtype, DTYPES)

@@ -116,6 +116,11 @@ class Truncation:
     def factors(self, k: int) -> Factors:
         raise NotImplementedError
 
+    def components(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(P, Q), m x r and n x r: W = sum_i P[:, i] Q[:, i]^T in the spectrum's order, so that
+        truncating at rank k removes the components k.. (`svdforge.core.sensitivity` scores them)."""
+        raise NotImplementedError
+
 
 class RightTruncation(Truncation):
     """Rank-k factors minimising ||(W - u v) S||_F (S=None: plain SVD, Eckart-Young)."""
@@ -133,6 +138,10 @@ class RightTruncation(Truncation):
         P, sigma = self.left.top(k)
         u, v = _split(P, sigma[:k], self.W)
         return Factors(u, v, sigma, _energy(sigma, k))
+
+    def components(self) -> tuple[torch.Tensor, torch.Tensor]:
+        P, _ = self.left.top(min(self.W.shape))
+        return P, self.W.T @ P          # component i: u_i u_i^T W
 
 
 def truncate_right(W: torch.Tensor, S: torch.Tensor | None, k: int) -> Factors:
@@ -188,6 +197,9 @@ class LeftTruncation(Truncation):
         u = (self.U[:, :k] * root) / self.d[:, None]
         v = root[:, None] * self.Vh[:k]
         return Factors(u, v, self.sigma, _energy(self.sigma, k))
+
+    def components(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return (self.U * self.sigma) / self.d[:, None], self.Vh.T
 
 
 def truncate_left(W: torch.Tensor, d: torch.Tensor, k: int) -> Factors:

@@ -22,7 +22,7 @@ import torch
 from svdforge.core import architectures, streaming
 from svdforge.core import data as data_mod
 from svdforge.core.activations import ActivationStore
-from svdforge.core.allocation import global_spectra, needs_spectra, rank_plan
+from svdforge.core.allocation import needs_spectra, plan_spectra, rank_plan
 from svdforge.core.artifact import (
     check_saved,
     check_saved_keys,
@@ -217,9 +217,10 @@ def _rank_fn(run: Run, loaded: Loaded, fisher) -> tuple:
         return uniform_ranks(config.ratio), {}
     t0 = time.perf_counter()
     layer_io, activations = loaded.job.spectra_io() if loaded.job else (None, None)
-    spectra = global_spectra(loaded.model, loaded.calib.ids, config, run.device, run.rep, fisher,
-                             calibration_dtype(config, run.device), layer_io, activations)
-    rank_fn, info, rounding = rank_plan(spectra, config, config.ratio, time.perf_counter() - t0)
+    spectra, scores = plan_spectra(loaded.model, loaded.calib.ids, config, run.device, run.rep, fisher,
+                                   calibration_dtype(config, run.device), layer_io, activations,
+                                   run.rep.check_cancel)
+    rank_fn, info, rounding = rank_plan(spectra, config, config.ratio, time.perf_counter() - t0, scores)
     return rank_fn, {k: v for k, v in (("allocation_info", info), ("rank_rounding", rounding)) if v}
 
 

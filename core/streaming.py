@@ -93,6 +93,8 @@ def whole_model_needs(config, model_bytes: int | None = None) -> list[str]:
     if config.allocation == "global":
         out.append("global allocation ranks every linear from a dense pass over all layers before the first "
                    "is compressed (not streamed yet)")
+    if config.allocation == "loss":
+        out.append("loss-aware allocation back-propagates through the whole dense model")
     if config.recover.type in ("lora", "adalora"):
         kl = config.recover.objective != "ntp"
         size = ""

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from svdforge.core.allocation import global_spectra, needs_spectra, rank_plan
+from svdforge.core.allocation import needs_spectra, plan_spectra, rank_plan
 from svdforge.core.artifact import check_saved, package_versions, save_model
 from svdforge.core.config import CompressConfig, check_ratios
 from svdforge.core.decompose import CalibrationResult, SweepTarget, compress_layers, uniform_ranks
@@ -86,9 +86,9 @@ def _rank_fns(run: Run, loaded: Loaded, ratios: list[float], fisher, fdt, t0: fl
     config = run.config
     if not needs_spectra(config):
         return [uniform_ranks(r) for r in ratios], [{} for _ in ratios]
-    spectra = global_spectra(loaded.model, loaded.calib.ids, config, run.device, run.rep, fisher, fdt)
+    spectra, scores = plan_spectra(loaded.model, loaded.calib.ids, config, run.device, run.rep, fisher, fdt)
     t_spectra = time.perf_counter() - t0
-    plans = [rank_plan(spectra, config, r, t_spectra) for r in ratios]
+    plans = [rank_plan(spectra, config, r, t_spectra, scores) for r in ratios]
     return [p[0] for p in plans], [{k: v for k, v in (("allocation_info", p[1]), ("rank_rounding", p[2])) if v}
                                    for p in plans]
 

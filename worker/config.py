@@ -21,7 +21,7 @@ from svdforge.persistence.modelref import ModelRefError, check_hub_name, check_m
 from svdforge.persistence.settings import Settings
 
 # request keys passed on as they are, when present
-COMPRESS_KEYS = ("method", "allocation", "targets", "rank_multiple")
+COMPRESS_KEYS = ("method", "allocation", "loss_score", "targets", "rank_multiple")
 TRAINING_KEYS = ("epochs", "max_steps", "lr", "batch_size", "objective", "rank", "alpha", "dropout", "init_r",
                  "target_r", "update", "update_mix")
 EVAL_KEYS = ("enabled", "seq_len", "max_tokens", "batch_size", "throughput", "prompts", "sample_tokens")

@@ -21,6 +21,7 @@ from .hf_data import HfData
 from .hf_evaluation import HfEvaluation
 from .job_create import JobCreate
 from .job_create_allocation import JobCreateAllocation
+from .job_create_loss_score import JobCreateLossScore
 from .job_create_metadata import JobCreateMetadata
 from .job_create_method import JobCreateMethod
 from .job_create_targets import JobCreateTargets
@@ -85,6 +86,7 @@ __all__ = (
     "HfEvaluation",
     "JobCreate",
     "JobCreateAllocation",
+    "JobCreateLossScore",
     "JobCreateMetadata",
     "JobCreateMethod",
     "JobCreateTargets",

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 from attrs import define as _attrs_define
 
 from ..models.job_create_allocation import JobCreateAllocation
+from ..models.job_create_loss_score import JobCreateLossScore
 from ..models.job_create_method import JobCreateMethod
 from ..models.job_create_targets import JobCreateTargets
 from ..types import UNSET, Unset
@@ -41,7 +42,13 @@ class JobCreate:
             folder (`ratio-0.40/model.safetensors`, ...) and metrics under the report's `sweep.ratios`; `ppl_vs_ratio.png`
             compares them. Give this or `ratio`. Not with adapter `update`.
         method (JobCreateMethod | Unset):  Default: JobCreateMethod.SVD_LLM.
-        allocation (JobCreateAllocation | Unset):  Default: JobCreateAllocation.UNIFORM.
+        allocation (JobCreateAllocation | Unset): How ranks are chosen: `uniform` (every linear keeps 1 - ratio of its
+            parameters), `global` (ranks moved between layers of one kind by the whitened spectra), `loss` (every singular
+            component scored by its estimated effect on the model's loss, one budget for the whole model; a linear may stay
+            dense; one extra forward + backward of the dense model, which cannot stream). Default:
+            JobCreateAllocation.UNIFORM.
+        loss_score (JobCreateLossScore | Unset): The score of `allocation: loss`: `fisher` (empirical Fisher along each
+            component) or `taylor` (first-order term plus the Fisher term). Default: JobCreateLossScore.FISHER.
         rank_multiple (int | Unset): Round every compressed linear's rank to a multiple of this (kernel-friendly
             shapes), within the parameters the unrounded ranks would use; 1: no rounding. The report's `rank_rounding` says
             how. Default: 1.
@@ -57,6 +64,7 @@ class JobCreate:
     ratios: list[float] | None | Unset = UNSET
     method: JobCreateMethod | Unset = JobCreateMethod.SVD_LLM
     allocation: JobCreateAllocation | Unset = JobCreateAllocation.UNIFORM
+    loss_score: JobCreateLossScore | Unset = JobCreateLossScore.FISHER
     rank_multiple: int | Unset = 1
     targets: JobCreateTargets | Unset = JobCreateTargets.ALL
     adapter: AdaLoraAdapter | LoraAdapter | NoAdapter | Unset | UpdateAdapter = UNSET
@@ -97,6 +105,10 @@ class JobCreate:
         allocation: str | Unset = UNSET
         if not isinstance(self.allocation, Unset):
             allocation = self.allocation.value
+
+        loss_score: str | Unset = UNSET
+        if not isinstance(self.loss_score, Unset):
+            loss_score = self.loss_score.value
 
         rank_multiple = self.rank_multiple
 
@@ -155,6 +167,8 @@ class JobCreate:
             field_dict["method"] = method
         if allocation is not UNSET:
             field_dict["allocation"] = allocation
+        if loss_score is not UNSET:
+            field_dict["loss_score"] = loss_score
         if rank_multiple is not UNSET:
             field_dict["rank_multiple"] = rank_multiple
         if targets is not UNSET:
@@ -226,6 +240,13 @@ class JobCreate:
             allocation = UNSET
         else:
             allocation = JobCreateAllocation(_allocation)
+
+        _loss_score = d.pop("loss_score", UNSET)
+        loss_score: JobCreateLossScore | Unset
+        if isinstance(_loss_score, Unset):
+            loss_score = UNSET
+        else:
+            loss_score = JobCreateLossScore(_loss_score)
 
         rank_multiple = d.pop("rank_multiple", UNSET)
 
@@ -338,6 +359,7 @@ class JobCreate:
             ratios=ratios,
             method=method,
             allocation=allocation,
+            loss_score=loss_score,
             rank_multiple=rank_multiple,
             targets=targets,
             adapter=adapter,

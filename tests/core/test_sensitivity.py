@@ -1,0 +1,131 @@
+"""Loss-aware allocation: component scores (core.sensitivity) and one whole-model budget (core.allocation)."""
+import pytest
+import torch
+
+from svdforge.core.allocation import allocate_loss, greedy_ranks, params_of, uniform_cost
+from svdforge.core.config import CompressConfig, DataSpec, EvalConfig
+from svdforge.core.errors import UserError
+from svdforge.core.linalg import LeftTruncation, RightTruncation
+from svdforge.core.models import load_model
+from svdforge.core.sensitivity import component_gradients, concave, score
+from svdforge.core.testing import make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", intermediate=192)
+
+
+def _gram(n, seed):
+    x = torch.randn(4 * n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    return x.T @ x
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24)])
+def test_components_sum_to_the_weight_and_their_prefix_is_the_truncation(shape):
+    m, n = shape
+    W = torch.randn(m, n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    S = torch.linalg.cholesky(_gram(n, 2))
+    for t in (RightTruncation(W, S), LeftTruncation(W, torch.rand(m, dtype=torch.float64) + 0.5)):
+        P, Q = t.components()
+        assert torch.allclose(P @ Q.T, W, atol=1e-9)
+        for k in (1, 7, min(m, n) - 1):
+            f = t.factors(k)
+            assert torch.allclose(f.u @ f.v, P[:, :k] @ Q[:, :k].T, atol=1e-9)
+
+
+def test_component_gradients_are_the_directional_derivatives_of_each_windows_loss(tiny_path):
+    """g_{s,i} = <dL_s/dW, p_i q_i^T>: the projections equal autograd's weight gradient, window by window."""
+    model, _, _ = load_model(str(tiny_path))
+    model.float()
+    ids = torch.randint(1, 500, (5, 24), generator=torch.Generator().manual_seed(0))
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+    comps = {}
+    for name in names:
+        W = model.get_submodule(name).weight.detach().double()
+        comps[name] = tuple(c.float() for c in RightTruncation(W, torch.linalg.cholesky(_gram(W.shape[1], 3)))
+                            .components())
+    got = component_gradients(model, ids, comps)
+    for name in names:
+        lin = model.get_submodule(name)
+        P, Q = comps[name]
+        per_window = []
+        for s in range(ids.shape[0]):
+            model.zero_grad()
+            logits = model(input_ids=ids[s:s + 1]).logits
+            loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[s, 1:])
+            G, = torch.autograd.grad(loss, lin.weight)
+            per_window.append(torch.einsum("mi,mn,ni->i", P, G, Q).double())
+        g = torch.stack(per_window)
+        assert torch.allclose(got[name]["first"], g.mean(0), rtol=1e-3, atol=1e-7)
+        assert torch.allclose(got[name]["fisher"], g.pow(2).mean(0), rtol=1e-3, atol=1e-10)
+        assert got[name]["tokens"] == 23
+    assert all(p.requires_grad for p in model.parameters())     # restored after the pass
+
+
+def test_scores_are_nonnegative_loss_estimates():
+    g = {"first": torch.tensor([0.5, -0.2, 0.0], dtype=torch.float64),
+         "fisher": torch.tensor([0.01, 0.02, 0.0], dtype=torch.float64), "tokens": 10}
+    assert score(g, "fisher").tolist() == pytest.approx([0.05, 0.1, 0.0])
+    assert score(g, "taylor").tolist() == pytest.approx([0.0, 0.3, 0.0])    # -0.45 clamped at 0
+    with pytest.raises(ValueError):
+        score(g, "nope")
+
+
+def test_concave_envelope_is_non_increasing_and_keeps_sums():
+    gains = torch.tensor([5.0, 1.0, 3.0, 0.5, 0.5, 2.0], dtype=torch.float64)
+    env = concave(gains)
+    assert all(a >= b for a, b in zip(env.tolist(), env.tolist()[1:]))
+    assert float(env.sum()) == pytest.approx(float(gains.sum()))
+    assert env.tolist() == pytest.approx([5.0, 2.0, 2.0, 1.0, 1.0, 1.0])
+    assert concave(torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64)).tolist() == [3.0, 2.0, 1.0]
+
+
+def test_one_budget_moves_rank_across_kinds_and_may_keep_a_linear_dense():
+    """Scores in loss units compare across kinds: the linear whose components cost the loss gets the
+    rank (here: dense), the one the loss ignores gets what is left, within uniform's total."""
+    sigma = torch.ones(32, dtype=torch.float64)
+    spectra = {"a.q_proj": (32, 32, sigma), "a.down_proj": (32, 32, sigma)}
+    scores = {"scores": {"a.q_proj": torch.full((32,), 1.0, dtype=torch.float64),
+                         "a.down_proj": torch.full((32,), 1e-6, dtype=torch.float64)},
+              "kind": "fisher", "windows": 4, "gradient_seconds": 0.0}
+    rank_fn, info = allocate_loss(spectra, scores, 0.4)
+    # budget 2 x 9 x 64 = 1152: q_proj dense (1024), down_proj the rest (2 x 64)
+    assert info["ranks"]["a.q_proj"] is None and info["ranks"]["a.down_proj"] == 2
+    assert info["allocated_params"] == info["budget_params"] == 2 * uniform_cost(32, 32, 0.4)
+    assert info["kept_dense"] == ["a.q_proj"] and rank_fn("a.down_proj", 32, 32) == 2
+
+
+def test_greedy_ranks_spends_the_budget_on_the_largest_gains():
+    gains = {"x": (16, 16, torch.tensor([4.0, 3, 2, 1] + [0.0] * 12)),
+             "y": (16, 16, torch.tensor([4.0, 0.5, 0.5, 0.5] + [0.0] * 12))}
+    ranks = greedy_ranks(gains, 5 * 32)
+    assert ranks == {"x": 4, "y": 1}
+    assert params_of(ranks, {"x": (16, 16), "y": (16, 16)}) == 5 * 32
+
+
+def test_pipeline_loss_allocation_spends_uniforms_parameters(tiny_path):
+    from svdforge.core.pipeline import compress
+
+    reports = {}
+    for alloc in ("uniform", "loss"):
+        cfg = CompressConfig(model=str(tiny_path), ratio=0.4, allocation=alloc,
+                             calibration=DataSpec(samples=6, seq_len=32), evaluation=EvalConfig(enabled=False))
+        reports[alloc] = compress(cfg)
+    u, g = reports["uniform"]["params"], reports["loss"]["params"]
+    assert g["linears_compressed"] <= u["linears_compressed"]
+    assert abs(g["linears_compressed"] - u["linears_compressed"]) <= 0.005 * u["linears_compressed"]
+    info = reports["loss"]["allocation_info"]
+    assert info["score"] == "fisher" and info["gradient_windows"] == 6 and info["gradient_seconds"] > 0
+    assert {n: e["rank"] for n, e in reports["loss"]["ranks"].items()} == info["ranks"]
+    assert info["ranks"] != {n: e["rank"] for n, e in reports["uniform"]["ranks"].items()}
+
+
+def test_loss_allocation_cannot_stream_and_names_its_score(tiny_path):
+    from svdforge.core.pipeline import compress
+
+    with pytest.raises(UserError, match="loss-aware allocation back-propagates"):
+        compress(CompressConfig(model=str(tiny_path), ratio=0.4, allocation="loss", streaming="on",
+                                calibration=DataSpec(samples=2, seq_len=16), evaluation=EvalConfig(enabled=False)))
+    with pytest.raises(UserError, match="loss_score"):
+        CompressConfig(model=str(tiny_path), ratio=0.4, allocation="loss", loss_score="second")
