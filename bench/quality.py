@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "wikitext-2"
 DEFAULT_ROWS = [f"{m}:{r}" for r in (0.2, 0.4) for m in ("svd", "svd-llm", "asvd", "fwsvd")]
-COLUMNS = ["method", "ratio", "allocation", "recover", "mode", "ppl", "teacher_kl", "top10_recall", "agreement",
+COLUMNS = ["method", "ratio", "allocation", "recover", "training", "mode", "ppl", "teacher_kl", "top10_recall", "agreement",
            "compress_s", "peak_rss_bytes", "tokens_per_s", "speedup", "linears_reduction", "eval_tokens"]
 
 
@@ -42,6 +42,17 @@ def parse_row(spec: str) -> dict:
     if len(parts) > 4:
         row["mode"] = parts[4]
     return row
+
+
+def training_of(recover: str | None) -> str | None:
+    """What a row optimises by gradient descent: `none` (closed forms only: truncation, the update),
+    `layer` (layer-local refinement against the dense layer's outputs) or `global` (LoRA / AdaLoRA
+    trained through the whole model); None for the dense row."""
+    if recover is None:
+        return None
+    if "lora" in recover:          # lora, adalora, lora+update, lora@ntp
+        return "global"
+    return "layer" if "refine" in recover else "none"
 
 
 def config_for(row: dict, args) -> dict:
@@ -79,7 +90,7 @@ def run_one(config_json: str) -> None:
 def row_from_report(row: dict, r: dict) -> tuple[dict, dict]:
     c, d = r["metrics"]["compressed"], r["metrics"]["dense"]
     t = r["timings_s"]
-    out = dict(row, ppl=c["ppl"], teacher_kl=c["teacher_kl"], top10_recall=c["top10_recall"],
+    out = dict(row, training=training_of(row["recover"]), ppl=c["ppl"], teacher_kl=c["teacher_kl"], top10_recall=c["top10_recall"],
                agreement=c["agreement"], eval_tokens=c["tokens"],
                compress_s=t["calibrate"] + t["decompose"] + t["recover"], load_s=t["load"],
                peak_rss_bytes=r["peak_rss_bytes"], tokens_per_s=r["throughput"]["compressed"]["tokens_per_s"],
@@ -89,7 +100,7 @@ def row_from_report(row: dict, r: dict) -> tuple[dict, dict]:
                threads=r["threads"])
     if r.get("recover", {}).get("type", "none") != "none":
         out["recover_info"] = {k: v for k, v in r["recover"].items() if k not in ("loss_curve", "ranks")}
-    dense = dict(method="dense", ratio=None, allocation=None, recover=None, mode=None, ppl=d["ppl"], teacher_kl=0.0,
+    dense = dict(method="dense", ratio=None, allocation=None, recover=None, training=None, mode=None, ppl=d["ppl"], teacher_kl=0.0,
                  top10_recall=1.0, agreement=100.0, eval_tokens=d["tokens"], compress_s=None,
                  peak_rss_bytes=None, tokens_per_s=r["throughput"]["dense"]["tokens_per_s"], speedup=1.0,
                  linears_reduction=0.0)
@@ -175,6 +186,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     json_path = args.out / "benchmarks.json"
     existing = json.loads(json_path.read_text()) if json_path.is_file() else []
+    for r in existing:                       # rows written before the column: derived from `recover`
+        r.setdefault("training", training_of(r["recover"]))
     results = {key(r): r for r in existing}
     if args.render:
         return render(existing, args)
