@@ -43,6 +43,7 @@ from .lora_adapter import LoraAdapter
 from .lora_adapter_objective import LoraAdapterObjective
 from .no_adapter import NoAdapter
 from .problem import Problem
+from .quality_target_in import QualityTargetIn
 from .readiness import Readiness
 from .readiness_checks import ReadinessChecks
 from .readiness_status import ReadinessStatus
@@ -107,6 +108,7 @@ __all__ = (
     "LoraAdapterObjective",
     "NoAdapter",
     "Problem",
+    "QualityTargetIn",
     "Readiness",
     "ReadinessChecks",
     "ReadinessStatus",
