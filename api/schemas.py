@@ -21,11 +21,13 @@ from svdforge.core.config import (
     MAX_PROMPTS,
     MAX_RANK_MULTIPLE,
     MAX_SAMPLE_TOKENS,
+    MAX_TARGET_PROBES,
     OBJECTIVES,
     TARGET_PRESETS,
     CompressConfig,
     DataSpec,
     EvalConfig,
+    QualityTarget,
     RecoverConfig,
     default_of,
 )
@@ -232,10 +234,38 @@ MetadataValue = Annotated[str, Field(max_length=512)]
 
 
 Ratio = Annotated[float, Field(gt=0, lt=1)]
+Bound = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
+class QualityTargetIn(Strict):
+    """A quality budget instead of a ratio: the job compresses at the largest ratio in
+    [`ratio_min`, `ratio_max`] whose compressed model meets the bound on the job's evaluation
+    data. Exactly one bound. One calibration serves every probed ratio (parallel-mode statistics
+    and each linear's decomposition, computed once); each probe costs one evaluation (dense and
+    compressed forwards over the evaluation windows). Bisection stops when the bracket is narrower
+    than `tolerance` or after `max_probes` probes. If even `ratio_min` misses, the job fails with
+    error code `target_unmet` and no artifact."""
+
+    max_ppl_ratio: Bound | None = Field(None, examples=[1.5], description=(
+        "Compressed perplexity / dense perplexity on the evaluation data, at most this."))
+    max_teacher_kl: Bound | None = Field(None, examples=[0.8], description=(
+        "Mean KL(dense || compressed) per evaluation token, nats, at most this."))
+    ratio_min: Ratio = default_of(QualityTarget, "ratio_min")
+    ratio_max: Ratio = default_of(QualityTarget, "ratio_max")
+    tolerance: Annotated[float, Field(ge=0.001, le=0.5)] = default_of(QualityTarget, "tolerance")
+    max_probes: Annotated[int, Field(ge=2, le=MAX_TARGET_PROBES)] = default_of(QualityTarget, "max_probes")
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> QualityTargetIn:
+        if (self.max_ppl_ratio is None) == (self.max_teacher_kl is None):
+            raise ValueError("give exactly one of max_ppl_ratio, max_teacher_kl")
+        if self.ratio_min >= self.ratio_max:
+            raise ValueError(f"ratio_min ({self.ratio_min}) must be below ratio_max ({self.ratio_max})")
+        return self
 
 
 class JobCreate(Strict):
-    """A compression job. Only `model` and `ratio` (or `ratios`, for a sweep) are required."""
+    """A compression job. Only `model` and `ratio` (or `ratios`, for a sweep, or `target`) are required."""
 
     model: str = Field(min_length=1, max_length=500, examples=["smollm2-135m"], description=(
         "The `smollm2-135m` alias, a Hugging Face hub id (`org/name`), or an absolute path to a model "
@@ -248,6 +278,10 @@ class JobCreate(Strict):
             "computed once and shared, with each linear's decomposition). Each ratio gets its own artifact "
             "folder (`ratio-0.40/model.safetensors`, ...) and metrics under the report's `sweep.ratios`; "
             "`ppl_vs_ratio.png` compares them. Give this or `ratio`. Not with adapter `update`."))
+    target: QualityTargetIn | None = Field(None, examples=[{"max_ppl_ratio": 1.5}], description=(
+        "A quality budget instead of a ratio: the largest ratio meeting it (one artifact, the chosen ratio's; "
+        "the report's `target` lists every probed ratio with its metrics, the chosen one and why). Give this, "
+        "`ratio` or `ratios`. Needs evaluation; adapter `none` only."))
     method: MethodName = default_of(CompressConfig, "method")
     allocation: Allocation = Field(default_of(CompressConfig, "allocation"), description=(
         "How ranks are chosen: `uniform` (every linear keeps 1 - ratio of its parameters), `global` (ranks "
@@ -270,6 +304,7 @@ class JobCreate(Strict):
     model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [
         {"model": "smollm2-135m", "ratio": 0.4},
         {"model": "smollm2-135m", "ratios": [0.2, 0.4, 0.6]},
+        {"model": "smollm2-135m", "target": {"max_ppl_ratio": 1.5}},
         {"model": "smollm2-135m", "ratio": 0.4, "method": "svd-llm", "allocation": "uniform",
          "adapter": {"type": "lora", "rank": 8}, "calibration": {"source": "builtin", "samples": 64, "seq_len": 512},
          "evaluation": {"source": "builtin", "max_tokens": 16384}, "metadata": {"team": "search"}},
@@ -291,14 +326,31 @@ class JobCreate(Strict):
 
     @model_validator(mode="after")
     def _one_ratio_field(self) -> JobCreate:
-        if self.ratio is None and self.ratios is None:
-            _field_error("ratio", "give `ratio` (one compression) or `ratios` (a sweep)", self.ratio)
+        if self.ratio is None and self.ratios is None and self.target is None:
+            _field_error("ratio", "give `ratio` (one compression), `ratios` (a sweep) or `target` (a quality "
+                         "budget)", self.ratio)
         if self.ratio is not None and self.ratios is not None:
             _field_error("ratios", "give either `ratio` or `ratios`, not both", self.ratios)
+        if self.target is not None:
+            _check_target(self)
         if self.ratios is not None and self.adapter.type == "update":
             _field_error("adapter.type", "the `update` adapter needs sequential calibration, which depends on "
                          "the ratio: a sweep (`ratios`) cannot share it; submit one job per ratio", "update")
         return self
+
+
+def _check_target(job: JobCreate) -> None:
+    """A `target` job searches its ratio, so it has none of its own, evaluates every probe, trains none."""
+    for name in ("ratio", "ratios"):
+        if getattr(job, name) is not None:
+            _field_error("target", f"give either `{name}` or `target` (which searches the ratio), not both",
+                         job.target.model_dump())
+    if job.adapter.type != "none":
+        _field_error("adapter.type", "a `target` job evaluates every probed ratio without recovery: use adapter "
+                     "`none`, or give a `ratio`", job.adapter.type)
+    if not job.evaluation.enabled:
+        _field_error("evaluation.enabled", "a `target` job measures every probed ratio on the evaluation data: "
+                     "evaluation must be enabled", False)
 
 
 def _field_error(field: str, message: str, value: Any) -> None:
@@ -309,7 +361,8 @@ def _field_error(field: str, message: str, value: Any) -> None:
 
 # --- responses -------------------------------------------------------------------------
 class JobErrorOut(BaseModel):
-    code: str = Field(description="invalid_input | numerical_error | storage_error | internal_error | worker_lost")
+    code: str = Field(description="invalid_input | target_unmet | numerical_error | storage_error | internal_error | "
+                                  "worker_lost")
     message: str
     stage: Stage | None = None
 

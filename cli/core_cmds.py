@@ -17,6 +17,7 @@ from svdforge.core.config import (
     CompressConfig,
     DataSpec,
     EvalConfig,
+    QualityTarget,
     RecoverConfig,
     check_prompts,
     default_of,
@@ -92,7 +93,12 @@ def compress(
     loss_score: Annotated[str, typer.Option("--loss-score", help=" | ".join(LOSS_SCORES) + " (the score of --allocation loss)")] = default_of(CompressConfig, "loss_score"),
     targets: Annotated[str, typer.Option("--targets", help="all | attention | mlp | re:<regex>")] = default_of(CompressConfig, "targets"),
     rank_multiple: Annotated[int, typer.Option("--rank-multiple", help=f"Round every rank to a multiple of N (1..{MAX_RANK_MULTIPLE}; 1: no rounding) within the same parameters: kernel-friendly shapes.")] = default_of(CompressConfig, "rank_multiple"),
-    mode: Annotated[str | None, typer.Option("--mode", help="sequential | parallel calibration (default: sequential; parallel for --ratios, the only mode a sweep can share)")] = None,
+    target_ppl_ratio: Annotated[float | None, typer.Option("--target-ppl-ratio", help="Instead of --ratio: the largest ratio whose PPL / dense PPL on the evaluation data is at most this (one parallel calibration, bisection over the ratio; report.json `target` has the curve).")] = None,
+    target_kl: Annotated[float | None, typer.Option("--target-kl", help="Instead of --ratio: the largest ratio whose mean Teacher-KL on the evaluation data is at most this.")] = None,
+    target_range: Annotated[str, typer.Option("--target-range", help="LO,HI: the ratios a target search may choose from.")] = "0.05,0.95",
+    target_tolerance: Annotated[float, typer.Option("--target-tolerance", help="A target search stops when its bracket is narrower than this.")] = default_of(QualityTarget, "tolerance"),
+    target_max_probes: Annotated[int, typer.Option("--target-max-probes", help="A target search evaluates at most this many ratios.")] = default_of(QualityTarget, "max_probes"),
+    mode: Annotated[str | None, typer.Option("--mode", help="sequential | parallel calibration (default: sequential; parallel for --ratios and targets, the only mode they can share)")] = None,
     calib_file: Annotated[Path | None, typer.Option("--calib-file", help="Calibration text file.")] = None,
     calib_hf: Annotated[str | None, typer.Option("--calib-hf", help="Calibration HF dataset id.")] = None,
     calib_hf_config: Annotated[str | None, typer.Option("--calib-hf-config")] = None,
@@ -131,23 +137,29 @@ def compress(
     no_stats_cache: Annotated[bool, typer.Option("--no-stats-cache", help="Neither reuse nor store calibration statistics.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
-    """Compress MODEL and write the artifact plus OUT/report.json (--ratios: one artifact per ratio)."""
+    """Compress MODEL and write the artifact plus OUT/report.json (--ratios: one artifact per ratio;
+    --target-ppl-ratio / --target-kl: the largest ratio meeting the bound, its search in report.json `target`)."""
     from svdforge.core.config import check_ratios
     from svdforge.core.pipeline import compress as run
     from svdforge.core.pipeline import default_threads
     from svdforge.core.progress import TqdmBars
     from svdforge.core.sweeps import sweep
+    from svdforge.core.targets import compress_to_target
 
-    if (ratio is None) == (ratios is None):
-        raise UserError("give either --ratio (one compression) or --ratios (a sweep), not both or neither")
+    given = [n for n, v in (("--ratio", ratio), ("--ratios", ratios), ("--target-ppl-ratio", target_ppl_ratio),
+                            ("--target-kl", target_kl)) if v is not None]
+    if len(given) != 1:
+        raise UserError("give exactly one of --ratio (one compression), --ratios (a sweep), --target-ppl-ratio or "
+                        f"--target-kl (a quality target); got {', '.join(given) if given else 'none'}")
     sweep_ratios = check_ratios(ratios, "--ratios") if ratios is not None else None
-    if sweep_ratios is not None and mode == "sequential":
-        raise UserError("--ratios shares one calibration between the ratios, which is exact only with --mode "
+    target = _target(target_ppl_ratio, target_kl, target_range, target_tolerance, target_max_probes)
+    if (sweep_ratios is not None or target is not None) and mode == "sequential":
+        raise UserError(f"{given[0]} shares one calibration between ratios, which is exact only with --mode "
                         "parallel (sequential statistics depend on the ratio); run one --ratio at a time instead")
-    mode = mode or ("parallel" if sweep_ratios is not None else "sequential")
+    mode = mode or ("parallel" if sweep_ratios is not None or target is not None else "sequential")
     config = CompressConfig(
-        model=model, ratio=ratio if ratio is not None else sweep_ratios[0], method=method,
-        method_options=_method_options(method_option), allocation=allocation, loss_score=loss_score,
+        model=model, ratio=ratio if ratio is not None else sweep_ratios[0] if sweep_ratios else target.ratio_max,
+        method=method, method_options=_method_options(method_option), allocation=allocation, loss_score=loss_score,
         rank_multiple=rank_multiple,
         targets=targets, calibration_mode=mode, calibration_batch_size=batch_size,
         calibration=_data(calib_file, calib_hf, calib_hf_config, calib_split, calib_samples, seq_len, seed,
@@ -167,11 +179,18 @@ def compress(
     default_threads()
     bars = TqdmBars(not quiet)
     try:
-        report = run(config, out, progress=bars) if sweep_ratios is None else sweep(config, sweep_ratios, out, bars)
+        if target is not None:
+            report = compress_to_target(config, target, out, bars)
+        else:
+            report = run(config, out, progress=bars) if sweep_ratios is None else sweep(config, sweep_ratios, out, bars)
     finally:
         bars.close()
     if sweep_ratios is None:
-        typer.echo(json.dumps(_summary(report), indent=2))
+        summary = _summary(report)
+        if target is not None:
+            t = report["target"]
+            summary["target"] = {k: t[k] for k in ("metric", "max", "chosen", "reason", "probe_count", "curve")}
+        typer.echo(json.dumps(summary, indent=2))
         samples = f"  samples: {out / 'samples.md'}" if (out / "samples.md").is_file() else ""
         typer.echo(f"artifact: {out}  report: {out / 'report.json'}{samples}")
         return
@@ -212,6 +231,20 @@ def evaluate(
     target.write_text(json.dumps(report, indent=2))
     typer.echo(json.dumps(_summary(report), indent=2))
     typer.echo(f"report: {target}")
+
+
+def _target(ppl_ratio: float | None, kl: float | None, ratio_range: str, tolerance: float,
+            max_probes: int) -> QualityTarget | None:
+    """The quality target of --target-ppl-ratio / --target-kl (None without one)."""
+    if ppl_ratio is None and kl is None:
+        return None
+    parts = [p.strip() for p in ratio_range.split(",")]
+    try:
+        lo, hi = (float(p) for p in parts)
+    except ValueError:
+        raise UserError(f"--target-range must be LO,HI (two ratios in (0, 1)), got {ratio_range!r}") from None
+    return QualityTarget(max_ppl_ratio=ppl_ratio, max_teacher_kl=kl, ratio_min=lo, ratio_max=hi,
+                         tolerance=tolerance, max_probes=max_probes)
 
 
 def _summary(r: dict) -> dict:

@@ -7,14 +7,25 @@ The library imports nothing of the service (svdforge.api, .worker, .persistence,
     model, tokenizer = load_artifact("out")
     # several ratios from one (parallel) calibration: out-sweep/ratio-0.20/, ratio-0.40/, ...
     sweep(CompressConfig(model="smollm2-135m", ratio=0.4, calibration_mode="parallel"), [0.2, 0.4, 0.6], "out-sweep")
+    # the largest ratio whose PPL is at most 1.5 x the dense PPL (one calibration, bisection)
+    compress_to_target(CompressConfig(model="smollm2-135m", ratio=0.5, calibration_mode="parallel"),
+                       QualityTarget(max_ppl_ratio=1.5), "out-target")
 """
-from svdforge.core.config import CompressConfig, DataSpec, EvalConfig, RecoverConfig, SweepConfig
-from svdforge.core.errors import Cancelled, NumericalError, UserError
+from svdforge.core.config import (
+    CompressConfig,
+    DataSpec,
+    EvalConfig,
+    QualityTarget,
+    RecoverConfig,
+    SweepConfig,
+    TargetedConfig,
+)
+from svdforge.core.errors import Cancelled, NumericalError, TargetUnmet, UserError
 
 __all__ = [
-    "CompressConfig", "DataSpec", "EvalConfig", "RecoverConfig", "SweepConfig",
-    "Cancelled", "NumericalError", "UserError",
-    "compress", "sweep", "evaluate_artifact", "load_artifact", "load_model",
+    "CompressConfig", "DataSpec", "EvalConfig", "QualityTarget", "RecoverConfig", "SweepConfig", "TargetedConfig",
+    "Cancelled", "NumericalError", "TargetUnmet", "UserError",
+    "compress", "compress_to_target", "sweep", "evaluate_artifact", "load_artifact", "load_model",
 ]
 
 
@@ -25,6 +36,9 @@ def __getattr__(name):  # lazy: importing `core` must not import torch/transform
     if name == "sweep":
         from svdforge.core.sweeps import sweep
         return sweep
+    if name == "compress_to_target":
+        from svdforge.core.targets import compress_to_target
+        return compress_to_target
     if name == "load_artifact":
         from svdforge.core.artifact import load_artifact
         return load_artifact

@@ -328,3 +328,64 @@ class SweepConfig:
     def __post_init__(self) -> None:
         self.ratios = check_ratios(self.ratios)
 
+
+
+TARGET_BOUNDS = ("max_ppl_ratio", "max_teacher_kl")
+MAX_TARGET_PROBES = 32
+
+
+def _bound(name: str, value: Any) -> None:
+    _check(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0,
+           f"target {name} must be a positive finite number, got {value!r}")
+
+
+@dataclass
+class QualityTarget:
+    """A quality budget instead of a ratio (`svdforge.core.targets.compress_to_target`): the
+    largest ratio in [ratio_min, ratio_max] whose compressed model meets it on the job's
+    evaluation data. Exactly one bound: `max_ppl_ratio` (compressed PPL / dense PPL) or
+    `max_teacher_kl` (mean KL(dense || compressed), nats per token).
+
+    The search brackets and bisects the ratio until the bracket is narrower than `tolerance`
+    or `max_probes` ratios were evaluated (the two ends included)."""
+
+    max_ppl_ratio: float | None = None
+    max_teacher_kl: float | None = None
+    ratio_min: float = 0.05
+    ratio_max: float = 0.95
+    tolerance: float = 0.025
+    max_probes: int = 10
+
+    def __post_init__(self) -> None:
+        given = [n for n in TARGET_BOUNDS if getattr(self, n) is not None]
+        _check(len(given) == 1, "target must give exactly one of max_ppl_ratio, max_teacher_kl; got "
+               + (", ".join(given) if given else "none"))
+        _bound(given[0], getattr(self, given[0]))
+        self.ratio_min = check_ratio(self.ratio_min, "target ratio_min")
+        self.ratio_max = check_ratio(self.ratio_max, "target ratio_max")
+        _check(self.ratio_min < self.ratio_max,
+               f"target ratio_min ({self.ratio_min}) must be below ratio_max ({self.ratio_max})")
+        _check(isinstance(self.tolerance, (int, float)) and not isinstance(self.tolerance, bool)
+               and 0.001 <= self.tolerance <= 0.5, f"target tolerance must be in [0.001, 0.5], got {self.tolerance!r}")
+        _int_in("target max_probes", self.max_probes, 2, MAX_TARGET_PROBES)
+
+    @property
+    def metric(self) -> tuple[str, float]:
+        """(the metric the bound is on: `ppl_ratio` | `teacher_kl`, the bound)."""
+        if self.max_ppl_ratio is not None:
+            return "ppl_ratio", float(self.max_ppl_ratio)
+        return "teacher_kl", float(self.max_teacher_kl)
+
+
+@dataclass
+class TargetedConfig:
+    """A compression whose ratio is searched for (`QualityTarget`); `config.ratio` is ignored.
+
+    Like a sweep it needs `calibration_mode="parallel"`: one calibration serves every probed ratio."""
+
+    config: CompressConfig
+    target: QualityTarget
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target, dict):
+            self.target = QualityTarget(**self.target)

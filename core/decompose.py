@@ -155,6 +155,57 @@ class SweepDecompose(Handler):
         _svd_progress(self.rep, step)
 
 
+class Decompositions:
+    """Every target linear's decomposition before truncation (`method.prepare`: for svd-llm the
+    whitening and the eigendecomposition of `W S`), kept after the layer loop
+    (`compress_layers(..., keep=...)`), so that ratios chosen later (a targeted job's search)
+    are only truncations. Memory: the prepared decompositions, fp64 (for svd-llm about two
+    copies of each compressed weight plus the Gram-side eigenvectors)."""
+
+    def __init__(self) -> None:
+        self.items: dict[str, tuple[nn.Linear, object]] = {}
+        self.shared_inputs: list[list[str]] = []
+
+    def truncate(self, rank_fn: RankFn) -> SweepTarget:
+        """The modules, ranks and truncation time of `rank_fn`: what `SweepDecompose` gives one ratio."""
+        target = SweepTarget(rank_fn)
+        target.result.shared_inputs = self.shared_inputs
+        for name, (lin, prepared) in self.items.items():
+            k, entry = plan(name, lin, rank_fn)
+            target.result.ranks[name] = entry
+            if k is None:
+                continue
+            t0 = time.perf_counter()
+            f = prepared.factors(k)
+            f.info.update(prepared.info)
+            target.modules[name] = build(name, lin, k, f, entry)
+            target.result.timings["decompose"] += time.perf_counter() - t0
+        return target
+
+
+class KeepDecompose(Handler):
+    """One `method.prepare` per target linear, kept in a `Decompositions`; the model is not
+    changed. `result.timings["decompose_shared"]` is the time spent preparing."""
+
+    def __init__(self, method: Method, store: Decompositions, result: CalibrationResult, *,
+                 fisher: dict | None = None, reporter: Reporter | None = None):
+        self.method, self.store, self.res = method, store, result
+        self.fisher, self.rep = fisher, reporter or Reporter()
+        self.res.timings["decompose_shared"] = 0.0
+
+    @torch.no_grad()
+    def on_decompose(self, step: LayerStep) -> None:
+        collector = step.state["stats"]
+        for name, lin in step.linears:
+            t0 = time.perf_counter()
+            W = lin.weight.detach().to(torch.float64)
+            prepared = self.method.prepare(W, collector.stats_for(name), _fisher_of(self.fisher, name))
+            self.store.items[name] = (lin, prepared)
+            self.res.timings["decompose_shared"] += time.perf_counter() - t0
+        step.state.clear()
+        _svd_progress(self.rep, step)
+
+
 def _check_mode(mode: str, update: bool, sweep) -> None:
     if update and mode != "sequential":
         raise UserError("the closed-form update needs calibration_mode 'sequential' "
@@ -169,11 +220,13 @@ def compress_layers(model: nn.Module, ids: torch.Tensor, method: Method, rank_fn
                     fisher: dict[str, torch.Tensor] | None = None, reporter: Reporter | None = None,
                     forward_dtype: torch.dtype | None = None, update: bool = False,
                     update_mix: float | None = None, layer_io=None, activations=None, stats_cache=None,
-                    sweep: list[SweepTarget] | None = None) -> CalibrationResult:
+                    sweep: list[SweepTarget] | None = None, keep: Decompositions | None = None) -> CalibrationResult:
     """Compress the target linears of every decoder layer in place. Returns ranks and timings.
 
     sweep: several ratios from one calibration: the model stays dense and each `SweepTarget`
     receives its modules, ranks and truncation time (`rank_fn` is unused); needs `parallel`.
+    keep: every linear's decomposition goes into this `Decompositions`, to be truncated later at
+    any rank function; the model stays dense (`rank_fn` is unused); needs `parallel`.
     layer_io / activations: the layer loop's layer source and sink (streaming) and its
     activation buffers. stats_cache: a `StatsCache`; on a hit no forward pass runs.
     forward_dtype: dtype of the calibration forward passes; statistics are accumulated in
@@ -183,13 +236,15 @@ def compress_layers(model: nn.Module, ids: torch.Tensor, method: Method, rank_fn
     activations as a second stream next to the compressed one, and so sequential mode;
     update_mix: the weight of the dense output in its target (default `UPDATE_MIX`).
     """
-    _check_mode(mode, update, sweep)
+    _check_mode(mode, update, sweep if keep is None else keep)
     rep = reporter or Reporter()
     res = CalibrationResult()
     needs = method.needs - {"fisher"} | ({"gram"} if update else set())
     statistics = Statistics(needs, update=update, cache=stats_cache, reporter=rep)
-    if sweep is not None:
-        decompose: Handler = SweepDecompose(method, sweep, res, fisher=fisher, reporter=rep)
+    if keep is not None:
+        decompose: Handler = KeepDecompose(method, keep, res, fisher=fisher, reporter=rep)
+    elif sweep is not None:
+        decompose = SweepDecompose(method, sweep, res, fisher=fisher, reporter=rep)
     else:
         decompose = Decompose(model, method, rank_fn, res, fisher=fisher, reporter=rep,
                               mix=UPDATE_MIX if update_mix is None else update_mix)
@@ -202,4 +257,6 @@ def compress_layers(model: nn.Module, ids: torch.Tensor, method: Method, rank_fn
     res.shared_inputs = statistics.shared_inputs
     for t in sweep or ():
         t.result.shared_inputs = res.shared_inputs
+    if keep is not None:
+        keep.shared_inputs = res.shared_inputs
     return res

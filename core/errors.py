@@ -16,3 +16,7 @@ class NumericalError(RuntimeError):
 
 class Cancelled(RuntimeError):
     """The caller asked the pipeline to stop (checked at stage and layer boundaries)."""
+
+
+class TargetUnmet(UserError):
+    """A quality target (`svdforge.core.config.QualityTarget`) that no ratio of its range meets."""

@@ -47,7 +47,7 @@ class StaleTransition(Exception):
 
 @dataclass(frozen=True)
 class JobError:
-    code: str  # invalid_input | numerical_error | internal_error | worker_lost
+    code: str  # invalid_input | target_unmet | numerical_error | internal_error | worker_lost
     message: str
     stage: str | None = None
 

@@ -50,8 +50,8 @@ def stage_documents(job: Job) -> list[dict[str, Any]]:
 
 
 def job_document(job: Job) -> dict[str, Any]:
-    """The job's public JSON (`JobOut`). A stored request keeps only the one of `ratio` / `ratios`
-    it uses; the document shows the other as null, as the request schema does."""
+    """The job's public JSON (`JobOut`). A stored request keeps only the one of `ratio` / `ratios` /
+    `target` it uses; the document shows the others as null, as the request schema does."""
     error = None
     if job.error_code:
         error = {"code": job.error_code, "message": job.error_message or "", "stage": job.error_stage}
@@ -60,4 +60,5 @@ def job_document(job: Job) -> dict[str, Any]:
             "attempt": job.attempt, "error": error, "created_at": _time(job.created_at),
             "updated_at": _time(job.updated_at), "started_at": _time(job.started_at),
             "finished_at": _time(job.finished_at), "cancel_requested_at": _time(job.cancel_requested_at),
-            "metadata": job.meta or {}, "request": {"ratio": None, "ratios": None, **(job.request or {})}}
+            "metadata": job.meta or {}, "request": {"ratio": None, "ratios": None, "target": None,
+                                                                  **(job.request or {})}}

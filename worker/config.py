@@ -1,5 +1,5 @@
 """Turn a stored job request (the API's validated JSON) into core's `CompressConfig`
-(or, for a sweep, a `SweepConfig`).
+(or, for a sweep, a `SweepConfig`; for a quality target, a `TargetedConfig`).
 
 The request was validated when it was accepted; core validates again on construction and
 raises `UserError`, which fails the job with `invalid_input` rather than crashing.
@@ -15,7 +15,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from svdforge.core.config import CompressConfig, DataSpec, EvalConfig, RecoverConfig, SweepConfig, default_of
+from svdforge.core.config import (
+    CompressConfig,
+    DataSpec,
+    EvalConfig,
+    QualityTarget,
+    RecoverConfig,
+    SweepConfig,
+    TargetedConfig,
+    default_of,
+)
 from svdforge.core.errors import UserError
 from svdforge.persistence.modelref import ModelRefError, check_hub_name, check_model_ref
 from svdforge.persistence.settings import Settings
@@ -69,22 +78,28 @@ def eval_config(evaluation: dict[str, Any], files: dict[str, Path]) -> EvalConfi
     return EvalConfig(data=data_spec(spec, files, default.data.split), **options)
 
 
-def build_config(request: dict[str, Any], files: dict[str, Path], settings: Settings) -> CompressConfig | SweepConfig:
-    """A CompressConfig, or for a request with `ratios` a SweepConfig: the same settings in
-    `parallel` calibration mode (the only mode whose statistics a sweep can share)."""
+def build_config(request: dict[str, Any], files: dict[str, Path],
+                 settings: Settings) -> CompressConfig | SweepConfig | TargetedConfig:
+    """A CompressConfig, or for a request with `ratios` a SweepConfig (with `target` a TargetedConfig):
+    the same settings in `parallel` calibration mode (the only mode whose statistics they can share)."""
     try:
         model = check_model_ref(request["model"], settings)
     except ModelRefError as e:
         raise UserError(f"model: {e}") from None
-    ratios = request.get("ratios")
+    ratios, target = request.get("ratios"), request.get("target")
+    if target is not None:
+        target = QualityTarget(**target)
+    shared = ratios is not None or target is not None
     config = CompressConfig(
-        model=model, ratio=request["ratio"] if ratios is None else min(ratios),
+        model=model, ratio=min(ratios) if ratios else target.ratio_max if target else request["ratio"],
         calibration=data_spec(request.get("calibration") or {}, files, default_of(CompressConfig, "calibration").split),
-        calibration_mode="sequential" if ratios is None else "parallel",
+        calibration_mode="parallel" if shared else "sequential",
         recover=recover_config(request.get("adapter") or {}, files),
         evaluation=eval_config(request.get("evaluation") or {}, files),
         device=settings.device,
         allow_pickle=settings.allow_pickle, trust_remote_code=settings.trust_remote_code,
         **_given(request, COMPRESS_KEYS),
     )
+    if target is not None:
+        return TargetedConfig(config, target)
     return config if ratios is None else SweepConfig(config, ratios)

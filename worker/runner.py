@@ -39,8 +39,8 @@ from typing import Any
 
 from sqlalchemy import select, update
 
-from svdforge.core.config import SweepConfig
-from svdforge.core.errors import Cancelled, NumericalError, UserError
+from svdforge.core.config import SweepConfig, TargetedConfig
+from svdforge.core.errors import Cancelled, NumericalError, TargetUnmet, UserError
 from svdforge.persistence.db import Database
 from svdforge.persistence.ids import new_id
 from svdforge.persistence.jobs import add_event, artifact_prefix
@@ -70,9 +70,12 @@ STAGE_OF = {"load": Stage.LOAD, "whiten": Stage.WHITEN, "svd": Stage.SVD, "recov
 def default_compress(config: Any, *args: Any, **kwargs: Any) -> dict:
     from svdforge.core.pipeline import compress  # torch is imported only where a job runs
     from svdforge.core.sweeps import sweep
+    from svdforge.core.targets import compress_to_target
 
     if isinstance(config, SweepConfig):  # figures: drawn below with the job's other figures
         return sweep(config.config, config.ratios, *args, figures=False, **kwargs)
+    if isinstance(config, TargetedConfig):
+        return compress_to_target(config.config, config.target, *args, **kwargs)
     return compress(config, *args, **kwargs)
 
 
@@ -304,7 +307,8 @@ class JobRunner:
         try:
             config = build_config(request, self._inputs(job_id, request, work / "inputs"), self.settings)
             hooks: dict[str, Any] = {}
-            if self.settings.checkpoints and not isinstance(config, SweepConfig):  # a retried sweep starts over
+            # a retried sweep or targeted job starts over
+            if self.settings.checkpoints and not isinstance(config, (SweepConfig, TargetedConfig)):
                 resume = self._restore(checkpoint, out_dir, monitor)
                 hooks = {"resume": resume} if resume is not None else \
                     {"on_saved": functools.partial(self._save_checkpoint, job_id, monitor, saved)}
@@ -315,6 +319,8 @@ class JobRunner:
             return self._finish(job_id, monitor, uploaded, _jsonable(report))
         except Cancelled:
             return self._end(job_id, monitor, JobStatus.CANCELLED, None)
+        except TargetUnmet as e:  # a UserError: caught first, so that the code says what happened
+            return self._fail(job_id, monitor, "target_unmet", str(e))
         except UserError as e:
             return self._fail(job_id, monitor, "invalid_input", str(e))
         except NumericalError as e:

@@ -129,8 +129,10 @@ def _replay(existing: Job, payload: dict, celery, session: Session, request: Req
                          "with the same body returns the same job; the same key with another body is a 422.")
 def create_job(body: JobCreate, request: Request, response: Response, session: SessionDep, key: CurrentKey,
                settings: SettingsDep, celery: CeleryDep, idempotency_key: IdempotencyKey = None) -> JobOut:
-    # the unused one of ratio / ratios is left out: a single-ratio request stores (and hashes) as before sweeps
-    payload = body.model_dump(mode="json", exclude={k for k in ("ratio", "ratios") if getattr(body, k) is None})
+    # the unused ones of ratio / ratios / target are left out: a single-ratio request stores (and hashes) as
+    # before sweeps and targets
+    payload = body.model_dump(mode="json", exclude={k for k in ("ratio", "ratios", "target")
+                                                    if getattr(body, k) is None})
     if idempotency_key is not None:
         existing = session.scalar(select(Job).where(Job.owner_id == key.id, Job.idempotency_key == idempotency_key))
         if existing is not None:

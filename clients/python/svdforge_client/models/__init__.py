@@ -44,6 +44,7 @@ from .lora_adapter import LoraAdapter
 from .lora_adapter_objective import LoraAdapterObjective
 from .no_adapter import NoAdapter
 from .problem import Problem
+from .quality_target_in import QualityTargetIn
 from .readiness import Readiness
 from .readiness_checks import ReadinessChecks
 from .readiness_status import ReadinessStatus
@@ -109,6 +110,7 @@ __all__ = (
     "LoraAdapterObjective",
     "NoAdapter",
     "Problem",
+    "QualityTargetIn",
     "Readiness",
     "ReadinessChecks",
     "ReadinessStatus",

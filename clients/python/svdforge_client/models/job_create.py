@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from ..models.job_create_metadata import JobCreateMetadata
     from ..models.lora_adapter import LoraAdapter
     from ..models.no_adapter import NoAdapter
+    from ..models.quality_target_in import QualityTargetIn
     from ..models.update_adapter import UpdateAdapter
 
 
@@ -30,7 +31,7 @@ T = TypeVar("T", bound="JobCreate")
 
 @_attrs_define
 class JobCreate:
-    """A compression job. Only `model` and `ratio` (or `ratios`, for a sweep) are required.
+    """A compression job. Only `model` and `ratio` (or `ratios`, for a sweep, or `target`) are required.
 
     Attributes:
         model (str): The `smollm2-135m` alias, a Hugging Face hub id (`org/name`), or an absolute path to a model folder
@@ -41,6 +42,9 @@ class JobCreate:
             mode statistics, computed once and shared, with each linear's decomposition). Each ratio gets its own artifact
             folder (`ratio-0.40/model.safetensors`, ...) and metrics under the report's `sweep.ratios`; `ppl_vs_ratio.png`
             compares them. Give this or `ratio`. Not with adapter `update`.
+        target (None | QualityTargetIn | Unset): A quality budget instead of a ratio: the largest ratio meeting it (one
+            artifact, the chosen ratio's; the report's `target` lists every probed ratio with its metrics, the chosen one
+            and why). Give this, `ratio` or `ratios`. Needs evaluation; adapter `none` only.
         method (JobCreateMethod | Unset):  Default: JobCreateMethod.SVD_LLM.
         allocation (JobCreateAllocation | Unset): How ranks are chosen: `uniform` (every linear keeps 1 - ratio of its
             parameters), `global` (ranks moved between layers of one kind by the whitened spectra), `loss` (every singular
@@ -62,6 +66,7 @@ class JobCreate:
     model: str
     ratio: float | None | Unset = UNSET
     ratios: list[float] | None | Unset = UNSET
+    target: None | QualityTargetIn | Unset = UNSET
     method: JobCreateMethod | Unset = JobCreateMethod.SVD_LLM
     allocation: JobCreateAllocation | Unset = JobCreateAllocation.UNIFORM
     loss_score: JobCreateLossScore | Unset = JobCreateLossScore.FISHER
@@ -79,6 +84,7 @@ class JobCreate:
         from ..models.file_evaluation import FileEvaluation  # noqa: PLC0415
         from ..models.lora_adapter import LoraAdapter  # noqa: PLC0415
         from ..models.no_adapter import NoAdapter  # noqa: PLC0415
+        from ..models.quality_target_in import QualityTargetIn  # noqa: PLC0415
         from ..models.update_adapter import UpdateAdapter  # noqa: PLC0415
 
         model = self.model
@@ -97,6 +103,14 @@ class JobCreate:
 
         else:
             ratios = self.ratios
+
+        target: dict[str, Any] | None | Unset
+        if isinstance(self.target, Unset):
+            target = UNSET
+        elif isinstance(self.target, QualityTargetIn):
+            target = self.target.to_dict()
+        else:
+            target = self.target
 
         method: str | Unset = UNSET
         if not isinstance(self.method, Unset):
@@ -163,6 +177,8 @@ class JobCreate:
             field_dict["ratio"] = ratio
         if ratios is not UNSET:
             field_dict["ratios"] = ratios
+        if target is not UNSET:
+            field_dict["target"] = target
         if method is not UNSET:
             field_dict["method"] = method
         if allocation is not UNSET:
@@ -196,6 +212,7 @@ class JobCreate:
         from ..models.job_create_metadata import JobCreateMetadata  # noqa: PLC0415
         from ..models.lora_adapter import LoraAdapter  # noqa: PLC0415
         from ..models.no_adapter import NoAdapter  # noqa: PLC0415
+        from ..models.quality_target_in import QualityTargetIn  # noqa: PLC0415
         from ..models.update_adapter import UpdateAdapter  # noqa: PLC0415
 
         d = dict(src_dict)
@@ -226,6 +243,23 @@ class JobCreate:
             return cast(list[float] | None | Unset, data)
 
         ratios = _parse_ratios(d.pop("ratios", UNSET))
+
+        def _parse_target(data: object) -> None | QualityTargetIn | Unset:
+            if data is None:
+                return data
+            if isinstance(data, Unset):
+                return data
+            try:
+                if not isinstance(data, dict):
+                    raise TypeError()
+                target_type_0 = QualityTargetIn.from_dict(data)
+
+                return target_type_0
+            except (TypeError, ValueError, AttributeError, KeyError):
+                pass
+            return cast(None | QualityTargetIn | Unset, data)
+
+        target = _parse_target(d.pop("target", UNSET))
 
         _method = d.pop("method", UNSET)
         method: JobCreateMethod | Unset
@@ -357,6 +391,7 @@ class JobCreate:
             model=model,
             ratio=ratio,
             ratios=ratios,
+            target=target,
             method=method,
             allocation=allocation,
             loss_score=loss_score,

@@ -16,7 +16,7 @@ T = TypeVar("T", bound="JobErrorOut")
 class JobErrorOut:
     """
     Attributes:
-        code (str): invalid_input | numerical_error | storage_error | internal_error | worker_lost
+        code (str): invalid_input | target_unmet | numerical_error | storage_error | internal_error | worker_lost
         message (str):
         stage (None | Stage | Unset):
     """

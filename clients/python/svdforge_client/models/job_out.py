@@ -34,7 +34,8 @@ class JobOut:
         created_at (datetime.datetime):
         updated_at (datetime.datetime):
         metadata (JobOutMetadata):
-        request (JobCreate): A compression job. Only `model` and `ratio` (or `ratios`, for a sweep) are required.
+        request (JobCreate): A compression job. Only `model` and `ratio` (or `ratios`, for a sweep, or `target`) are
+            required.
         object_ (Literal['job'] | Unset):  Default: 'job'.
         stage (None | Stage | Unset): The stage running now (or where the job stopped).
         error (JobErrorOut | None | Unset):

@@ -93,8 +93,8 @@ def sync_detailed(
     Args:
         idempotency_key (None | str | Unset): Retries with the same key and body return the same
             job.
-        body (JobCreate): A compression job. Only `model` and `ratio` (or `ratios`, for a sweep)
-            are required.
+        body (JobCreate): A compression job. Only `model` and `ratio` (or `ratios`, for a sweep,
+            or `target`) are required.
 
     Raises:
         errors.UnexpectedStatus: If the server returns an undocumented status code and Client.raise_on_unexpected_status is True.
@@ -130,8 +130,8 @@ def sync(
     Args:
         idempotency_key (None | str | Unset): Retries with the same key and body return the same
             job.
-        body (JobCreate): A compression job. Only `model` and `ratio` (or `ratios`, for a sweep)
-            are required.
+        body (JobCreate): A compression job. Only `model` and `ratio` (or `ratios`, for a sweep,
+            or `target`) are required.
 
     Raises:
         errors.UnexpectedStatus: If the server returns an undocumented status code and Client.raise_on_unexpected_status is True.
@@ -162,8 +162,8 @@ async def asyncio_detailed(
     Args:
         idempotency_key (None | str | Unset): Retries with the same key and body return the same
             job.
-        body (JobCreate): A compression job. Only `model` and `ratio` (or `ratios`, for a sweep)
-            are required.
+        body (JobCreate): A compression job. Only `model` and `ratio` (or `ratios`, for a sweep,
+            or `target`) are required.
 
     Raises:
         errors.UnexpectedStatus: If the server returns an undocumented status code and Client.raise_on_unexpected_status is True.
@@ -197,8 +197,8 @@ async def asyncio(
     Args:
         idempotency_key (None | str | Unset): Retries with the same key and body return the same
             job.
-        body (JobCreate): A compression job. Only `model` and `ratio` (or `ratios`, for a sweep)
-            are required.
+        body (JobCreate): A compression job. Only `model` and `ratio` (or `ratios`, for a sweep,
+            or `target`) are required.
 
     Raises:
         errors.UnexpectedStatus: If the server returns an undocumented status code and Client.raise_on_unexpected_status is True.
