@@ -1,4 +1,6 @@
 """Loss-aware allocation: component scores (core.sensitivity) and one whole-model budget (core.allocation)."""
+import json
+
 import pytest
 import torch
 
@@ -129,3 +131,26 @@ def test_loss_allocation_cannot_stream_and_names_its_score(tiny_path):
                                 calibration=DataSpec(samples=2, seq_len=16), evaluation=EvalConfig(enabled=False)))
     with pytest.raises(UserError, match="loss_score"):
         CompressConfig(model=str(tiny_path), ratio=0.4, allocation="loss", loss_score="second")
+
+
+def test_a_sweep_and_a_targeted_job_score_once_and_plan_every_ratio_with_one_budget(tiny_path, tmp_path,
+                                                                                    monkeypatch):
+    from svdforge.core import allocation, sensitivity
+    from svdforge.core import targets as targets_mod
+    from svdforge.core.config import QualityTarget
+    from svdforge.core.sweeps import sweep
+
+    calls = []
+    real = sensitivity.component_gradients
+    monkeypatch.setattr(allocation, "component_gradients", lambda *a, **k: calls.append(1) or real(*a, **k))
+    base = dict(model=str(tiny_path), ratio=0.4, allocation="loss", calibration=DataSpec(samples=4, seq_len=32),
+                calibration_mode="parallel", stats_cache=False,
+                evaluation=EvalConfig(seq_len=32, max_tokens=128, throughput=False))
+    sweep(CompressConfig(**base), [0.3, 0.5], tmp_path / "s", figures=False)
+    assert len(calls) == 1
+    for folder in ("ratio-0.30", "ratio-0.50"):
+        info = json.loads((tmp_path / "s" / folder / "report.json").read_text())["allocation_info"]
+        assert info["score"] == "fisher" and info["allocated_params"] <= info["budget_params"]
+    t = targets_mod.compress_to_target(CompressConfig(**base), QualityTarget(max_ppl_ratio=50.0, ratio_max=0.9),
+                                       tmp_path / "t")
+    assert len(calls) == 2 and t["allocation_info"]["score"] == "fisher" and t["target"]["chosen"] == 0.9
