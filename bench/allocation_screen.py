@@ -7,7 +7,7 @@ parallel-mode truncation (every linear decomposed on the dense model's inputs), 
 compression `bench/quality.py` runs; it ranks allocations against each other cheaply, and the winners
 are then measured with `bench/quality.py`.
 
-    python bench/allocation_screen.py --ratio 0.4 --eval-max-tokens 16384
+    python bench/allocation_screen.py --ratios 0.2 0.4 --eval-max-tokens 16384
 
 Prints one row per allocation (PPL, Teacher-KL, parameters against uniform's, linears kept dense) and
 writes them as JSON (`--json`).
@@ -95,10 +95,11 @@ def apply(model, components, ranks, dense_weights):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--ratio", type=float, default=0.4)
+    ap.add_argument("--ratios", type=float, nargs="+", default=[0.4])
     ap.add_argument("--calib-samples", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--eval-max-tokens", type=int, default=16384)
+    ap.add_argument("--kl", action="store_true", help="also Teacher-KL (a dense forward per allocation)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
@@ -107,7 +108,6 @@ def main() -> None:
     from svdforge.core.allocation import whitened_spectra
     from svdforge.core.config import DataSpec
     from svdforge.core.data import calibration_windows, evaluation_windows
-    from svdforge.core.evaluate import compare
     from svdforge.core.methods import get_method
     from svdforge.core.models import load_model
     from svdforge.core.pipeline import default_threads
@@ -126,20 +126,30 @@ def main() -> None:
     t2 = time.perf_counter()
     print(f"spectra + components {t1 - t0:.0f} s, gradients {t2 - t1:.0f} s", flush=True)
     dense_weights = {n: model.get_submodule(n).weight.detach().clone() for n in spectra}
-    teacher = copy.deepcopy(model)
-    plans, params = variants(spectra, grads, args.ratio)
+    teacher = copy.deepcopy(model) if args.kl else None
+    rows = []
+    for ratio in args.ratios:
+        rows += screen(model, teacher, ev, spectra, grads, components, dense_weights, ratio)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+def screen(model, teacher, ev, spectra, grads, components, dense_weights, ratio):
+    from svdforge.core.evaluate import compare
+
+    plans, params = variants(spectra, grads, ratio)
     rows = []
     for name, ranks in plans.items():
         apply(model, components, ranks, dense_weights)
         m = compare(teacher, model, ev)["compressed"]
-        rows.append({"allocation": name, "ratio": args.ratio, "ppl": m["ppl"], "teacher_kl": m["teacher_kl"],
+        rows.append({"allocation": name, "ratio": ratio, "ppl": m["ppl"], "teacher_kl": m.get("teacher_kl"),
                      "params_vs_uniform": params[name] / params["uniform"],
                      "kept_dense": sum(k is None for k in ranks.values()), "eval_tokens": m["tokens"]})
         r = rows[-1]
-        print(f"{name:14s} ppl {r['ppl']:9.2f} kl {r['teacher_kl']:.3f} params x{r['params_vs_uniform']:.4f} "
+        kl = "-" if r["teacher_kl"] is None else f"{r['teacher_kl']:.3f}"
+        print(f"{ratio:.2f} {name:14s} ppl {r['ppl']:9.2f} kl {kl} params x{r['params_vs_uniform']:.4f} "
               f"dense {r['kept_dense']}", flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+    return rows
 
 
 if __name__ == "__main__":
