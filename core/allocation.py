@@ -251,34 +251,15 @@ def allocate_ratio(spectra: dict[str, tuple[int, int, torch.Tensor]], ratio: flo
     """(rank_fn, allocation_info) spending what `uniform` at `ratio` would spend."""
     t0 = time.perf_counter()
     shapes = {name: (m, n) for name, (m, n, _) in spectra.items()}
-    budget = sum(uniform_cost(m, n, ratio) for m, n in shapes.values())
     reference = {name: uniform_rank(m, n, ratio) for name, (m, n) in shapes.items()}
     ranks: dict[str, int | None] = {}
     for kind in sorted({_kind(n) for n in spectra}):
         group = {n: v for n, v in spectra.items() if _kind(n) == kind}
         ranks.update(allocate(group, sum(uniform_cost(m, n_, ratio) for m, n_, _ in group.values()), reference))
-    uniform = {name: (uniform_rank(m, n, ratio) if saves_params(m, n, uniform_rank(m, n, ratio))
-                      else None) for name, (m, n) in shapes.items()}
-    info = {
-        "normalisation": "sigma_i^2 / sum_{j >= k_uniform} sigma_j^2 per linear (its loss relative to "
-                         "uniform's), per parameter (m + n); each kind keeps uniform's budget",
-        "budget_params": budget,
-        "allocated_params": params_of(ranks, shapes),
-        "uniform_params": params_of(uniform, shapes),
-        "kept_dense": sorted(n for n, k in ranks.items() if k is None),
-        "ranks": ranks,
-        "uniform_ranks": uniform,
-        "retained_energy": {n: _retained(spectra[n][2], k) for n, k in ranks.items()},
-        "by_kind": _by_kind(ranks, uniform),
-        "seconds": seconds + time.perf_counter() - t0,
-    }
-
-    def rank_fn(name: str, m: int, n: int) -> int | None:
-        if name not in ranks:
-            raise UserError(f"global allocation has no rank for {name}")
-        return ranks[name]
-
-    return rank_fn, info
+    info = _plan_info(spectra, ranks, ratio, "sigma_i^2 / sum_{j >= k_uniform} sigma_j^2 per linear (its loss "
+                      "relative to uniform's), per parameter (m + n); each kind keeps uniform's budget")
+    info["seconds"] = seconds + time.perf_counter() - t0
+    return _lookup(ranks, "global allocation"), info
 
 
 def allocate_loss(spectra: dict[str, tuple[int, int, torch.Tensor]], scores: dict, ratio: float,
@@ -286,17 +267,24 @@ def allocate_loss(spectra: dict[str, tuple[int, int, torch.Tensor]], scores: dic
     """(rank_fn, allocation_info): ranks from the components' loss scores under ONE budget for the
     whole model (what `uniform` at `ratio` spends, no per-kind budget); a linear may stay dense."""
     t0 = time.perf_counter()
-    shapes = {name: (m, n) for name, (m, n, _) in spectra.items()}
-    budget = sum(uniform_cost(m, n, ratio) for m, n in shapes.values())
-    gains = {name: (m, n, concave(scores["scores"][name])) for name, (m, n) in shapes.items()}
+    budget = sum(uniform_cost(m, n, ratio) for m, n, _ in spectra.values())
+    gains = {name: (m, n, concave(scores["scores"][name])) for name, (m, n, _) in spectra.items()}
     ranks = greedy_ranks(gains, budget)
+    info = _plan_info(spectra, ranks, ratio, f"{scores['kind']} score: estimated loss increase of removing each "
+                      "component (svdforge.core.sensitivity), per parameter (m + n); one budget for the whole model")
+    info.update(score=scores["kind"], gradient_windows=scores["windows"],
+                gradient_seconds=scores["gradient_seconds"], seconds=seconds + time.perf_counter() - t0)
+    return _lookup(ranks, "loss-aware allocation"), info
+
+
+def _plan_info(spectra: dict, ranks: dict[str, int | None], ratio: float, normalisation: str) -> dict:
+    """The report's `allocation_info`: budget, parameters against uniform's, ranks, dense linears."""
+    shapes = {name: (m, n) for name, (m, n, _) in spectra.items()}
     uniform = {name: (uniform_rank(m, n, ratio) if saves_params(m, n, uniform_rank(m, n, ratio))
                       else None) for name, (m, n) in shapes.items()}
-    info = {
-        "normalisation": f"{scores['kind']} score: estimated loss increase of removing each component "
-                         "(svdforge.core.sensitivity), per parameter (m + n); one budget for the whole model",
-        "score": scores["kind"],
-        "budget_params": budget,
+    return {
+        "normalisation": normalisation,
+        "budget_params": sum(uniform_cost(m, n, ratio) for m, n in shapes.values()),
         "allocated_params": params_of(ranks, shapes),
         "uniform_params": params_of(uniform, shapes),
         "kept_dense": sorted(n for n, k in ranks.items() if k is None),
@@ -304,17 +292,16 @@ def allocate_loss(spectra: dict[str, tuple[int, int, torch.Tensor]], scores: dic
         "uniform_ranks": uniform,
         "retained_energy": {n: _retained(spectra[n][2], k) for n, k in ranks.items()},
         "by_kind": _by_kind(ranks, uniform),
-        "gradient_windows": scores["windows"],
-        "gradient_seconds": scores["gradient_seconds"],
-        "seconds": seconds + time.perf_counter() - t0,
     }
 
+
+def _lookup(ranks: dict[str, int | None], what: str):
     def rank_fn(name: str, m: int, n: int) -> int | None:
         if name not in ranks:
-            raise UserError(f"loss-aware allocation has no rank for {name}")
+            raise UserError(f"{what} has no rank for {name}")
         return ranks[name]
 
-    return rank_fn, info
+    return rank_fn
 
 
 def _kind(name: str) -> str:
