@@ -166,8 +166,10 @@ UPDATE_MIX = 0.2
 # `svdforge.core.recover.least_squares_update` (SmolLM2, 64 windows: at 0.2 PPL 4235 without it, 48.1
 # with 1.0; at 0.4 it costs a little, 66.9 -> 71.0, against 99.4 without any update).
 UPDATE_RIDGE = 1.0
-# Layer-local refinement (`svdforge.core.refine`): at most this many passes; the default step size.
+# Layer-local refinement (`svdforge.core.refine`): at most this many passes; the passes a request
+# that turns it on without a count gets (the API's `refine` object); the default step size.
 MAX_REFINE_PASSES = 100
+REFINE_PASSES = 2
 REFINE_LR = 3e-4
 
 

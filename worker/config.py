@@ -12,10 +12,19 @@ use (calibration, training, evaluation); a key left out of a source is `DataSpec
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
-from svdforge.core.config import CompressConfig, DataSpec, EvalConfig, RecoverConfig, SweepConfig, default_of
+from svdforge.core.config import (
+    REFINE_PASSES,
+    CompressConfig,
+    DataSpec,
+    EvalConfig,
+    RecoverConfig,
+    SweepConfig,
+    default_of,
+)
 from svdforge.core.errors import UserError
 from svdforge.persistence.modelref import ModelRefError, check_hub_name, check_model_ref
 from svdforge.persistence.settings import Settings
@@ -61,6 +70,16 @@ def recover_config(adapter: dict[str, Any], files: dict[str, Path]) -> RecoverCo
     return RecoverConfig(type=kind, data=data, **_given(adapter, TRAINING_KEYS))
 
 
+def with_refine(rc: RecoverConfig, refine: dict[str, Any] | None) -> RecoverConfig:
+    """The request's `refine` object (null: off) on core's recovery config; a key left out of it
+    takes core's default (`passes`: REFINE_PASSES)."""
+    if not refine:
+        return rc
+    return dataclasses.replace(rc, refine_passes=refine.get("passes", REFINE_PASSES),
+                               refine_lr=refine.get("lr", rc.refine_lr),
+                               refine_norms=refine.get("norms", rc.refine_norms))
+
+
 def eval_config(evaluation: dict[str, Any], files: dict[str, Path]) -> EvalConfig:
     """The text is cut at the evaluation's own `seq_len`."""
     default = EvalConfig()
@@ -81,7 +100,7 @@ def build_config(request: dict[str, Any], files: dict[str, Path], settings: Sett
         model=model, ratio=request["ratio"] if ratios is None else min(ratios),
         calibration=data_spec(request.get("calibration") or {}, files, default_of(CompressConfig, "calibration").split),
         calibration_mode="sequential" if ratios is None else "parallel",
-        recover=recover_config(request.get("adapter") or {}, files),
+        recover=with_refine(recover_config(request.get("adapter") or {}, files), request.get("refine")),
         evaluation=eval_config(request.get("evaluation") or {}, files),
         device=settings.device,
         allow_pickle=settings.allow_pickle, trust_remote_code=settings.trust_remote_code,

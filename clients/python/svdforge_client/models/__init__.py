@@ -46,6 +46,7 @@ from .problem import Problem
 from .readiness import Readiness
 from .readiness_checks import ReadinessChecks
 from .readiness_status import ReadinessStatus
+from .refine import Refine
 from .stage import Stage
 from .stage_out import StageOut
 from .stage_out_status import StageOutStatus
@@ -110,6 +111,7 @@ __all__ = (
     "Readiness",
     "ReadinessChecks",
     "ReadinessStatus",
+    "Refine",
     "Stage",
     "StageOut",
     "StageOutStatus",

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from ..models.job_create_metadata import JobCreateMetadata
     from ..models.lora_adapter import LoraAdapter
     from ..models.no_adapter import NoAdapter
+    from ..models.refine import Refine
     from ..models.update_adapter import UpdateAdapter
 
 
@@ -47,6 +48,8 @@ class JobCreate:
             how. Default: 1.
         targets (JobCreateTargets | Unset):  Default: JobCreateTargets.ALL.
         adapter (AdaLoraAdapter | LoraAdapter | NoAdapter | Unset | UpdateAdapter): Recovery after compression.
+        refine (None | Refine | Unset): Layer-local refinement of each compressed layer during calibration (null: off).
+            Not with `ratios`.
         calibration (BuiltinData | FileData | HfData | Unset):
         evaluation (BuiltinEvaluation | FileEvaluation | HfEvaluation | Unset):
         metadata (JobCreateMetadata | Unset):
@@ -60,6 +63,7 @@ class JobCreate:
     rank_multiple: int | Unset = 1
     targets: JobCreateTargets | Unset = JobCreateTargets.ALL
     adapter: AdaLoraAdapter | LoraAdapter | NoAdapter | Unset | UpdateAdapter = UNSET
+    refine: None | Refine | Unset = UNSET
     calibration: BuiltinData | FileData | HfData | Unset = UNSET
     evaluation: BuiltinEvaluation | FileEvaluation | HfEvaluation | Unset = UNSET
     metadata: JobCreateMetadata | Unset = UNSET
@@ -71,6 +75,7 @@ class JobCreate:
         from ..models.file_evaluation import FileEvaluation  # noqa: PLC0415
         from ..models.lora_adapter import LoraAdapter  # noqa: PLC0415
         from ..models.no_adapter import NoAdapter  # noqa: PLC0415
+        from ..models.refine import Refine  # noqa: PLC0415
         from ..models.update_adapter import UpdateAdapter  # noqa: PLC0415
 
         model = self.model
@@ -115,6 +120,14 @@ class JobCreate:
             adapter = self.adapter.to_dict()
         else:
             adapter = self.adapter.to_dict()
+
+        refine: dict[str, Any] | None | Unset
+        if isinstance(self.refine, Unset):
+            refine = UNSET
+        elif isinstance(self.refine, Refine):
+            refine = self.refine.to_dict()
+        else:
+            refine = self.refine
 
         calibration: dict[str, Any] | Unset
         if isinstance(self.calibration, Unset):
@@ -161,6 +174,8 @@ class JobCreate:
             field_dict["targets"] = targets
         if adapter is not UNSET:
             field_dict["adapter"] = adapter
+        if refine is not UNSET:
+            field_dict["refine"] = refine
         if calibration is not UNSET:
             field_dict["calibration"] = calibration
         if evaluation is not UNSET:
@@ -182,6 +197,7 @@ class JobCreate:
         from ..models.job_create_metadata import JobCreateMetadata  # noqa: PLC0415
         from ..models.lora_adapter import LoraAdapter  # noqa: PLC0415
         from ..models.no_adapter import NoAdapter  # noqa: PLC0415
+        from ..models.refine import Refine  # noqa: PLC0415
         from ..models.update_adapter import UpdateAdapter  # noqa: PLC0415
 
         d = dict(src_dict)
@@ -271,6 +287,23 @@ class JobCreate:
 
         adapter = _parse_adapter(d.pop("adapter", UNSET))
 
+        def _parse_refine(data: object) -> None | Refine | Unset:
+            if data is None:
+                return data
+            if isinstance(data, Unset):
+                return data
+            try:
+                if not isinstance(data, dict):
+                    raise TypeError()
+                refine_type_0 = Refine.from_dict(data)
+
+                return refine_type_0
+            except (TypeError, ValueError, AttributeError, KeyError):
+                pass
+            return cast(None | Refine | Unset, data)
+
+        refine = _parse_refine(d.pop("refine", UNSET))
+
         def _parse_calibration(data: object) -> BuiltinData | FileData | HfData | Unset:
             if isinstance(data, Unset):
                 return data
@@ -341,6 +374,7 @@ class JobCreate:
             rank_multiple=rank_multiple,
             targets=targets,
             adapter=adapter,
+            refine=refine,
             calibration=calibration,
             evaluation=evaluation,
             metadata=metadata,
