@@ -160,7 +160,9 @@ class EvalConfig:
 # (`svdforge.core.recover.least_squares_update`). Chosen
 # by measurement on SmolLM2 at ratio 0.4 (svd-llm, sequential, 32 x 512 WikiText-2 valid
 # windows, first 4096 test tokens): mix 0 (= no update) PPL 99.5,
-# 0.05 -> 84.4, 0.1 -> 76.3, 0.2 -> 70.1, 0.3 -> 70.8, 0.5 -> 95.1, 1.0 -> 511.5.
+# 0.05 -> 84.4, 0.1 -> 76.3, 0.2 -> 70.1, 0.3 -> 70.8, 0.5 -> 95.1, 1.0 -> 511.5. Why 1.0 overshoots
+# (each linear's statistics come from the dense layer, so chained linears correct the same error twice)
+# and why AA-SVD's anchored form does not: `least_squares_update`'s docstring.
 UPDATE_MIX = 0.2
 # Ridge on the update's correction, relative to the mean kept singular value: see
 # `svdforge.core.recover.least_squares_update` (SmolLM2, 64 windows: at 0.2 PPL 4235 without it, 48.1
