@@ -20,9 +20,11 @@ from svdforge.core.config import (
     MAX_PROMPT_CHARS,
     MAX_PROMPTS,
     MAX_RANK_MULTIPLE,
+    MAX_REFINE_PASSES,
     MAX_SAMPLE_TOKENS,
     MAX_TARGET_PROBES,
     OBJECTIVES,
+    REFINE_PASSES,
     TARGET_PRESETS,
     CompressConfig,
     DataSpec,
@@ -217,6 +219,18 @@ class AdaLoraAdapter(_Training):
         return self
 
 
+class Refine(Strict):
+    """Layer-local refinement: right after each decoder layer is compressed (sequential
+    calibration), `passes` passes of Adam over the calibration windows train its low-rank
+    factors so that the compressed layer, on the compressed model's inputs, outputs what the
+    dense layer outputs on the dense model's inputs. Combines with any adapter; shapes unchanged."""
+
+    passes: Annotated[int, Field(ge=1, le=MAX_REFINE_PASSES)] = Field(
+        REFINE_PASSES, description="Full passes over the calibration windows (one Adam step per calibration batch).")
+    lr: Annotated[float, Field(gt=0, lt=1)] = Field(_RECOVER.refine_lr, description="Adam step size.")
+    norms: bool = Field(_RECOVER.refine_norms, description="Also train each layer's normalisation weights.")
+
+
 def _type_tag(value: Any) -> str | None:
     if isinstance(value, dict):
         return value.get("type", "none")
@@ -297,6 +311,8 @@ class JobCreate(Strict):
             "parameters the unrounded ranks would use; 1: no rounding. The report's `rank_rounding` says how."))
     targets: TargetPreset = default_of(CompressConfig, "targets")
     adapter: Adapter = Field(default_factory=NoAdapter, description="Recovery after compression.")
+    refine: Refine | None = Field(None, description=(
+        "Layer-local refinement of each compressed layer during calibration (null: off). Not with `ratios`."))
     calibration: DataSource = Field(default_factory=lambda: _builtin(_CALIBRATION))
     evaluation: Evaluation = Field(default_factory=BuiltinEvaluation)
     metadata: dict[MetadataKey, MetadataValue] = Field(default_factory=dict, max_length=16)
@@ -336,6 +352,9 @@ class JobCreate(Strict):
         if self.ratios is not None and self.adapter.type == "update":
             _field_error("adapter.type", "the `update` adapter needs sequential calibration, which depends on "
                          "the ratio: a sweep (`ratios`) cannot share it; submit one job per ratio", "update")
+        if self.ratios is not None and self.refine is not None:
+            _field_error("refine", "refinement needs sequential calibration, which depends on the ratio: a sweep "
+                         "(`ratios`) cannot share it; submit one job per ratio", self.refine.model_dump())
         return self
 
 

@@ -44,7 +44,7 @@ def parse_row(spec: str) -> dict:
     return row
 
 
-def training_of(recover: str | None) -> str | None:
+def training_of(recover: str | None, refine: str | None = None) -> str | None:
     """What a row optimises by gradient descent: `none` (closed forms only: truncation, the update),
     `layer` (layer-local refinement against the dense layer's outputs) or `global` (LoRA / AdaLoRA
     trained through the whole model); None for the dense row."""
@@ -52,7 +52,7 @@ def training_of(recover: str | None) -> str | None:
         return None
     if "lora" in recover:          # lora, adalora, lora+update, lora@ntp
         return "global"
-    return "layer" if "refine" in recover else "none"
+    return "layer" if refine else "none"
 
 
 def config_for(row: dict, args) -> dict:
@@ -69,6 +69,8 @@ def config_for(row: dict, args) -> dict:
            "objective": objective or args.train_objective, "update_mix": args.update_mix}
     if args.train_steps:
         rec["max_steps"] = args.train_steps
+    if row.get("refine_passes"):
+        rec.update(refine_passes=row["refine_passes"], refine_lr=args.refine_lr, refine_norms=args.refine_norms)
     allocation, _, score = row["allocation"].partition("@")     # loss@taylor: the loss score's variant
     return {"model": args.model, "ratio": row["ratio"], "method": row["method"], "allocation": allocation,
             "loss_score": score or "fisher",
@@ -90,14 +92,17 @@ def run_one(config_json: str) -> None:
 def row_from_report(row: dict, r: dict) -> tuple[dict, dict]:
     c, d = r["metrics"]["compressed"], r["metrics"]["dense"]
     t = r["timings_s"]
-    out = dict(row, training=training_of(row["recover"]), ppl=c["ppl"], teacher_kl=c["teacher_kl"], top10_recall=c["top10_recall"],
+    out = dict(row, training=training_of(row["recover"], row.get("refine")), ppl=c["ppl"], teacher_kl=c["teacher_kl"], top10_recall=c["top10_recall"],
                agreement=c["agreement"], eval_tokens=c["tokens"],
-               compress_s=t["calibrate"] + t["decompose"] + t["recover"], load_s=t["load"],
+               compress_s=t["calibrate"] + t["decompose"] + t.get("refine", 0.0) + t["recover"], load_s=t["load"],
                peak_rss_bytes=r["peak_rss_bytes"], tokens_per_s=r["throughput"]["compressed"]["tokens_per_s"],
                speedup=r["throughput"].get("speedup"), linears_reduction=r["params"]["linears_reduction"],
                params_reduction=r["params"]["reduction"], mode=r["calibration_mode"],
                params_compressed=r["params"]["compressed"], linears_compressed=r["params"]["linears_compressed"],
                threads=r["threads"])
+    if "refine" in r:
+        out["refine_info"] = {k: v for k, v in r["refine"].items() if k != "layers"}
+        out["refine_s"] = r["timings_s"]["refine"]
     if r.get("recover", {}).get("type", "none") != "none":
         out["recover_info"] = {k: v for k, v in r["recover"].items() if k not in ("loss_curve", "ranks")}
     dense = dict(method="dense", ratio=None, allocation=None, recover=None, training=None, mode=None, ppl=d["ppl"], teacher_kl=0.0,
@@ -138,6 +143,8 @@ def table(rows: list[dict]) -> str:
     cols = COLUMNS
     if any(r.get("rank_multiple", 1) != 1 for r in rows):
         cols = cols[:3] + ["rank_multiple"] + cols[3:]
+    if any(r.get("refine") for r in rows):
+        cols = cols[:cols.index("recover") + 1] + ["refine"] + cols[cols.index("recover") + 1:]
     head = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
     return head + "\n".join("| " + " | ".join(fmt(_value(r, c), c) for c in cols) + " |" for r in rows) + "\n"
 
@@ -150,7 +157,7 @@ def _value(r: dict, col: str):
 
 def key(r: dict) -> tuple:
     return (r["method"], r["ratio"], r["allocation"], r["recover"], r.get("mode"), r.get("rank_multiple", 1),
-            r["eval_tokens"])
+            r["eval_tokens"], r.get("refine", "-"))
 
 
 def main() -> None:
@@ -176,6 +183,9 @@ def main() -> None:
     ap.add_argument("--train-autocast", default="bfloat16")
     ap.add_argument("--train-objective", default="kl", help="ntp | kl | both")
     ap.add_argument("--update-mix", type=float, default=0.2, help="closed-form update's target mix")
+    ap.add_argument("--refine-passes", type=int, default=0, help="layer-local refinement passes (0: off)")
+    ap.add_argument("--refine-lr", type=float, default=3e-4, help="refinement's Adam step size")
+    ap.add_argument("--refine-norms", action="store_true", help="refinement also trains the norm weights")
     ap.add_argument("--out", type=Path, default=ROOT / "docs")
     ap.add_argument("--render", action="store_true", help="only rewrite benchmarks.md from benchmarks.json")
     ap.add_argument("--one", help=argparse.SUPPRESS)
@@ -187,7 +197,7 @@ def main() -> None:
     json_path = args.out / "benchmarks.json"
     existing = json.loads(json_path.read_text()) if json_path.is_file() else []
     for r in existing:                       # rows written before the column: derived from `recover`
-        r.setdefault("training", training_of(r["recover"]))
+        r.setdefault("training", training_of(r["recover"], r.get("refine")))
     results = {key(r): r for r in existing}
     if args.render:
         return render(existing, args)
@@ -196,6 +206,9 @@ def main() -> None:
         row = parse_row(spec)
         if args.rank_multiple != 1:
             row["rank_multiple"] = args.rank_multiple
+        if args.refine_passes:
+            row["refine_passes"] = args.refine_passes
+            row["refine"] = f"{args.refine_passes}x lr {args.refine_lr:g}" + (" +norms" if args.refine_norms else "")
         cfg = json.dumps(config_for(row, args))
         t = time.perf_counter()
         with tempfile.TemporaryFile("w+") as err:

@@ -162,12 +162,19 @@ class EvalConfig:
 # (`svdforge.core.recover.least_squares_update`). Chosen
 # by measurement on SmolLM2 at ratio 0.4 (svd-llm, sequential, 32 x 512 WikiText-2 valid
 # windows, first 4096 test tokens): mix 0 (= no update) PPL 99.5,
-# 0.05 -> 84.4, 0.1 -> 76.3, 0.2 -> 70.1, 0.3 -> 70.8, 0.5 -> 95.1, 1.0 -> 511.5.
+# 0.05 -> 84.4, 0.1 -> 76.3, 0.2 -> 70.1, 0.3 -> 70.8, 0.5 -> 95.1, 1.0 -> 511.5. Why 1.0 overshoots
+# (each linear's statistics come from the dense layer, so chained linears correct the same error twice)
+# and why AA-SVD's anchored form does not: `least_squares_update`'s docstring.
 UPDATE_MIX = 0.2
 # Ridge on the update's correction, relative to the mean kept singular value: see
 # `svdforge.core.recover.least_squares_update` (SmolLM2, 64 windows: at 0.2 PPL 4235 without it, 48.1
 # with 1.0; at 0.4 it costs a little, 66.9 -> 71.0, against 99.4 without any update).
 UPDATE_RIDGE = 1.0
+# Layer-local refinement (`svdforge.core.refine`): at most this many passes; the passes a request
+# that turns it on without a count gets (the API's `refine` object); the default step size.
+MAX_REFINE_PASSES = 100
+REFINE_PASSES = 2
+REFINE_LR = 3e-4
 
 
 @dataclass
@@ -177,6 +184,12 @@ class RecoverConfig:
     `update` with type lora/adalora applies the closed-form update during calibration and
     then trains the adapters on top of it. `autocast` runs the training forward in a lower
     precision (the adapters and their optimizer stay in the model's dtype).
+
+    `refine_passes` (0: off) turns on layer-local refinement with any `type`: in the layer
+    loop, right after each layer is compressed, `refine_passes` passes of Adam (step size
+    `refine_lr`, batches in `seed`'s order) fit its factors (and with `refine_norms` its
+    normalisation weights) so that it outputs on the compressed path what the dense layer
+    outputs on the dense one (`svdforge.core.refine`). Needs sequential calibration.
     """
 
     type: str = "none"
@@ -196,6 +209,9 @@ class RecoverConfig:
     update: bool = False        # also run the closed-form update before lora / adalora
     update_mix: float = UPDATE_MIX   # weight of the dense output in the update's target
     autocast: str = "none"      # training forward dtype: none (the model's) | bfloat16 | float16
+    refine_passes: int = 0      # layer-local refinement passes (0: off)
+    refine_lr: float = REFINE_LR
+    refine_norms: bool = False  # also train each layer's normalisation weights
 
     def __post_init__(self) -> None:
         if isinstance(self.data, dict):
@@ -217,6 +233,10 @@ class RecoverConfig:
         _int_in("grad_accum", self.grad_accum, 1, 4096)
         _check(isinstance(self.lr, (int, float)) and 0 < self.lr < 1, f"lr must be in (0, 1), got {self.lr!r}")
         _check(isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1, "dropout must be in [0, 1)")
+        _int_in("refine_passes", self.refine_passes, 0, MAX_REFINE_PASSES)
+        _check(isinstance(self.refine_lr, (int, float)) and not isinstance(self.refine_lr, bool)
+               and 0 < self.refine_lr < 1, f"refine_lr must be in (0, 1), got {self.refine_lr!r}")
+        _check(isinstance(self.refine_norms, bool), f"refine_norms must be true or false, got {self.refine_norms!r}")
 
 
 @dataclass
@@ -283,6 +303,9 @@ class CompressConfig:
             _int_in("max_activation_bytes", self.max_activation_bytes, 0)
         _check(isinstance(self.stats_cache, bool), f"stats_cache must be true or false, got {self.stats_cache!r}")
         _int_in("calibration_batch_size", self.calibration_batch_size, 1, 4096)
+        _check(self.recover.refine_passes == 0 or self.calibration_mode == "sequential",
+               "recover.refine_passes needs calibration_mode 'sequential' (each layer is refined on the outputs "
+               "of the already refined layers before it)")
         if self.targets.startswith("re:"):
             try:
                 re.compile(self.targets[3:])

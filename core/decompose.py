@@ -27,6 +27,7 @@ from svdforge.core.lowrank import LowRankLinear, from_factors, set_submodule
 from svdforge.core.methods import Method
 from svdforge.core.progress import Reporter
 from svdforge.core.recover import least_squares_update
+from svdforge.core.refine import Refine
 from svdforge.core.statistics import DENSE, MAIN, Statistics
 
 RankFn = Callable[[str, int, int], int | None]
@@ -41,6 +42,7 @@ class CalibrationResult:
     ranks: dict[str, dict] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=lambda: {"calibrate": 0.0, "decompose": 0.0})
     shared_inputs: list[list[str]] = field(default_factory=list)
+    refine: dict | None = None       # `Refine.report()` when the layers were refined
 
 
 @dataclass
@@ -206,10 +208,16 @@ class KeepDecompose(Handler):
         _svd_progress(self.rep, step)
 
 
-def _check_mode(mode: str, update: bool, sweep) -> None:
+def _check_mode(mode: str, update: bool, sweep, refine, stats_cache) -> None:
     if update and mode != "sequential":
         raise UserError("the closed-form update needs calibration_mode 'sequential' "
                         "(it is defined on the activations of the already compressed layers)")
+    if refine is not None and (mode != "sequential" or sweep is not None):
+        raise UserError("refine needs calibration_mode 'sequential' and one ratio (it fits each compressed "
+                        "layer on the outputs of the already refined layers before it)")
+    if refine is not None and stats_cache is not None:
+        raise UserError("refine runs every layer's calibration forward (it trains on the dense outputs): "
+                        "no statistics cache")
     if sweep is not None and mode != "parallel":
         raise UserError("a sweep shares one calibration between its ratios, which is exact only in "
                         "calibration_mode 'parallel' (sequential statistics depend on the ratio)")
@@ -220,7 +228,8 @@ def compress_layers(model: nn.Module, ids: torch.Tensor, method: Method, rank_fn
                     fisher: dict[str, torch.Tensor] | None = None, reporter: Reporter | None = None,
                     forward_dtype: torch.dtype | None = None, update: bool = False,
                     update_mix: float | None = None, layer_io=None, activations=None, stats_cache=None,
-                    sweep: list[SweepTarget] | None = None, keep: Decompositions | None = None) -> CalibrationResult:
+                    sweep: list[SweepTarget] | None = None, keep: Decompositions | None = None,
+                    refine: Refine | None = None) -> CalibrationResult:
     """Compress the target linears of every decoder layer in place. Returns ranks and timings.
 
     sweep: several ratios from one calibration: the model stays dense and each `SweepTarget`
@@ -235,8 +244,11 @@ def compress_layers(model: nn.Module, ids: torch.Tensor, method: Method, rank_fn
     update (`svdforge.core.recover.least_squares_update`), which needs the dense model's own
     activations as a second stream next to the compressed one, and so sequential mode;
     update_mix: the weight of the dense output in its target (default `UPDATE_MIX`).
+    refine: a `svdforge.core.refine.Refine` handler: after each layer is decomposed, train its
+    factors towards the dense layer's outputs (sequential; the dense stream runs as for the update);
+    its report goes to `result.refine`, its seconds to `timings["refine"]` (not `decompose`).
     """
-    _check_mode(mode, update, sweep if keep is None else keep)
+    _check_mode(mode, update, sweep if keep is None else keep, refine, stats_cache)
     rep = reporter or Reporter()
     res = CalibrationResult()
     needs = method.needs - {"fisher"} | ({"gram"} if update else set())
@@ -248,12 +260,18 @@ def compress_layers(model: nn.Module, ids: torch.Tensor, method: Method, rank_fn
     else:
         decompose = Decompose(model, method, rank_fn, res, fisher=fisher, reporter=rep,
                               mix=UPDATE_MIX if update_mix is None else update_mix)
-    streams = [Stream(DENSE), Stream(MAIN, reuse=False)] if update else [Stream(MAIN, reuse=mode == "parallel")]
-    loop = LayerLoop(model, [statistics, decompose], ids=ids, batch_size=batch_size, device=device,
+    two = update or refine is not None
+    streams = [Stream(DENSE), Stream(MAIN, reuse=False)] if two else [Stream(MAIN, reuse=mode == "parallel")]
+    handlers = [statistics, decompose] + ([refine] if refine is not None else [])
+    loop = LayerLoop(model, handlers, ids=ids, batch_size=batch_size, device=device,
                      forward_dtype=forward_dtype, streams=streams, targets=targets, layer_io=layer_io,
                      activations=activations, reporter=rep).run()
     res.timings["calibrate"] += loop.timings["calibrate"]
     res.timings["decompose"] += loop.timings["decompose"]
+    if refine is not None:
+        res.refine = refine.report()
+        res.timings["refine"] = res.refine["seconds"]
+        res.timings["decompose"] -= res.refine["seconds"]
     res.shared_inputs = statistics.shared_inputs
     for t in sweep or ():
         t.result.shared_inputs = res.shared_inputs

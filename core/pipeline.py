@@ -59,6 +59,7 @@ from svdforge.core.models import (
 )
 from svdforge.core.progress import Reporter
 from svdforge.core.recover import recover
+from svdforge.core.refine import Refine
 from svdforge.core.report import compressed_report, count_paths, write_report_and_manifest
 from svdforge.core.statistics import collect_fisher
 from svdforge.core.stats_cache import DEFAULT_MAX_BYTES, StatsCache, stats_key
@@ -192,7 +193,9 @@ def estimate_fisher(run: Run, loaded: Loaded, note: str = "") -> tuple[dict | No
 def stats_cache(config: CompressConfig, loaded: Loaded, fdt: torch.dtype, device: str, update: bool):
     """(StatsCache or None, the report's entry when there is none)."""
     cache_off = {"status": "off", "reason": "stats_cache is false"}
-    if config.stats_cache and not Path(loaded.source).exists():
+    if config.stats_cache and config.recover.refine_passes:
+        cache_off["reason"] = "refine runs every layer's calibration forward (it trains on the dense outputs)"
+    elif config.stats_cache and not Path(loaded.source).exists():
         cache_off["reason"] = "the model is not a local folder or file: its revision cannot be keyed"
     elif config.stats_cache:
         source = loaded.source if loaded.gguf_file is None else str(Path(loaded.source) / loaded.gguf_file)
@@ -239,11 +242,19 @@ def calibrate_and_decompose(run: Run, loaded: Loaded) -> tuple[CalibrationResult
                           mode=config.calibration_mode, batch_size=config.calibration_batch_size, device=device,
                           fisher=fisher, reporter=rep, forward_dtype=fdt, update=update,
                           update_mix=config.recover.update_mix, layer_io=job.layers if job else None,
-                          activations=job.store if job else activation_store(config, device), stats_cache=cache)
+                          activations=job.store if job else activation_store(config, device), stats_cache=cache,
+                          refine=_refine(config, rep))
     rep.stage_finished("whiten", res.timings["calibrate"] + t_fisher)
     rep.stage_finished("svd", res.timings["decompose"])
     extra = {"calibration_cache": cache.report() if cache else cache_off, "t_fisher": t_fisher, **plan_info}
     return res, extra
+
+
+def _refine(config: CompressConfig, rep: Reporter) -> Refine | None:
+    rc = config.recover
+    if not rc.refine_passes:
+        return None
+    return Refine(rc.refine_passes, rc.refine_lr, norms=rc.refine_norms, seed=rc.seed, reporter=rep)
 
 
 def _recover_stage(run: Run, loaded: Loaded, res: CalibrationResult) -> tuple[dict | None, float]:
@@ -281,6 +292,8 @@ def _single_report(run: Run, loaded: Loaded, res: CalibrationResult, recover_rep
     report["whitening_paths"] = count_paths(res.ranks)
     report["ranks"] = res.ranks
     report.update({k: extra[k] for k in ("allocation_info", "rank_rounding") if k in extra})
+    if res.refine is not None:
+        report["refine"] = res.refine
     return report
 
 
@@ -306,7 +319,8 @@ def compress(config: CompressConfig, out_dir: str | Path | None = None, progress
     if run.out is not None:
         _save(run, loaded, report)
     report["timings_s"] = {"load": loaded.t_load, "calibrate": res.timings["calibrate"] + extra["t_fisher"],
-                           "decompose": res.timings["decompose"], "recover": t_recover,
+                           "decompose": res.timings["decompose"], "refine": res.timings.get("refine", 0.0),
+                           "recover": t_recover,
                            "total": time.perf_counter() - run.t_start}
     if run.out is not None and on_saved is not None:
         on_saved(run.out, json.loads(json.dumps(report, default=str)))
@@ -360,7 +374,7 @@ def _evaluate_and_finish(run: Run, report: dict, model, tok, job, tmp_out) -> di
     if tmp_out is not None:
         tmp_out.cleanup()
     before = report.pop("timings_s", {})
-    report["timings_s"] = {k: before.get(k, 0.0) for k in ("load", "calibrate", "decompose", "recover")}
+    report["timings_s"] = {k: before.get(k, 0.0) for k in ("load", "calibrate", "decompose", "refine", "recover")}
     report["timings_s"].update(evaluate=t_eval, total=time.perf_counter() - run.t_start)
     report["peak_rss_bytes"] = peak_rss_bytes()
     report["versions"] = package_versions()

@@ -45,6 +45,33 @@ LOSS_CURVE_POINTS = 200
 
 
 
+# Why the anchored update overshoots at mix 1 here, and AA-SVD's does not.
+# Why AA-SVD's anchored closed form (its objective 4, `W X` on `X'` with mix 1) works and
+# this one at mix 1 does not. The likely main reason is where X' of a linear *inside* a
+# layer comes from. AA-SVD's code compresses a layer's linears in a fixed order and swaps
+# each one in before collecting the next one's Grams (running the layer as compressed so
+# far), so o_proj's X' already carries q/k/v's correction. Here all of a layer's
+# statistics come from one forward of the *dense* layer on the compressed stream: q/k/v
+# are each fitted to remove the upstream error at their outputs, and o_proj, fitted on
+# inputs that still hold that error, removes it once more (gate/up -> down_proj likewise):
+# at mix 1 the chained corrections overshoot. A small experiment (tiny random Llama, 4
+# layers, 32 x 64 calibration windows, ratio 0.4, relative error of the final hidden states
+# against the dense model) agrees: with every linear updated, the error on the very
+# windows it was fitted on falls from 0.910 (mix 0) to 0.730 at mix 0.8 and rises again at
+# 1.0 (0.731; held-out 1.037 -> 0.983 -> 0.993), which overfitting alone would not do; with
+# only the first linear of each chain compressed (q/k/v and gate/up, so no correction feeds
+# another) it falls monotonically up to mix 1 (0.884 -> 0.758; held-out 0.998 -> 0.941).
+# Other differences: AA-SVD's solution is a reduced-rank regression (both factors from the
+# SVD of the anchored target, so truncation drops weak target directions instead of the
+# 1 / sigma_i amplification below), its defaults calibrate on 256 windows, and its default
+# run also fine-tunes each layer afterwards (25 Adam steps at lr 1e-4 on the layer-output
+# MSE). Calibration size alone does not explain the overshoot: on a synthetic linear
+# (n = 256, k = 76, 1% outlier tokens, an upstream error linear in X) mix 1 beat no update
+# on held-out tokens from 1,024 calibration tokens on. Intra-layer sequential statistics
+# for the update (one forward per chain stage) is the fix this points to; it is not done
+# here (not measured on SmolLM2), so `mix` stays the remedy. Layer-local refinement
+# (`svdforge.core.refine`) fits the whole layer's output and has no such conflict.
+
 @torch.no_grad()
 def least_squares_update(W: torch.Tensor, u: torch.Tensor, v: torch.Tensor, G: torch.Tensor,
                          C: torch.Tensor, mix: float = UPDATE_MIX,
@@ -73,6 +100,8 @@ def least_squares_update(W: torch.Tensor, u: torch.Tensor, v: torch.Tensor, G: t
     default UPDATE_MIX was picked by a sweep (core/config.py). Where X = X' (layer 0's
     q/k/v/gate/up) every mix gives the official (no-op) solution.
 
+    Why AA-SVD's anchored closed form works at mix 1 and this one does not: the comment above.
+
     Ridge. The correction's component along direction i of W_v is divided by sigma_i (A =
     Sigma_k), so the weakest kept directions - the least well estimated ones - get the
     largest corrections. At ratio 0.2 (k large, down to small sigma_i) that overfits the
@@ -96,16 +125,20 @@ def least_squares_update(W: torch.Tensor, u: torch.Tensor, v: torch.Tensor, G: t
     base = _spd_solve(A + 1e-10 * mean_diag * eye, (W @ G @ v.T).T).T            # the no-op solution
     corr = _spd_solve(A + (ridge + 1e-10) * mean_diag * eye, (mix * (W @ (C - G) @ v.T)).T).T
     new = base + corr
-    B = W @ (mix * C + (1.0 - mix) * G) @ v.T
-
-    def objective(uu):   # the mixed objective up to a constant
-        return float((uu @ A * uu).sum() - 2 * (uu * B).sum())
-
-    energy = float(((W @ G) * W).sum())
-    gain = (objective(u) - objective(new)) / energy if energy > 0 else 0.0
+    gain = _gain(W, u, new, A, W @ (mix * C + (1.0 - mix) * G) @ v.T, G)
     if not torch.isfinite(new).all():
         raise NumericalError("the closed-form update produced non-finite factors")
     return new, {"gain": gain}
+
+
+def _gain(W, u, new, A, B, G) -> float:
+    """How much the mixed objective (up to a constant: tr(uu A uu^T) - 2 <uu, B>) dropped from u to
+    new, as a fraction of the linear's output energy ||W X'||^2."""
+    def objective(uu):
+        return float((uu @ A * uu).sum() - 2 * (uu * B).sum())
+
+    energy = float(((W @ G) * W).sum())
+    return (objective(u) - objective(new)) / energy if energy > 0 else 0.0
 
 
 def _spd_solve(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:

@@ -12,10 +12,12 @@ use (calibration, training, evaluation); a key left out of a source is `DataSpec
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 from svdforge.core.config import (
+    REFINE_PASSES,
     CompressConfig,
     DataSpec,
     EvalConfig,
@@ -70,6 +72,16 @@ def recover_config(adapter: dict[str, Any], files: dict[str, Path]) -> RecoverCo
     return RecoverConfig(type=kind, data=data, **_given(adapter, TRAINING_KEYS))
 
 
+def with_refine(rc: RecoverConfig, refine: dict[str, Any] | None) -> RecoverConfig:
+    """The request's `refine` object (null: off) on core's recovery config; a key left out of it
+    takes core's default (`passes`: REFINE_PASSES)."""
+    if not refine:
+        return rc
+    return dataclasses.replace(rc, refine_passes=refine.get("passes", REFINE_PASSES),
+                               refine_lr=refine.get("lr", rc.refine_lr),
+                               refine_norms=refine.get("norms", rc.refine_norms))
+
+
 def eval_config(evaluation: dict[str, Any], files: dict[str, Path]) -> EvalConfig:
     """The text is cut at the evaluation's own `seq_len`."""
     default = EvalConfig()
@@ -94,7 +106,7 @@ def build_config(request: dict[str, Any], files: dict[str, Path],
         model=model, ratio=min(ratios) if ratios else target.ratio_max if target else request["ratio"],
         calibration=data_spec(request.get("calibration") or {}, files, default_of(CompressConfig, "calibration").split),
         calibration_mode="parallel" if shared else "sequential",
-        recover=recover_config(request.get("adapter") or {}, files),
+        recover=with_refine(recover_config(request.get("adapter") or {}, files), request.get("refine")),
         evaluation=eval_config(request.get("evaluation") or {}, files),
         device=settings.device,
         allow_pickle=settings.allow_pickle, trust_remote_code=settings.trust_remote_code,

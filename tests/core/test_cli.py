@@ -22,6 +22,8 @@ def run(*args, timeout=300):
     (["--ratio", "0.4", "--sample-tokens", "257"], "--sample-tokens"),
     (["--ratio", "0.4", "--prompt", ""], "--prompt[0]"),
     (["--ratio", "0.4", *["--prompt", "hi"] * 9], "at most 8"),
+    (["--ratio", "0.4", "--refine-passes", "-1"], "refine_passes"),
+    (["--ratio", "0.4", "--refine-passes", "2", "--mode", "parallel"], "sequential"),
 ])
 def test_bad_arguments_exit_2_with_one_line(tiny_llama, tmp_path, args, needle):
     p = run("compress", tiny_llama, "--out", tmp_path / "o", *args)

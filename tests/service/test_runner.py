@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import select
 
 from svdforge.api.schemas import JobCreate
-from svdforge.core.config import UPDATE_MIX, CompressConfig, DataSpec, EvalConfig, RecoverConfig
+from svdforge.core.config import REFINE_PASSES, UPDATE_MIX, CompressConfig, DataSpec, EvalConfig, RecoverConfig
 from svdforge.core.errors import Cancelled, NumericalError, UserError
 from svdforge.persistence.jobs import create_job
 from svdforge.persistence.keys import create_key
@@ -315,7 +315,8 @@ def test_build_config_maps_the_request(settings, tmp_path):
     assert (config.evaluation.data.path, config.evaluation.max_tokens, config.evaluation.seq_len,
             config.evaluation.throughput) == (str(tmp_path / "a.txt"), None, 128, False)
     assert (config.evaluation.prompts, config.evaluation.sample_tokens) == (["Water boils at"], 8)
-    minimal = build_config(JobCreate(model="smollm2-135m", ratio=0.4).model_dump(mode="json"), {}, settings)
+    minimal_body = JobCreate(model="smollm2-135m", ratio=0.4).model_dump(mode="json")
+    minimal = build_config(minimal_body, {}, settings)
     assert (minimal.calibration.samples, minimal.calibration.seq_len, minimal.evaluation.max_tokens,
             minimal.evaluation.data.split) == (DataSpec().samples, DataSpec().seq_len, EvalConfig().max_tokens,
                                                "evaluation")
@@ -328,6 +329,13 @@ def test_build_config_maps_the_request(settings, tmp_path):
     both = build_config(JobCreate(model="smollm2-135m", ratio=0.4, adapter={"type": "lora", "update": True})
                         .model_dump(mode="json"), {}, settings)
     assert (both.recover.type, both.recover.update, both.recover.update_mix) == ("lora", True, UPDATE_MIX)
+    assert minimal.recover.refine_passes == 0   # no `refine` object: off
+    ref = build_config(JobCreate(model="smollm2-135m", ratio=0.4, adapter={"type": "update"},
+                                 refine={"lr": 0.001, "norms": True}).model_dump(mode="json"), {}, settings)
+    assert (ref.recover.type, ref.recover.refine_passes, ref.recover.refine_lr, ref.recover.refine_norms) == (
+        "update", REFINE_PASSES, 0.001, True)
+    with pytest.raises(UserError, match="refine_passes"):   # an out-of-range stored value is refused by core
+        build_config({**minimal_body, "refine": {"passes": 1000}}, {}, settings)
 
 
 @pytest.mark.parametrize("stored", ["validated", "old row"])

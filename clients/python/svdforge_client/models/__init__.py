@@ -48,6 +48,7 @@ from .quality_target_in import QualityTargetIn
 from .readiness import Readiness
 from .readiness_checks import ReadinessChecks
 from .readiness_status import ReadinessStatus
+from .refine import Refine
 from .stage import Stage
 from .stage_out import StageOut
 from .stage_out_status import StageOutStatus
@@ -114,6 +115,7 @@ __all__ = (
     "Readiness",
     "ReadinessChecks",
     "ReadinessStatus",
+    "Refine",
     "Stage",
     "StageOut",
     "StageOutStatus",

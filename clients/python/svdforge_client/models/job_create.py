@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from ..models.lora_adapter import LoraAdapter
     from ..models.no_adapter import NoAdapter
     from ..models.quality_target_in import QualityTargetIn
+    from ..models.refine import Refine
     from ..models.update_adapter import UpdateAdapter
 
 
@@ -58,6 +59,8 @@ class JobCreate:
             how. Default: 1.
         targets (JobCreateTargets | Unset):  Default: JobCreateTargets.ALL.
         adapter (AdaLoraAdapter | LoraAdapter | NoAdapter | Unset | UpdateAdapter): Recovery after compression.
+        refine (None | Refine | Unset): Layer-local refinement of each compressed layer during calibration (null: off).
+            Not with `ratios`.
         calibration (BuiltinData | FileData | HfData | Unset):
         evaluation (BuiltinEvaluation | FileEvaluation | HfEvaluation | Unset):
         metadata (JobCreateMetadata | Unset):
@@ -73,6 +76,7 @@ class JobCreate:
     rank_multiple: int | Unset = 1
     targets: JobCreateTargets | Unset = JobCreateTargets.ALL
     adapter: AdaLoraAdapter | LoraAdapter | NoAdapter | Unset | UpdateAdapter = UNSET
+    refine: None | Refine | Unset = UNSET
     calibration: BuiltinData | FileData | HfData | Unset = UNSET
     evaluation: BuiltinEvaluation | FileEvaluation | HfEvaluation | Unset = UNSET
     metadata: JobCreateMetadata | Unset = UNSET
@@ -85,6 +89,7 @@ class JobCreate:
         from ..models.lora_adapter import LoraAdapter  # noqa: PLC0415
         from ..models.no_adapter import NoAdapter  # noqa: PLC0415
         from ..models.quality_target_in import QualityTargetIn  # noqa: PLC0415
+        from ..models.refine import Refine  # noqa: PLC0415
         from ..models.update_adapter import UpdateAdapter  # noqa: PLC0415
 
         model = self.model
@@ -142,6 +147,14 @@ class JobCreate:
         else:
             adapter = self.adapter.to_dict()
 
+        refine: dict[str, Any] | None | Unset
+        if isinstance(self.refine, Unset):
+            refine = UNSET
+        elif isinstance(self.refine, Refine):
+            refine = self.refine.to_dict()
+        else:
+            refine = self.refine
+
         calibration: dict[str, Any] | Unset
         if isinstance(self.calibration, Unset):
             calibration = UNSET
@@ -191,6 +204,8 @@ class JobCreate:
             field_dict["targets"] = targets
         if adapter is not UNSET:
             field_dict["adapter"] = adapter
+        if refine is not UNSET:
+            field_dict["refine"] = refine
         if calibration is not UNSET:
             field_dict["calibration"] = calibration
         if evaluation is not UNSET:
@@ -213,6 +228,7 @@ class JobCreate:
         from ..models.lora_adapter import LoraAdapter  # noqa: PLC0415
         from ..models.no_adapter import NoAdapter  # noqa: PLC0415
         from ..models.quality_target_in import QualityTargetIn  # noqa: PLC0415
+        from ..models.refine import Refine  # noqa: PLC0415
         from ..models.update_adapter import UpdateAdapter  # noqa: PLC0415
 
         d = dict(src_dict)
@@ -326,6 +342,23 @@ class JobCreate:
 
         adapter = _parse_adapter(d.pop("adapter", UNSET))
 
+        def _parse_refine(data: object) -> None | Refine | Unset:
+            if data is None:
+                return data
+            if isinstance(data, Unset):
+                return data
+            try:
+                if not isinstance(data, dict):
+                    raise TypeError()
+                refine_type_0 = Refine.from_dict(data)
+
+                return refine_type_0
+            except (TypeError, ValueError, AttributeError, KeyError):
+                pass
+            return cast(None | Refine | Unset, data)
+
+        refine = _parse_refine(d.pop("refine", UNSET))
+
         def _parse_calibration(data: object) -> BuiltinData | FileData | HfData | Unset:
             if isinstance(data, Unset):
                 return data
@@ -398,6 +431,7 @@ class JobCreate:
             rank_multiple=rank_multiple,
             targets=targets,
             adapter=adapter,
+            refine=refine,
             calibration=calibration,
             evaluation=evaluation,
             metadata=metadata,
