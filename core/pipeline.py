@@ -232,8 +232,10 @@ def calibrate_and_decompose(run: Run, loaded: Loaded) -> tuple[CalibrationResult
     Returns its result and the report entries it adds (allocation, cache, timings)."""
     config, rep, device, job = run.config, run.rep, run.device, loaded.job
     rep.stage_started("whiten")
-    fisher, t_fisher = estimate_fisher(run, loaded)
+    t0 = time.perf_counter()
+    fisher, _ = estimate_fisher(run, loaded)
     rank_fn, plan_info = _rank_fn(run, loaded, fisher)
+    t_pre = time.perf_counter() - t0   # Fisher information and the rank plan's passes (spectra, gradients)
     update = config.recover.type == "update" or config.recover.update
     fdt = calibration_dtype(config, device)
     cache, cache_off = stats_cache(config, loaded, fdt, device, update)
@@ -244,9 +246,9 @@ def calibrate_and_decompose(run: Run, loaded: Loaded) -> tuple[CalibrationResult
                           update_mix=config.recover.update_mix, layer_io=job.layers if job else None,
                           activations=job.store if job else activation_store(config, device), stats_cache=cache,
                           refine=_refine(config, rep))
-    rep.stage_finished("whiten", res.timings["calibrate"] + t_fisher)
+    rep.stage_finished("whiten", res.timings["calibrate"] + t_pre)
     rep.stage_finished("svd", res.timings["decompose"])
-    extra = {"calibration_cache": cache.report() if cache else cache_off, "t_fisher": t_fisher, **plan_info}
+    extra = {"calibration_cache": cache.report() if cache else cache_off, "t_pre": t_pre, **plan_info}
     return res, extra
 
 
@@ -318,7 +320,7 @@ def compress(config: CompressConfig, out_dir: str | Path | None = None, progress
     report = _single_report(run, loaded, res, recover_report, extra)
     if run.out is not None:
         _save(run, loaded, report)
-    report["timings_s"] = {"load": loaded.t_load, "calibrate": res.timings["calibrate"] + extra["t_fisher"],
+    report["timings_s"] = {"load": loaded.t_load, "calibrate": res.timings["calibrate"] + extra["t_pre"],
                            "decompose": res.timings["decompose"], "refine": res.timings.get("refine", 0.0),
                            "recover": t_recover,
                            "total": time.perf_counter() - run.t_start}

@@ -1,5 +1,6 @@
 """Loss-aware allocation: component scores (core.sensitivity) and one whole-model budget (core.allocation)."""
 import json
+import time
 
 import pytest
 import torch
@@ -106,9 +107,12 @@ def test_greedy_ranks_spends_the_budget_on_the_largest_gains():
     assert params_of(ranks, {"x": (16, 16), "y": (16, 16)}) == 5 * 32
 
 
-def test_pipeline_loss_allocation_spends_uniforms_parameters(tiny_path):
+def test_pipeline_loss_allocation_spends_uniforms_parameters(tiny_path, monkeypatch):
+    from svdforge.core import allocation
     from svdforge.core.pipeline import compress
 
+    real = allocation.component_gradients      # made slow, so that its time must show in `calibrate`
+    monkeypatch.setattr(allocation, "component_gradients", lambda *a, **k: time.sleep(0.5) or real(*a, **k))
     reports = {}
     for alloc in ("uniform", "loss"):
         cfg = CompressConfig(model=str(tiny_path), ratio=0.4, allocation=alloc,
@@ -121,6 +125,9 @@ def test_pipeline_loss_allocation_spends_uniforms_parameters(tiny_path):
     assert info["score"] == "fisher" and info["gradient_windows"] == 6 and info["gradient_seconds"] > 0
     assert {n: e["rank"] for n, e in reports["loss"]["ranks"].items()} == info["ranks"]
     assert info["ranks"] != {n: e["rank"] for n, e in reports["uniform"]["ranks"].items()}
+    # the allocation's passes (spectra, gradients) are part of the job's calibration time
+    assert info["seconds"] >= info["gradient_seconds"] >= 0.5
+    assert reports["loss"]["timings_s"]["calibrate"] >= info["seconds"]
 
 
 def test_loss_allocation_cannot_stream_and_names_its_score(tiny_path):
