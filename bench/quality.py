@@ -100,6 +100,12 @@ def row_from_report(row: dict, r: dict) -> tuple[dict, dict]:
                params_reduction=r["params"]["reduction"], mode=r["calibration_mode"],
                params_compressed=r["params"]["compressed"], linears_compressed=r["params"]["linears_compressed"],
                threads=r["threads"])
+    if "allocation_info" in r:      # its passes are inside compress_s (the job's calibrate time)
+        info = r["allocation_info"]
+        out["allocation_s"] = info["seconds"]
+        if "gradient_seconds" in info:
+            out["allocation_gradient_s"] = info["gradient_seconds"]
+        out["kept_dense"] = len(info["kept_dense"])
     if "refine" in r:
         out["refine_info"] = {k: v for k, v in r["refine"].items() if k != "layers"}
         out["refine_s"] = r["timings_s"]["refine"]

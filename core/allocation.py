@@ -222,11 +222,12 @@ def plan_spectra(model, calib_ids: torch.Tensor, config, device, rep: Reporter |
                                            config.calibration_batch_size, device, fisher, forward_dtype, rep,
                                            activations=activations, keep_components=True)
     t1 = time.perf_counter()
-    grads = component_gradients(model, calib_ids, components, device, rep, check_cancel)
+    grads = component_gradients(model, calib_ids, components, device, rep, check_cancel, forward_dtype)
     del components
     scores = {name: score(g, config.loss_score) for name, g in grads.items()}
     return spectra, {"scores": scores, "kind": config.loss_score, "spectra_seconds": t1 - t0,
-                     "gradient_seconds": time.perf_counter() - t1, "windows": int(calib_ids.shape[0])}
+                     "gradient_seconds": time.perf_counter() - t1, "windows": int(calib_ids.shape[0]),
+                     "gradient_dtype": str(forward_dtype or next(model.parameters()).dtype).removeprefix("torch.")}
 
 
 def rank_plan(spectra: dict[str, tuple[int, int, torch.Tensor]], config, ratio: float, seconds: float = 0.0,
@@ -272,8 +273,9 @@ def allocate_loss(spectra: dict[str, tuple[int, int, torch.Tensor]], scores: dic
     ranks = greedy_ranks(gains, budget)
     info = _plan_info(spectra, ranks, ratio, f"{scores['kind']} score: estimated loss increase of removing each "
                       "component (svdforge.core.sensitivity), per parameter (m + n); one budget for the whole model")
-    info.update(score=scores["kind"], gradient_windows=scores["windows"],
-                gradient_seconds=scores["gradient_seconds"], seconds=seconds + time.perf_counter() - t0)
+    info.update(score=scores["kind"], gradient_windows=scores["windows"], gradient_dtype=scores.get("gradient_dtype"),
+                spectra_seconds=scores.get("spectra_seconds"), gradient_seconds=scores["gradient_seconds"],
+                seconds=seconds + time.perf_counter() - t0)
     return _lookup(ranks, "loss-aware allocation"), info
 
 

@@ -29,12 +29,14 @@ no m x n matrix per linear). Over the calibration windows s this gives per compo
 ZS-SVD (mint-vu/Zero-Sum-SVD) uses the first-order term alone and balances its sign during
 selection; the Fisher term is what makes a score positive and comparable across linears.
 
-Cost (`svdforge.core.allocation.loss_spectra`): the spectra pass keeps every linear's p and q
+Cost (`svdforge.core.allocation.plan_spectra`): the spectra pass keeps every linear's p and q
 (fp32, (m + n) min(m, n) floats per linear: about twice the linears' own size), and one forward
 and backward pass of the whole dense model over the calibration windows, in micro-batches of
 `GRAD_BATCH` windows; the model must fit in memory (it cannot stream), and the parameters get no
-gradients (only activations do). On SmolLM2-135M with 64 x 512 windows: about 0.6 GiB of
-components and one extra forward + backward (see docs/benchmarks.md for the measured time).
+gradients (only activations do). The pass runs in the job's calibration dtype: bf16 under autocast
+where the hardware has bf16 matmuls (`calibration_dtype="auto"`), which moves each linear's scores
+by about 1% (tests/core/test_sensitivity.py). On SmolLM2-135M with 64 x 512 windows: about
+0.6 GiB of components and one extra forward + backward (docs/benchmarks_notes.md has the times).
 """
 from __future__ import annotations
 
@@ -72,12 +74,14 @@ def _activation_grads(model: nn.Module):
 
 
 class _Projections:
-    """Per linear: sum over windows of g_{s,i} and of g_{s,i}^2, from hooks on its forward."""
+    """Per linear: sum over windows of g_{s,i} and of g_{s,i}^2, from hooks on its forward. The
+    projections run in `dtype` (the pass's compute dtype); their products are summed in fp32."""
 
-    def __init__(self, model: nn.Module, components: dict[str, tuple[torch.Tensor, torch.Tensor]], device):
-        self.model, self.device = model, device
-        self.P = {n: p.to(device, torch.float32) for n, (p, _) in components.items()}
-        self.Q = {n: q.to(device, torch.float32) for n, (_, q) in components.items()}
+    def __init__(self, model: nn.Module, components: dict[str, tuple[torch.Tensor, torch.Tensor]], device,
+                 dtype: torch.dtype = torch.float32):
+        self.model, self.device, self.dtype = model, device, dtype
+        self.P = {n: p.to(device, dtype) for n, (p, _) in components.items()}
+        self.Q = {n: q.to(device, dtype) for n, (_, q) in components.items()}
         self.first = {n: torch.zeros(p.shape[1], dtype=torch.float64) for n, p in self.P.items()}
         self.fisher = {n: torch.zeros(p.shape[1], dtype=torch.float64) for n, p in self.P.items()}
 
@@ -89,10 +93,10 @@ class _Projections:
         def fn(_mod, args, out):
             if not out.requires_grad:
                 return
-            b = args[0].detach().to(torch.float32) @ self.Q[name]            # [B, L, r]
+            b = (args[0].detach().to(self.dtype) @ self.Q[name]).float()     # [B, L, r]
 
             def on_grad(grad):
-                a = grad.to(torch.float32) @ self.P[name]                    # [B, L, r]
+                a = (grad.to(self.dtype) @ self.P[name]).float()             # [B, L, r]
                 g = (a * b).sum(dim=1).double().cpu()                         # [B, r]: g_{s,i}
                 self.first[name] += g.sum(0)
                 self.fisher[name] += g.pow(2).sum(0)
@@ -101,19 +105,28 @@ class _Projections:
 
 
 def component_gradients(model: nn.Module, ids: torch.Tensor, components: dict, device="cpu",
-                        reporter: Reporter | None = None, check_cancel=None) -> dict[str, dict]:
+                        reporter: Reporter | None = None, check_cancel=None,
+                        dtype: torch.dtype | None = None) -> dict[str, dict]:
     """name -> {"first": mean_s g_{s,i}, "fisher": mean_s g_{s,i}^2, "tokens": T} (module doc), from one
-    forward and backward pass of `model` (dense, whole, on `device`) over the windows `ids`."""
+    forward and backward pass of `model` (dense, whole, on `device`) over the windows `ids`.
+
+    `dtype` (None: the model's): the pass's compute dtype. bfloat16 runs the forward, the backward
+    and the projections under autocast (the job's calibration dtype, where the hardware has bf16
+    matmuls); the loss, the projections' products and their sums stay fp32."""
     rep = reporter or Reporter()
-    proj = _Projections(model, components, device)
+    dtype = dtype or next(model.parameters()).dtype
+    low = dtype in (torch.bfloat16, torch.float16) and dtype != next(model.parameters()).dtype
+    proj = _Projections(model, components, device, dtype)
     n = ids.shape[0]
+    device_type = torch.device(device).type
     with _activation_grads(model), Hooks() as hooks:
         proj.attach(hooks)
         for i in range(0, n, GRAD_BATCH):
             if check_cancel:
                 check_cancel()
             batch = ids[i:i + GRAD_BATCH].to(device)
-            logits = model(input_ids=batch, use_cache=False).logits
+            with torch.autocast(device_type, dtype=dtype, enabled=low):
+                logits = model(input_ids=batch, use_cache=False).logits
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(),
                                    reduction="none").view(batch.shape[0], -1).mean(dim=1).sum()
             loss.backward()           # per-window losses summed: each window's gradient stays its own

@@ -66,6 +66,27 @@ def test_component_gradients_are_the_directional_derivatives_of_each_windows_los
     assert all(p.requires_grad for p in model.parameters())     # restored after the pass
 
 
+def test_bf16_gradient_pass_scores_within_a_few_percent_of_fp32(tiny_path):
+    """The job's calibration dtype runs the pass: bf16 (autocast) moves each linear's scores by ~1%,
+    which keeps their order; the model's own weights and dtype are untouched."""
+    model, _, _ = load_model(str(tiny_path))
+    model.float()
+    ids = torch.randint(1, 500, (4, 48), generator=torch.Generator().manual_seed(0))
+    comps = {}
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.up_proj", "model.layers.1.mlp.down_proj"):
+        W = model.get_submodule(name).weight.detach().double()
+        comps[name] = tuple(c.float() for c in RightTruncation(W, torch.linalg.cholesky(_gram(W.shape[1], 3)))
+                            .components())
+    full = component_gradients(model, ids, comps)
+    low = component_gradients(model, ids, comps, dtype=torch.bfloat16)
+    for name in comps:
+        a, b = score(full[name]), score(low[name])
+        rel = float((a - b).abs().sum() / a.abs().sum())
+        assert 0 < rel < 0.05, (name, rel)          # bf16 did run (not bit-identical), and stays close
+        assert float(torch.corrcoef(torch.stack([a, b]))[0, 1]) > 0.999
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in model.parameters())
+
+
 def test_scores_are_nonnegative_loss_estimates():
     g = {"first": torch.tensor([0.5, -0.2, 0.0], dtype=torch.float64),
          "fisher": torch.tensor([0.01, 0.02, 0.0], dtype=torch.float64), "tokens": 10}
@@ -109,7 +130,7 @@ def test_greedy_ranks_spends_the_budget_on_the_largest_gains():
 
 def test_pipeline_loss_allocation_spends_uniforms_parameters(tiny_path, monkeypatch):
     from svdforge.core import allocation
-    from svdforge.core.pipeline import compress
+    from svdforge.core.pipeline import calibration_dtype, compress
 
     real = allocation.component_gradients      # made slow, so that its time must show in `calibrate`
     monkeypatch.setattr(allocation, "component_gradients", lambda *a, **k: time.sleep(0.5) or real(*a, **k))
@@ -123,6 +144,8 @@ def test_pipeline_loss_allocation_spends_uniforms_parameters(tiny_path, monkeypa
     assert abs(g["linears_compressed"] - u["linears_compressed"]) <= 0.005 * u["linears_compressed"]
     info = reports["loss"]["allocation_info"]
     assert info["score"] == "fisher" and info["gradient_windows"] == 6 and info["gradient_seconds"] > 0
+    # the gradient pass runs in the job's calibration dtype (bf16 where this CPU has bf16 matmuls)
+    assert info["gradient_dtype"] == str(calibration_dtype(cfg, "cpu")).removeprefix("torch.")
     assert {n: e["rank"] for n, e in reports["loss"]["ranks"].items()} == info["ranks"]
     assert info["ranks"] != {n: e["rank"] for n, e in reports["uniform"]["ranks"].items()}
     # the allocation's passes (spectra, gradients) are part of the job's calibration time
