@@ -301,7 +301,9 @@ class JobCreate(Strict):
         "How ranks are chosen: `uniform` (every linear keeps 1 - ratio of its parameters), `global` (ranks "
         "moved between layers of one kind by the whitened spectra), `loss` (every singular component scored "
         "by its estimated effect on the model's loss, one budget for the whole model; a linear may stay dense; "
-        "one extra forward + backward of the dense model, which cannot stream)."))
+        "one extra forward + backward of the dense model, which cannot stream), `auto` (the default: `loss` "
+        "when the job holds the dense model in memory and the pass fits, else `uniform`; the report's "
+        "`allocation_choice` says which and why)."))
     loss_score: LossScore = Field(default_of(CompressConfig, "loss_score"), description=(
         "The score of `allocation: loss`: `fisher` (empirical Fisher along each component) or `taylor` "
         "(first-order term plus the Fisher term)."))

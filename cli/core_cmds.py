@@ -89,7 +89,7 @@ def compress(
     ratios: Annotated[str | None, typer.Option("--ratios", help="A sweep: 2-8 ratios, comma separated (e.g. 0.2,0.4,0.6), from one parallel calibration; one artifact per ratio in OUT/ratio-0.40/ ...")] = None,
     method: Annotated[str, typer.Option("--method", help=" | ".join(method_names()))] = default_of(CompressConfig, "method"),
     method_option: Annotated[list[str] | None, typer.Option("--method-option", help=f"KEY=VALUE, repeatable: an option of --method ({method_options_help()}).")] = None,
-    allocation: Annotated[str, typer.Option("--allocation", help=" | ".join(ALLOCATIONS) + " (loss: components scored by their effect on the loss, one budget for the whole model)")] = default_of(CompressConfig, "allocation"),
+    allocation: Annotated[str, typer.Option("--allocation", help=" | ".join(ALLOCATIONS) + " (loss: components scored by their effect on the loss, one budget for the whole model; auto: loss unless the job streams or its pass does not fit)")] = default_of(CompressConfig, "allocation"),
     loss_score: Annotated[str, typer.Option("--loss-score", help=" | ".join(LOSS_SCORES) + " (the score of --allocation loss)")] = default_of(CompressConfig, "loss_score"),
     targets: Annotated[str, typer.Option("--targets", help="all | attention | mlp | re:<regex>")] = default_of(CompressConfig, "targets"),
     rank_multiple: Annotated[int, typer.Option("--rank-multiple", help=f"Round every rank to a multiple of N (1..{MAX_RANK_MULTIPLE}; 1: no rounding) within the same parameters: kernel-friendly shapes.")] = default_of(CompressConfig, "rank_multiple"),

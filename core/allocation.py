@@ -195,6 +195,45 @@ def global_spectra(model, calib_ids: torch.Tensor, config, device, rep: Reporter
                             fisher, forward_dtype, rep, layer_io, activations)
 
 
+GiB = 2**30
+# `auto` chooses `loss` when its pass is estimated to take at most this share of the available memory
+AUTO_LOSS_MEMORY_SHARE = 0.6
+
+
+# Bytes of the loss-aware pass's peak per component float ((m + n) min(m, n) per linear), measured:
+# SmolLM2-135M at 0.4 peaked at 4.86 GB against uniform's 1.96 GB (docs/benchmarks.json), 2.9 GB
+# for 158 M component floats: the components in fp32, their copies in the pass's dtype, the
+# decompositions they come from, and the backward's activations.
+LOSS_PASS_BYTES_PER_FLOAT = 18
+
+
+def loss_pass_bytes(model, names: list[str]) -> int:
+    """Estimated memory of the loss-aware pass beside the loaded dense model (LOSS_PASS_BYTES_PER_FLOAT)."""
+    floats = 0
+    for name in names:
+        m, n = model.get_submodule(name).weight.shape
+        floats += (m + n) * min(m, n)
+    return LOSS_PASS_BYTES_PER_FLOAT * floats
+
+
+def choose_allocation(model, names: list[str], streaming: bool) -> tuple[str, str]:
+    """`allocation="auto"`: (the allocation the job uses, why). Loss-aware allocation is the better
+    plan at the same parameters (SmolLM2 at 0.4: PPL 0.66x uniform's, in 2.7x uniform's compression
+    time, docs/benchmarks.md); it needs the whole dense model and its gradient pass in memory, so a
+    job that streams, or whose pass would not fit, keeps uniform ranks."""
+    if streaming:
+        return "uniform", ("the job streams one layer at a time and loss-aware allocation back-propagates "
+                           "through the whole dense model")
+    import psutil
+
+    need, avail = loss_pass_bytes(model, names), psutil.virtual_memory().available
+    if need > AUTO_LOSS_MEMORY_SHARE * avail:
+        return "uniform", (f"the loss-aware pass would need about {need / GiB:.1f} GiB beside the model, over "
+                           f"{AUTO_LOSS_MEMORY_SHARE:.0%} of the {avail / GiB:.1f} GiB available")
+    return "loss", (f"the dense model is in memory and the loss-aware pass fits (about {need / GiB:.1f} GiB of "
+                    f"{avail / GiB:.1f} GiB available)")
+
+
 def needs_spectra(config) -> bool:
     """Whether the ranks of `config` come from a spectra pass: global or loss-aware allocation, or rank
     rounding."""

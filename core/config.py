@@ -16,7 +16,7 @@ from svdforge.core.errors import UserError
 from svdforge.core.methods.base import MethodConfig, method_config
 
 DATA_SOURCES = ("builtin", "file", "hf")
-ALLOCATIONS = ("uniform", "global", "loss")
+ALLOCATIONS = ("auto", "uniform", "global", "loss")
 # how `allocation="loss"` scores a singular component (`svdforge.core.sensitivity.score`)
 LOSS_SCORES = ("fisher", "taylor")
 RECOVER_TYPES = ("none", "update", "lora", "adalora")
@@ -255,12 +255,15 @@ class CompressConfig:
     stats_cache: reuse / store the calibration statistics (`svdforge.core.stats_cache`).
     rank_multiple: every compressed linear's rank a multiple of this (1..1024; 1: the ranks as
     allocated), within the parameters the unrounded ranks would use (`svdforge.core.rounding`).
+    allocation: `uniform`, `global`, `loss` (`svdforge.core.allocation`) or `auto` (the default):
+    `loss` when the dense model is in memory and the loss-aware pass fits beside it, else `uniform`
+    (a streamed job); the report's `allocation_choice` says which and why.
     """
 
     model: str
     ratio: float
     method: str = "svd-llm"
-    allocation: str = "uniform"
+    allocation: str = "auto"
     loss_score: str = "fisher"
     targets: str = "all"
     calibration: DataSpec = field(default_factory=lambda: DataSpec(split="calibration"))

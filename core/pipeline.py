@@ -14,7 +14,7 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -22,7 +22,7 @@ import torch
 from svdforge.core import architectures, streaming
 from svdforge.core import data as data_mod
 from svdforge.core.activations import ActivationStore
-from svdforge.core.allocation import needs_spectra, plan_spectra, rank_plan
+from svdforge.core.allocation import choose_allocation, needs_spectra, plan_spectra, rank_plan
 from svdforge.core.artifact import (
     check_saved,
     check_saved_keys,
@@ -118,6 +118,7 @@ class Loaded:
     job: streaming.StreamingJob | None = None
     tmp_out: tempfile.TemporaryDirectory | None = None
     stream_reason: str = ""
+    allocation_choice: dict | None = None   # what `allocation="auto"` chose and why (None: not auto)
 
 
 def start(config: CompressConfig, out_dir, progress, should_cancel) -> Run:
@@ -174,10 +175,22 @@ def load(run: Run, *, sweep: bool = False) -> Loaded:
         raise UserError(f"targets {config.targets!r} selects no linear of this model")
     dense = (count_params(model), sum(model.get_submodule(n).weight.numel() for n in names),
              flops_per_token(model, config.evaluation.seq_len))
+    choice = _choose_allocation(run, model, names, job is not None)
     calib = data_mod.calibration_windows(tok, config.calibration)
     rep.stage_finished("load", t_load)
     return Loaded(source, gguf_file, model, tok, names, dense, calib,
-                  get_method(config.method, config.method_options), t_load, job, tmp_out, reason)
+                  get_method(config.method, config.method_options), t_load, job, tmp_out, reason, choice)
+
+
+def _choose_allocation(run: Run, model, names: list[str], streams: bool) -> dict | None:
+    """`allocation="auto"` becomes `loss` or `uniform` here, once the model is loaded (or known to
+    stream): run.config carries the choice from now on; returns the report's `allocation_choice`."""
+    if run.config.allocation != "auto":
+        return None
+    chosen, why = choose_allocation(model, names, streams)
+    run.config = replace(run.config, allocation=chosen)
+    run.rep.log(f"allocation auto: {chosen} ({why})", "load")
+    return {"requested": "auto", "chosen": chosen, "reason": why}
 
 
 def estimate_fisher(run: Run, loaded: Loaded, note: str = "") -> tuple[dict | None, float]:
@@ -294,6 +307,8 @@ def _single_report(run: Run, loaded: Loaded, res: CalibrationResult, recover_rep
     report["whitening_paths"] = count_paths(res.ranks)
     report["ranks"] = res.ranks
     report.update({k: extra[k] for k in ("allocation_info", "rank_rounding") if k in extra})
+    if loaded.allocation_choice:
+        report["allocation_choice"] = loaded.allocation_choice
     if res.refine is not None:
         report["refine"] = res.refine
     return report

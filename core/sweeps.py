@@ -158,6 +158,8 @@ def _one_ratio(run: Run, loaded: Loaded, ratios: list[float], index: int, target
     target.modules.clear()
     recover_report = _recover_ratio(run, loaded, cfg, student, r, t_ratio)
     report = _ratio_report(run, loaded, cfg, student, target, recover_report, plan_info, index, ratios)
+    if loaded.allocation_choice:
+        report["allocation_choice"] = loaded.allocation_choice
     folder = run.out / name if run.out is not None else None
     if folder is not None:
         run.rep.stage_started("save", f"ratio {r:g}")
@@ -208,6 +210,8 @@ def _finish(run: Run, loaded: Loaded, ratios: list[float], res: CalibrationResul
     report = sweep_report(run.config, ratios, loaded.source, run.device, loaded.calib, res, entries,
                           loaded.t_load, t_calibrate, cache_report)
     report["timings_s"]["total"] = time.perf_counter() - run.t_start
+    if loaded.allocation_choice:
+        report["allocation_choice"] = loaded.allocation_choice
     report["peak_rss_bytes"] = peak_rss_bytes()
     report["versions"] = package_versions()
     report["threads"] = torch.get_num_threads()

@@ -224,6 +224,8 @@ def _finish(run: Run, loaded: Loaded, shared: Shared, section: dict) -> dict:
     report["whitening_paths"] = count_paths(chosen.result.ranks)
     report["ranks"] = chosen.result.ranks
     report.update(plan_info)
+    if loaded.allocation_choice:
+        report["allocation_choice"] = loaded.allocation_choice
     t_save = 0.0
     if run.out is not None:
         run.rep.stage_started("save")

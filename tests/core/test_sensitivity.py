@@ -184,3 +184,37 @@ def test_a_sweep_and_a_targeted_job_score_once_and_plan_every_ratio_with_one_bud
     t = targets_mod.compress_to_target(CompressConfig(**base), QualityTarget(max_ppl_ratio=50.0, ratio_max=0.9),
                                        tmp_path / "t")
     assert len(calls) == 2 and t["allocation_info"]["score"] == "fisher" and t["target"]["chosen"] == 0.9
+
+
+def test_auto_allocation_is_loss_in_memory_and_uniform_when_streaming_or_short_of_memory(tiny_path, monkeypatch):
+    """The default (`auto`): loss-aware ranks when the dense model is in memory and the pass fits, uniform
+    when the job streams or the pass would not fit; the report says which and why."""
+    import collections
+
+    import psutil
+
+    from svdforge.core.allocation import loss_pass_bytes
+    from svdforge.core.pipeline import compress
+
+    assert CompressConfig(model=str(tiny_path), ratio=0.4).allocation == "auto"
+    base = dict(model=str(tiny_path), ratio=0.4, calibration=DataSpec(samples=4, seq_len=32),
+                evaluation=EvalConfig(enabled=False), stats_cache=False)
+    r = compress(CompressConfig(**base))
+    assert r["allocation"] == "loss" and r["allocation_choice"]["chosen"] == "loss"
+    assert r["allocation_choice"]["requested"] == "auto" and r["allocation_info"]["score"] == "fisher"
+    assert r["config"]["allocation"] == "loss"
+
+    streamed = compress(CompressConfig(**base, streaming="on"))
+    assert streamed["allocation"] == "uniform" and "allocation_info" not in streamed
+    assert "streams" in streamed["allocation_choice"]["reason"]
+
+    from svdforge.core.layers import target_names
+    model, _, _ = load_model(str(tiny_path))
+    need = loss_pass_bytes(model, target_names(model, "all"))
+    real = psutil.virtual_memory
+    fake = collections.namedtuple("vm", "available total")
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: fake(int(need * 1.5), real().total))
+    short = compress(CompressConfig(**base, streaming="off"))
+    assert short["allocation"] == "uniform" and "would need" in short["allocation_choice"]["reason"]
+    explicit = compress(CompressConfig(**base, allocation="uniform"))
+    assert "allocation_choice" not in explicit and explicit["allocation"] == "uniform"
