@@ -50,8 +50,9 @@ class JobCreate:
         allocation (JobCreateAllocation | Unset): How ranks are chosen: `uniform` (every linear keeps 1 - ratio of its
             parameters), `global` (ranks moved between layers of one kind by the whitened spectra), `loss` (every singular
             component scored by its estimated effect on the model's loss, one budget for the whole model; a linear may stay
-            dense; one extra forward + backward of the dense model, which cannot stream). Default:
-            JobCreateAllocation.UNIFORM.
+            dense; one extra forward + backward of the dense model, which cannot stream), `auto` (the default: `loss` when
+            the job holds the dense model in memory and the pass fits, else `uniform`; the report's `allocation_choice` says
+            which and why). Default: JobCreateAllocation.AUTO.
         loss_score (JobCreateLossScore | Unset): The score of `allocation: loss`: `fisher` (empirical Fisher along each
             component) or `taylor` (first-order term plus the Fisher term). Default: JobCreateLossScore.FISHER.
         rank_multiple (int | Unset): Round every compressed linear's rank to a multiple of this (kernel-friendly
@@ -71,7 +72,7 @@ class JobCreate:
     ratios: list[float] | None | Unset = UNSET
     target: None | QualityTargetIn | Unset = UNSET
     method: JobCreateMethod | Unset = JobCreateMethod.SVD_LLM
-    allocation: JobCreateAllocation | Unset = JobCreateAllocation.UNIFORM
+    allocation: JobCreateAllocation | Unset = JobCreateAllocation.AUTO
     loss_score: JobCreateLossScore | Unset = JobCreateLossScore.FISHER
     rank_multiple: int | Unset = 1
     targets: JobCreateTargets | Unset = JobCreateTargets.ALL

@@ -2,6 +2,7 @@ from enum import StrEnum
 
 
 class JobCreateAllocation(StrEnum):
+    AUTO = "auto"
     GLOBAL = "global"
     LOSS = "loss"
     UNIFORM = "uniform"
