@@ -52,6 +52,7 @@ class LowRankLinear(nn.Module):
 def swap_linears(base_model: nn.Module, config) -> None:
     """Replace, inside the base model, each compressed linear by an empty LowRankLinear."""
     prefix = base_model.base_model_prefix + "."
+    holders = {}
     for name, rank in config.svdforge["ranks"].items():
         if rank is None:
             continue
@@ -60,6 +61,28 @@ def swap_linears(base_model: nn.Module, config) -> None:
         dense = getattr(holder, child)
         setattr(holder, child, LowRankLinear(dense.in_features, dense.out_features, rank, dense.bias is not None,
                                              dense.weight.dtype, dense.weight.device))
+        holders[id(holder)] = holder
+    for holder in holders.values():
+        _class_by_pattern(holder)
+
+
+_PATTERN_CLASSES: dict = {}
+
+
+def _class_by_pattern(holder: nn.Module) -> None:
+    """Give a module whose linears are (partly) factored a subclass of its own class named by which
+    children are factored (same forward). vLLM's Transformers backend caches the fusions it finds
+    (q/k/v into one GEMM, gate/up into one) per module class and child names, then checks each
+    instance with nn.Linear's attributes: where some layers keep a linear dense (loss-aware ranks),
+    a layer with factored q/k/v must not share a class with one whose q/k/v are all dense."""
+    base = getattr(type(holder), "_svdforge_base", type(holder))
+    pattern = tuple(sorted(n for n, c in holder.named_children() if isinstance(c, LowRankLinear)))
+    cls = _PATTERN_CLASSES.get((base, pattern))
+    if cls is None:
+        cls = type(f"{base.__name__}LowRank_{'_'.join(pattern)}", (base,),
+                   {"_svdforge_base": base, "__module__": base.__module__})
+        _PATTERN_CLASSES[(base, pattern)] = cls
+    holder.__class__ = cls
 
 
 def _compressed(base, config_class):

@@ -55,7 +55,9 @@ def test_artifact_loads_in_plain_transformers(matrix_root, arch):
     out = matrix_root / f"{arch}-out"
     report = compress(CompressConfig(model=str(src), ratio=0.4, evaluation=EvalConfig(enabled=False)), out)
     assert report["post_save_check"]["passed"]
-    assert report["params"]["linears_kept_dense"] == [] and report["params"]["linears_reduction"] > 0.35
+    # the default job (allocation auto -> loss) may keep some linears dense: the artifact mixes both kinds
+    assert report["allocation"] == "loss" and report["params"]["linears_reduction"] > 0.35
+    assert len(report["params"]["linears_kept_dense"]) < len(report["ranks"]) // 2
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == f"svdforge_{arch}" and config["svdforge"]["base_model_type"] == arch
     assert set(config["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM"}
@@ -83,8 +85,10 @@ def test_streamed_artifact_is_the_same_format(matrix_root, arch):
     src = make_tiny_model(matrix_root / f"{arch}-s", arch)
     mem, streamed = matrix_root / f"{arch}-mem", matrix_root / f"{arch}-streamed"
     ev = EvalConfig(max_tokens=512, throughput=False)
-    a = compress(CompressConfig(model=str(src), ratio=0.4, evaluation=ev), mem)
-    b = compress(CompressConfig(model=str(src), ratio=0.4, evaluation=ev, streaming="on"), streamed)
+    # uniform ranks for both: a streamed job cannot take the default's loss-aware ranks
+    a = compress(CompressConfig(model=str(src), ratio=0.4, allocation="uniform", evaluation=ev), mem)
+    b = compress(CompressConfig(model=str(src), ratio=0.4, allocation="uniform", evaluation=ev, streaming="on"),
+                 streamed)
     assert b["post_save_check"]["passed"] and b["post_save_check"]["tensors"] > 0
     assert json.loads((mem / "config.json").read_text()) == json.loads((streamed / "config.json").read_text())
     assert b["metrics"]["compressed"]["ppl"] == pytest.approx(a["metrics"]["compressed"]["ppl"], rel=1e-4)

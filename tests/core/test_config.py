@@ -14,7 +14,7 @@ def test_bad_ratios_are_rejected_with_a_clear_message(ratio):
 
 def test_good_ratio_and_defaults():
     c = CompressConfig(model="smollm2-135m", ratio=0.4)
-    assert c.method == "svd-llm" and c.calibration_mode == "sequential" and c.allocation == "uniform"
+    assert c.method == "svd-llm" and c.calibration_mode == "sequential" and c.allocation == "auto"
     assert math.isclose(c.ratio, 0.4)
 
 

@@ -85,8 +85,9 @@ def test_refine_is_refused_where_it_cannot_run(tiny_llama, ids, tmp_path):
 
 
 def _cfg(model, streaming):
-    return CompressConfig(model=str(model), ratio=0.4, calibration=DataSpec(samples=8, seq_len=32),
-                          calibration_batch_size=4, streaming=streaming, evaluation=EvalConfig(enabled=False),
+    return CompressConfig(model=str(model), ratio=0.4, allocation="uniform",  # streamed = in-memory
+                          calibration=DataSpec(samples=8, seq_len=32), calibration_batch_size=4,
+                          streaming=streaming, evaluation=EvalConfig(enabled=False),
                           recover=RecoverConfig(type="update", refine_passes=2, refine_lr=1e-3))
 
 

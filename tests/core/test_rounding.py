@@ -109,7 +109,8 @@ def test_a_multiple_too_large_for_a_kind_is_refused_naming_the_field():
 # --- on a tiny model ----------------------------------------------------------------------
 
 def _cfg(model, **kw):
-    base = dict(model=str(model), ratio=0.4, calibration=DataSpec(samples=8, seq_len=32),
+    # uniform unless a test names another: rounding of uniform ranks (and streamed = in-memory)
+    base = dict(model=str(model), ratio=0.4, allocation="uniform", calibration=DataSpec(samples=8, seq_len=32),
                 evaluation=EvalConfig(enabled=False), stats_cache=False)
     return CompressConfig(**(base | kw))
 

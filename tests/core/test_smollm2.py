@@ -18,7 +18,7 @@ def reports(tmp_path_factory):
     out = {}
     ev = EvalConfig(seq_len=128, max_tokens=1024, throughput=False, sample_tokens=4)  # samples: tested on tiny models
     for method in ("svd", "svd-llm"):
-        cfg = CompressConfig(model="smollm2-135m", ratio=0.2, method=method,
+        cfg = CompressConfig(model="smollm2-135m", ratio=0.2, method=method, allocation="uniform",  # the methods alone
                              calibration=DataSpec(samples=8, seq_len=128), evaluation=ev)
         out[method] = compress(cfg, tmp_path_factory.mktemp(method) / "a" if method == "svd-llm" else None)
     torch.set_num_threads(1)

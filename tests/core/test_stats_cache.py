@@ -18,7 +18,8 @@ from svdforge.core.stats_cache import key_digest, stats_key
 
 
 def _cfg(model, **kw):
-    base = dict(model=str(model), ratio=0.4, calibration=DataSpec(samples=4, seq_len=32),
+    # uniform: loss-aware ranks (the default, auto) need the dense passes the cache is meant to skip
+    base = dict(model=str(model), ratio=0.4, allocation="uniform", calibration=DataSpec(samples=4, seq_len=32),
                 evaluation=EvalConfig(enabled=False))
     base.update(kw)
     return CompressConfig(**base)

@@ -17,7 +17,9 @@ from svdforge.core.testing import make_tiny_model
 
 
 def _cfg(model, **kw):
-    base = dict(model=str(model), ratio=0.4, calibration=DataSpec(samples=8, seq_len=32),
+    # uniform ranks: the tests compare streamed with in-memory jobs, and a streamed job cannot take the
+    # default's (auto) loss-aware ranks
+    base = dict(model=str(model), ratio=0.4, allocation="uniform", calibration=DataSpec(samples=8, seq_len=32),
                 evaluation=EvalConfig(seq_len=32, max_tokens=256, throughput=False), stats_cache=False)
     base.update(kw)
     return CompressConfig(**base)

@@ -25,7 +25,9 @@ EVAL = EvalConfig(seq_len=32, max_tokens=128, throughput=False)
 
 
 def config(model, **kw) -> CompressConfig:
-    base = dict(model=str(model), ratio=0.5, calibration=CALIB, calibration_mode="parallel",
+    # uniform unless a test names another: the counts of decompositions below are uniform's (loss-aware
+    # ranks add the spectra pass's own; tests/core/test_sensitivity.py covers them)
+    base = dict(model=str(model), ratio=0.5, allocation="uniform", calibration=CALIB, calibration_mode="parallel",
                 calibration_batch_size=2, evaluation=EVAL, stats_cache=False)
     return CompressConfig(**(base | kw))
 
