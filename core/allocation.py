@@ -54,6 +54,7 @@ import torch
 from svdforge.core.errors import UserError
 from svdforge.core.layer_loop import Handler, LayerLoop, LayerStep, Stream
 from svdforge.core.linalg import saves_params, uniform_rank
+from svdforge.core.memory import GiB
 from svdforge.core.methods import Method, get_method
 from svdforge.core.progress import Reporter
 from svdforge.core.rounding import rounded
@@ -195,7 +196,6 @@ def global_spectra(model, calib_ids: torch.Tensor, config, device, rep: Reporter
                             fisher, forward_dtype, rep, layer_io, activations)
 
 
-GiB = 2**30
 # `auto` chooses `loss` when its pass is estimated to take at most this share of the available memory
 AUTO_LOSS_MEMORY_SHARE = 0.6
 
@@ -261,12 +261,13 @@ def plan_spectra(model, calib_ids: torch.Tensor, config, device, rep: Reporter |
                                            config.calibration_batch_size, device, fisher, forward_dtype, rep,
                                            activations=activations, keep_components=True)
     t1 = time.perf_counter()
-    grads = component_gradients(model, calib_ids, components, device, rep, check_cancel, forward_dtype)
+    gdt = forward_dtype or next(model.parameters()).dtype
+    grads = component_gradients(model, calib_ids, components, device, rep, check_cancel, gdt)
     del components
     scores = {name: score(g, config.loss_score) for name, g in grads.items()}
     return spectra, {"scores": scores, "kind": config.loss_score, "spectra_seconds": t1 - t0,
                      "gradient_seconds": time.perf_counter() - t1, "windows": int(calib_ids.shape[0]),
-                     "gradient_dtype": str(forward_dtype or next(model.parameters()).dtype).removeprefix("torch.")}
+                     "gradient_dtype": str(gdt).removeprefix("torch.")}
 
 
 def rank_plan(spectra: dict[str, tuple[int, int, torch.Tensor]], config, ratio: float, seconds: float = 0.0,

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import resource
 
+GiB = 2**30
+
 
 def peak_rss_bytes() -> int:
     """This process's peak resident memory. VmHWM where Linux has it: `ru_maxrss` includes the

@@ -43,7 +43,7 @@ from svdforge.core.checkpoint import (
 )
 from svdforge.core.errors import UserError
 from svdforge.core.layers import decoder_layers
-from svdforge.core.memory import trim_heap
+from svdforge.core.memory import GiB, trim_heap
 from svdforge.core.methods import get_method
 
 
@@ -69,7 +69,6 @@ class StreamingLayers:
         trim_heap()
 
 
-GiB = 2**30
 _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
