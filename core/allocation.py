@@ -57,7 +57,7 @@ from svdforge.core.linalg import saves_params, uniform_rank
 from svdforge.core.memory import GiB
 from svdforge.core.methods import Method, get_method
 from svdforge.core.progress import Reporter
-from svdforge.core.rounding import rounded
+from svdforge.core.rounding import rank_cap, rounded
 from svdforge.core.sensitivity import component_gradients, concave, score
 from svdforge.core.statistics import MAIN, Statistics
 
@@ -126,24 +126,28 @@ def allocate(spectra: dict[str, tuple[int, int, torch.Tensor]], budget: int,
     return greedy_ranks(gains, budget)
 
 
-def greedy_ranks(gains: dict[str, tuple[int, int, torch.Tensor]], budget: int) -> dict[str, int | None]:
+def greedy_ranks(gains: dict[str, tuple[int, int, torch.Tensor]], budget: int,
+                 step: int = 1) -> dict[str, int | None]:
     """Ranks under `budget` parameters from each linear's non-increasing gain per component.
 
-    Every linear starts at rank 1 (rank 0 would delete it). Items are taken from a heap keyed
-    by gain per parameter; within a linear they come in order, so its rank is always a prefix
-    of its spectrum. Past the largest rank that saves parameters a linear's only item is to
-    stay dense (None), which costs the rest of its m n and buys the rest of its gains.
+    Every linear starts at rank `step` (rank 0 would delete it). Items are taken from a heap
+    keyed by gain per parameter; an item is the next `step` components of one linear (so every
+    rank is a multiple of `step`) and within a linear they come in order, so its rank is always
+    a prefix of its spectrum. Past the largest rank (multiple of `step`) that saves parameters a
+    linear's only item is to stay dense (None), which costs the rest of its m n and buys the
+    rest of its gains; a linear where no such rank exists is dense from the start.
     """
-    state: dict[str, list] = {}      # name -> [k, dense, m, n, gains, k_max]
+    state: dict[str, list] = {}      # name -> [k, dense, m, n, gains, k_max, step]
     heap: list = []
     spent = 0
     for name, (m, n, e) in gains.items():
-        k_max = max(1, (m * n - 1) // (m + n))          # largest k with k (m + n) < m n
-        state[name] = [1, False, m, n, e.tolist(), k_max]
-        spent += m + n
+        k_max = rank_cap(m, n, step)                    # largest multiple of step with k (m + n) < m n
+        state[name] = [step if k_max else 0, not k_max, m, n, e.tolist(), k_max, step]
+        spent += step * (m + n) if k_max else m * n
         _push_next(heap, name, state[name])
     if spent > budget:
-        raise UserError(f"the parameter budget ({budget}) does not even cover rank 1 for every linear")
+        raise UserError(f"the parameter budget ({budget}) does not even cover rank {step} for every linear"
+                        + (" (rank_multiple: use a smaller one or a lower ratio)" if step > 1 else ""))
     while heap:
         _, _, name, cost = heapq.heappop(heap)
         st = state[name]
@@ -153,17 +157,17 @@ def greedy_ranks(gains: dict[str, tuple[int, int, torch.Tensor]], budget: int) -
         if st[0] == st[5]:
             st[1] = True                                 # stays dense
         else:
-            st[0] += 1
+            st[0] += step
             _push_next(heap, name, st)
     return {name: (None if st[1] else st[0]) for name, st in state.items()}
 
 
 def _push_next(heap: list, name: str, st: list) -> None:
-    k, dense, m, n, e, k_max = st
+    k, dense, m, n, e, k_max, step = st
     if dense:
         return
     if k < k_max:
-        gain, cost = e[k], m + n
+        gain, cost = sum(e[k:k + step]), step * (m + n)
     else:
         gain, cost = sum(e[k:]), m * n - k * (m + n)
     heapq.heappush(heap, (-gain / cost, name, name, cost))
@@ -283,7 +287,10 @@ def rank_plan(spectra: dict[str, tuple[int, int, torch.Tensor]], config, ratio: 
         rank_fn, info = (lambda name, m, n: uniform_rank(m, n, ratio)), None
     if config.rank_multiple == 1:
         return rank_fn, info, None
-    rounded_fn, rounding = rounded(spectra, rank_fn, config.rank_multiple)
+    if config.allocation == "loss":      # one budget, no kinds to round within: choose in blocks of N
+        rounded_fn, rounding = allocate_loss_blocks(spectra, scores, ratio, config.rank_multiple, info["ranks"])
+    else:
+        rounded_fn, rounding = rounded(spectra, rank_fn, config.rank_multiple)
     rounding["spectra_seconds"] = seconds
     return rounded_fn, info, rounding
 
@@ -317,6 +324,35 @@ def allocate_loss(spectra: dict[str, tuple[int, int, torch.Tensor]], scores: dic
                 spectra_seconds=scores.get("spectra_seconds"), gradient_seconds=scores["gradient_seconds"],
                 seconds=seconds + time.perf_counter() - t0)
     return _lookup(ranks, "loss-aware allocation"), info
+
+
+def allocate_loss_blocks(spectra: dict[str, tuple[int, int, torch.Tensor]], scores: dict, ratio: float,
+                         multiple: int, unrounded: dict[str, int | None]):
+    """(rank_fn, rank_rounding) of a loss plan with every rank a multiple of `multiple`: the same
+    greedy choice under the same one budget, in blocks of `multiple` components (each block worth
+    its components' loss scores), so no kind has to pay for its own round-ups (per-kind rounding,
+    `svdforge.core.rounding`, would refuse a kind the plan left at ranks below `multiple`)."""
+    shapes = {name: (m, n) for name, (m, n, _) in spectra.items()}
+    budget = sum(uniform_cost(m, n, ratio) for m, n in shapes.values())
+    gains = {name: (m, n, concave(scores["scores"][name])) for name, (m, n) in shapes.items()}
+    ranks = greedy_ranks(gains, budget, step=multiple)
+    used = params_of(ranks, shapes)
+    kinds = sorted({_kind(n) for n in shapes})
+    by_kind = {kind: {"used_params": params_of({n: k for n, k in ranks.items() if _kind(n) == kind}, shapes),
+                      "mean_rank_unrounded": _mean_rank(unrounded, shapes, kind),
+                      "mean_rank": _mean_rank(ranks, shapes, kind)} for kind in kinds}
+    return _lookup(ranks, "loss-aware allocation"), {
+        "rank_multiple": multiple, "budget_params": budget, "used_params": used, "unspent_params": budget - used,
+        "normalisation": f"loss scores in blocks of {multiple} components, per parameter {multiple} (m + n); one "
+                         "budget for the whole model (no per-kind rounding)",
+        "by_kind": by_kind, "made_dense": sorted(n for n, k in ranks.items() if k is None and unrounded[n] is not None),
+        "unrounded": dict(unrounded)}
+
+
+def _mean_rank(ranks: dict[str, int | None], shapes: dict, kind: str) -> float:
+    """Mean rank of a kind's linears, a dense one counted at its full rank min(m, n)."""
+    ks = [min(shapes[n]) if k is None else k for n, k in ranks.items() if _kind(n) == kind]
+    return sum(ks) / len(ks)
 
 
 def _plan_info(spectra: dict, ranks: dict[str, int | None], ratio: float, normalisation: str) -> dict:

@@ -9,7 +9,9 @@ Where: where ranks are decided. A job with N > 1 takes the whitened spectrum of 
 linear from one dense calibration pass (the pass of global allocation,
 `svdforge.core.allocation.global_spectra`; streamed layer by layer when the job streams; once
 for every ratio of a sweep), plans its ranks as it would without rounding (uniform or global),
-and `round_ranks` rounds the plan; the layer loop then decomposes at the rounded ranks.
+and `round_ranks` rounds the plan; the layer loop then decomposes at the rounded ranks. A `loss`
+plan has one budget for the whole model, not one per kind, so it is not rounded here:
+`svdforge.core.allocation.allocate_loss_blocks` chooses it in blocks of N instead.
 
 How, for each kind of linear (q_proj, ..., down_proj: all layers' linears of that name), whose
 budget is what its planned ranks cost, k (m + n) each:

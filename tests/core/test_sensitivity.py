@@ -128,6 +128,38 @@ def test_greedy_ranks_spends_the_budget_on_the_largest_gains():
     assert params_of(ranks, {"x": (16, 16), "y": (16, 16)}) == 5 * 32
 
 
+def test_greedy_ranks_in_blocks_gives_multiples_within_the_budget():
+    gains = {"x": (16, 16, torch.tensor([4.0, 3, 2, 1] + [0.0] * 12)),
+             "y": (16, 16, torch.tensor([4.0, 0.5, 0.5, 0.5] + [0.0] * 12)),
+             "z": (3, 3, torch.ones(3, dtype=torch.float64))}       # no multiple of 2 saves parameters: dense
+    ranks = greedy_ranks(gains, 6 * 32 + 9, step=2)
+    assert ranks == {"x": 4, "y": 2, "z": None}                     # x's 2 + 1 beats y's 0.5 + 0.5
+    with pytest.raises(UserError, match="does not even cover rank 4"):
+        greedy_ranks(gains, 6 * 32 + 9, step=4)
+
+
+def test_loss_ranks_round_to_multiples_where_per_kind_rounding_refuses(tiny_path):
+    """The loss plan leaves some kinds below N; rounding each kind in its own budget cannot pay for
+    their round-ups, choosing blocks of N under the plan's one budget can."""
+    from svdforge.core.pipeline import compress
+    from svdforge.core.rounding import round_ranks
+
+    def cfg(**kw):
+        return CompressConfig(model=str(tiny_path), ratio=0.2, allocation="loss", stats_cache=False,
+                              calibration=DataSpec(samples=6, seq_len=32), evaluation=EvalConfig(enabled=False), **kw)
+    plain = compress(cfg())
+    spectra = {n: (*e["shape"], torch.ones(min(e["shape"]), dtype=torch.float64)) for n, e in plain["ranks"].items()}
+    with pytest.raises(UserError, match="rank_multiple 16 is too large"):
+        round_ranks(spectra, {n: e["rank"] for n, e in plain["ranks"].items()}, 16)
+    report = compress(cfg(rank_multiple=16))
+    ranks = {n: e["rank"] for n, e in report["ranks"].items()}
+    assert all(k is None or k % 16 == 0 for k in ranks.values()) and any(k is not None for k in ranks.values())
+    rounding = report["rank_rounding"]
+    assert rounding["used_params"] == report["params"]["linears_compressed"] <= rounding["budget_params"]
+    assert rounding["budget_params"] == plain["allocation_info"]["budget_params"]
+    assert rounding["unrounded"] == {n: e["rank"] for n, e in plain["ranks"].items()}
+
+
 def test_pipeline_loss_allocation_spends_uniforms_parameters(tiny_path, monkeypatch):
     from svdforge.core import allocation
     from svdforge.core.pipeline import calibration_dtype, compress
