@@ -62,7 +62,7 @@ from svdforge.core.recover import recover
 from svdforge.core.refine import Refine
 from svdforge.core.report import compressed_report, count_paths, write_report_and_manifest
 from svdforge.core.statistics import collect_fisher
-from svdforge.core.stats_cache import DEFAULT_MAX_BYTES, StatsCache, stats_key
+from svdforge.core.stats_cache import DEFAULT_MAX_BYTES, PlanCache, StatsCache, plan_key, stats_key
 
 # The stages a resumed run skips: everything up to and including writing the weights.
 RESUMED_STAGES = ("load", "whiten", "svd", "recover", "save")
@@ -211,11 +211,37 @@ def stats_cache(config: CompressConfig, loaded: Loaded, fdt: torch.dtype, device
     elif config.stats_cache and not Path(loaded.source).exists():
         cache_off["reason"] = "the model is not a local folder or file: its revision cannot be keyed"
     elif config.stats_cache:
-        source = loaded.source if loaded.gguf_file is None else str(Path(loaded.source) / loaded.gguf_file)
-        key = stats_key(config, source, loaded.calib.ids, loaded.method.needs - {"fisher"}, fdt, device, update)
+        key = stats_key(config, _keyed_source(loaded), loaded.calib.ids, loaded.method.needs - {"fisher"}, fdt,
+                        device, update)
         limit = int(os.environ.get("SVDFORGE_STATS_CACHE_MAX_BYTES", DEFAULT_MAX_BYTES))
         return StatsCache(models_cache_dir(), key, limit), None
     return None, cache_off
+
+
+def _keyed_source(loaded: Loaded) -> str:
+    return loaded.source if loaded.gguf_file is None else str(Path(loaded.source) / loaded.gguf_file)
+
+
+def plan_passes(run: Run, loaded: Loaded, fisher, fdt: torch.dtype, layer_io=None,
+                activations=None) -> tuple[dict, dict | None, dict]:
+    """`plan_spectra` through the plan cache (`svdforge.core.stats_cache.PlanCache`) where the job
+    keeps a cache: (spectra, loss scores or None, the report's `plan_cache`)."""
+    config = run.config
+    if not config.stats_cache or not Path(loaded.source).exists():
+        cache = None
+    else:
+        cache = PlanCache(models_cache_dir(), plan_key(config, _keyed_source(loaded), loaded.calib.ids, fdt,
+                                                       run.device))
+        if cache.status == "hit" and (got := cache.load()) is not None:
+            run.rep.log("rank plan: spectra" + (" and loss scores" if got[1] else "") + " from the cache", "whiten")
+            return (*got, cache.report())
+    spectra, scores = plan_spectra(loaded.model, loaded.calib.ids, config, run.device, run.rep, fisher, fdt,
+                                   layer_io, activations, run.rep.check_cancel)
+    if cache is None:
+        return spectra, scores, {"status": "off", "reason": "stats_cache is false" if not config.stats_cache else
+                                 "the model is not a local folder or file: its revision cannot be keyed"}
+    cache.save(spectra, scores)
+    return spectra, scores, cache.report()
 
 
 def activation_store(config: CompressConfig, device: str) -> ActivationStore | None:
@@ -233,11 +259,11 @@ def _rank_fn(run: Run, loaded: Loaded, fisher) -> tuple:
         return uniform_ranks(config.ratio), {}
     t0 = time.perf_counter()
     layer_io, activations = loaded.job.spectra_io() if loaded.job else (None, None)
-    spectra, scores = plan_spectra(loaded.model, loaded.calib.ids, config, run.device, run.rep, fisher,
-                                   calibration_dtype(config, run.device), layer_io, activations,
-                                   run.rep.check_cancel)
+    spectra, scores, cached = plan_passes(run, loaded, fisher, calibration_dtype(config, run.device), layer_io,
+                                          activations)
     rank_fn, info, rounding = rank_plan(spectra, config, config.ratio, time.perf_counter() - t0, scores)
-    return rank_fn, {k: v for k, v in (("allocation_info", info), ("rank_rounding", rounding)) if v}
+    return rank_fn, {k: v for k, v in (("allocation_info", info), ("rank_rounding", rounding)) if v} | \
+        {"plan_cache": cached}
 
 
 def calibrate_and_decompose(run: Run, loaded: Loaded) -> tuple[CalibrationResult, dict]:
@@ -306,7 +332,7 @@ def _single_report(run: Run, loaded: Loaded, res: CalibrationResult, recover_rep
     report["calibration_cache"] = extra["calibration_cache"]
     report["whitening_paths"] = count_paths(res.ranks)
     report["ranks"] = res.ranks
-    report.update({k: extra[k] for k in ("allocation_info", "rank_rounding") if k in extra})
+    report.update({k: extra[k] for k in ("allocation_info", "rank_rounding", "plan_cache") if k in extra})
     if loaded.allocation_choice:
         report["allocation_choice"] = loaded.allocation_choice
     if res.refine is not None:

@@ -19,6 +19,13 @@ distinct linear input once) and the key holds everything they depend on:
 A cache folder appears atomically (written under a temporary name, renamed when the last
 layer is in), so an interrupted job leaves nothing half-written behind. A calibration whose
 statistics would exceed `max_bytes` is not cached (a 70B model's fp64 Grams are ~0.5 TB).
+
+The rank plan's passes (`svdforge.core.allocation.plan_spectra`: every linear's whitened
+spectrum from one dense pass, and for loss-aware allocation every component's loss score from
+one forward + backward) depend on the dense model and the windows only, not on the ratio or
+the calibration mode. `PlanCache` keeps their result, a few MB even for a 70B model, in one
+file `$SVDFORGE_CACHE/plans/<sha256 of the key>.safetensors` (written atomically), so a second
+job on the same model and data at any ratio skips them.
 """
 from __future__ import annotations
 
@@ -35,6 +42,7 @@ from svdforge.core.methods import InputStats
 from svdforge.core.statistics import CrossMoments, StatsCollector
 
 FORMAT = "svdforge-stats-v1"
+PLAN_FORMAT = "svdforge-plan-v1"
 DEFAULT_MAX_BYTES = 8 * 2**30
 
 
@@ -58,25 +66,27 @@ def model_identity(source: str | Path) -> dict:
             "files": files}
 
 
-def stats_key(config, source: str, calib_ids: torch.Tensor, needs, forward_dtype: torch.dtype,
-              device: str, update: bool) -> dict:
-    """The full key (a JSON-able dict) of a calibration's statistics."""
-    key = {
-        "format": FORMAT,
+def _windows_key(config, source: str, calib_ids: torch.Tensor, forward_dtype: torch.dtype, device: str) -> dict:
+    """What any pass over the calibration windows depends on: model revision, data, method, dtypes."""
+    return {
         "model": model_identity(source),
         "data": dataclasses.asdict(config.calibration),
         "windows_sha256": _sha256_bytes(calib_ids.to(torch.int64).contiguous().numpy().tobytes()),
         "windows_shape": list(calib_ids.shape),
         "method": config.method,
-        "needs": sorted(needs),
         "targets": config.targets,
-        "calibration_mode": config.calibration_mode,
         "batch_size": config.calibration_batch_size,
         "forward_dtype": str(forward_dtype),
         "device_type": torch.device(device).type,
         "dtype": config.dtype,
-        "update": bool(update),
     }
+
+
+def stats_key(config, source: str, calib_ids: torch.Tensor, needs, forward_dtype: torch.dtype,
+              device: str, update: bool) -> dict:
+    """The full key (a JSON-able dict) of a calibration's statistics."""
+    key = {"format": FORMAT, **_windows_key(config, source, calib_ids, forward_dtype, device),
+           "needs": sorted(needs), "calibration_mode": config.calibration_mode, "update": bool(update)}
     if config.calibration_mode == "sequential":
         key["ratio"] = config.ratio
         key["allocation"] = config.allocation
@@ -84,6 +94,14 @@ def stats_key(config, source: str, calib_ids: torch.Tensor, needs, forward_dtype
         if config.rank_multiple != 1:   # the ranks of the layers before; absent at 1, so older keys still hit
             key["rank_multiple"] = config.rank_multiple
     return key
+
+
+def plan_key(config, source: str, calib_ids: torch.Tensor, forward_dtype: torch.dtype, device: str) -> dict:
+    """The key of a rank plan's passes: the dense model and windows (no ratio, no mode), the method's
+    options (its scaling; FWSVD's Fisher samples) and, for loss-aware allocation, the score."""
+    return {"format": PLAN_FORMAT, **_windows_key(config, source, calib_ids, forward_dtype, device),
+            "method_options": config.method_options.to_dict(),
+            "loss_score": config.loss_score if config.allocation == "loss" else None}
 
 
 def key_digest(key: dict) -> str:
@@ -177,6 +195,58 @@ class StatsCache:
 
     def report(self) -> dict:
         out = {"status": self.status, "key": self.digest, "bytes": self.bytes}
+        if self.reason:
+            out["reason"] = self.reason
+        return out
+
+
+class PlanCache:
+    """One rank plan's spectra (and loss scores) under `root/plans/<digest>.safetensors`."""
+
+    def __init__(self, root: str | Path, key: dict):
+        self.key = key
+        self.digest = key_digest(key)
+        self.path = Path(root) / "plans" / f"{self.digest}.safetensors"
+        self.status = "hit" if self.path.is_file() else "miss"
+        self.reason: str | None = None
+
+    def load(self) -> tuple[dict, dict | None] | None:
+        """(spectra, scores or None) as `plan_spectra` returned them (this job's seconds: the read);
+        None, and status `miss`, where the file cannot be read."""
+        import time
+
+        from safetensors import safe_open
+
+        t0 = time.perf_counter()
+        try:
+            with safe_open(self.path, framework="pt") as f:
+                meta = json.loads(f.metadata()["svdforge"])
+                spectra = {n: (m, k, f.get_tensor(f"s.{n}")) for n, (m, k) in meta["shapes"].items()}
+                scores = None if meta["scores"] is None else dict(
+                    meta["scores"], scores={n: f.get_tensor(f"g.{n}") for n in meta["shapes"]})
+        except Exception as e:   # noqa: BLE001 - a damaged entry is recomputed, not fatal
+            self.status, self.reason = "miss", f"unreadable ({type(e).__name__}), recomputed"
+            return None
+        if scores is not None:
+            scores.update(spectra_seconds=time.perf_counter() - t0, gradient_seconds=0.0)
+        return spectra, scores
+
+    def save(self, spectra: dict, scores: dict | None) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {f"s.{n}": sigma.contiguous() for n, (_, _, sigma) in spectra.items()}
+        meta = {"shapes": {n: [m, k] for n, (m, k, _) in spectra.items()}, "scores": None}
+        if scores is not None:
+            tensors.update({f"g.{n}": g.contiguous() for n, g in scores["scores"].items()})
+            meta["scores"] = {k: v for k, v in scores.items() if k != "scores"}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.parent / f".{self.digest}.tmp-{os.getpid()}"
+        save_file(tensors, str(tmp), metadata={"svdforge": json.dumps(meta)})
+        os.replace(tmp, self.path)
+        self.status = "stored"
+
+    def report(self) -> dict:
+        out = {"status": self.status, "key": self.digest}
         if self.reason:
             out["reason"] = self.reason
         return out

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from svdforge.core.allocation import needs_spectra, plan_spectra, rank_plan
+from svdforge.core.allocation import needs_spectra, rank_plan
 from svdforge.core.artifact import check_saved, package_versions, save_model
 from svdforge.core.config import CompressConfig, check_ratios
 from svdforge.core.decompose import CalibrationResult, SweepTarget, compress_layers, uniform_ranks
@@ -50,6 +50,7 @@ from svdforge.core.pipeline import (
     estimate_fisher,
     evaluate_models,
     load,
+    plan_passes,
     safetensors_bytes,
     start,
     stats_cache,
@@ -86,11 +87,11 @@ def _rank_fns(run: Run, loaded: Loaded, ratios: list[float], fisher, fdt, t0: fl
     config = run.config
     if not needs_spectra(config):
         return [uniform_ranks(r) for r in ratios], [{} for _ in ratios]
-    spectra, scores = plan_spectra(loaded.model, loaded.calib.ids, config, run.device, run.rep, fisher, fdt)
+    spectra, scores, cached = plan_passes(run, loaded, fisher, fdt)
     t_spectra = time.perf_counter() - t0
     plans = [rank_plan(spectra, config, r, t_spectra, scores) for r in ratios]
     return [p[0] for p in plans], [{k: v for k, v in (("allocation_info", p[1]), ("rank_rounding", p[2])) if v}
-                                   for p in plans]
+                                   | {"plan_cache": cached} for p in plans]
 
 
 def _shared_calibration(run: Run, loaded: Loaded, ratios: list[float]):

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from svdforge.core import data as data_mod
-from svdforge.core.allocation import needs_spectra, plan_spectra, rank_plan
+from svdforge.core.allocation import needs_spectra, rank_plan
 from svdforge.core.artifact import check_saved, package_versions, save_model
 from svdforge.core.config import CompressConfig, QualityTarget
 from svdforge.core.decompose import CalibrationResult, Decompositions, compress_layers, uniform_ranks
@@ -53,6 +53,7 @@ from svdforge.core.pipeline import (
     estimate_fisher,
     evaluate_models,
     load,
+    plan_passes,
     safetensors_bytes,
     start,
     stats_cache,
@@ -102,15 +103,15 @@ def _calibrate(run: Run, loaded: Loaded) -> Shared:
     t0 = time.perf_counter()
     fisher, _ = estimate_fisher(run, loaded, " (once for every probed ratio)")
     fdt = calibration_dtype(config, run.device)
-    spectra, scores = plan_spectra(loaded.model, loaded.calib.ids, config, run.device, rep, fisher, fdt) \
-        if needs_spectra(config) else (None, None)
+    spectra, scores, cached = plan_passes(run, loaded, fisher, fdt) if needs_spectra(config) else (None, None, None)
     t_pre = time.perf_counter() - t0
 
     def plan(r: float):
         if spectra is None:
             return uniform_ranks(r), {}
         fn, info, rounding = rank_plan(spectra, config, r, t_pre, scores)
-        return fn, {k: v for k, v in (("allocation_info", info), ("rank_rounding", rounding)) if v}
+        return fn, {k: v for k, v in (("allocation_info", info), ("rank_rounding", rounding)) if v} | \
+            {"plan_cache": cached}
 
     cache, cache_off = stats_cache(config, loaded, fdt, run.device, False)
     store = Decompositions()

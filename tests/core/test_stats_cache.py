@@ -116,3 +116,42 @@ def test_cache_off_and_size_limit(tiny_llama, cache, monkeypatch):
     r = compress(_cfg(tiny_llama, calibration=DataSpec(samples=4, seq_len=32, seed=9)))
     assert r["calibration_cache"]["status"] == "skipped" and "limit" in r["calibration_cache"]["reason"]
     assert not (cache / "stats" / r["calibration_cache"]["key"]).exists()
+
+
+# --- the rank plan's passes (PlanCache) ---------------------------------------------------
+
+def test_a_loss_plan_is_cached_across_ratios_and_modes(tiny_llama, cache, monkeypatch):
+    """The spectra and loss scores depend on the dense model and windows only: a second job at another
+    ratio and mode skips both passes and plans the same ranks as a job without any cache."""
+    import svdforge.core.allocation as allocation
+
+    first = compress(_cfg(tiny_llama, allocation="loss"))
+    assert first["plan_cache"]["status"] == "stored"
+    assert (cache / "plans" / f"{first['plan_cache']['key']}.safetensors").is_file()
+
+    def no_pass(*a, **k):
+        raise AssertionError("a rank plan pass ran despite a plan cache hit")
+
+    cfg = _cfg(tiny_llama, allocation="loss", ratio=0.2, calibration_mode="parallel")
+    with monkeypatch.context() as m:
+        m.setattr(allocation, "component_gradients", no_pass)
+        m.setattr(allocation, "whitened_spectra", no_pass)
+        second = compress(cfg)
+    assert second["plan_cache"] == {"status": "hit", "key": first["plan_cache"]["key"]}
+    assert second["allocation_info"]["gradient_seconds"] == 0.0
+    fresh = compress(dataclasses.replace(cfg, stats_cache=False))
+    assert fresh["plan_cache"]["status"] == "off"
+    assert second["allocation_info"]["ranks"] == fresh["allocation_info"]["ranks"]
+    assert second["ranks"] == fresh["ranks"]
+    # another score, another method: other keys
+    assert compress(_cfg(tiny_llama, allocation="loss", loss_score="taylor"))["plan_cache"]["status"] == "stored"
+    assert compress(_cfg(tiny_llama, allocation="global"))["plan_cache"]["status"] == "stored"
+
+
+def test_a_damaged_plan_entry_is_recomputed(tiny_llama, cache):
+    first = compress(_cfg(tiny_llama, allocation="global"))
+    (cache / "plans" / f"{first['plan_cache']['key']}.safetensors").write_bytes(b"not safetensors")
+    again = compress(_cfg(tiny_llama, allocation="global"))
+    assert again["plan_cache"]["status"] == "stored" and "unreadable" in again["plan_cache"]["reason"]
+    assert again["ranks"] == first["ranks"]
+    assert compress(_cfg(tiny_llama, allocation="global"))["plan_cache"]["status"] == "hit"
