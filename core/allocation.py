@@ -145,9 +145,12 @@ def greedy_ranks(gains: dict[str, tuple[int, int, torch.Tensor]], budget: int,
         state[name] = [step if k_max else 0, not k_max, m, n, e.tolist(), k_max, step]
         spent += step * (m + n) if k_max else m * n
         _push_next(heap, name, state[name])
+    if spent > budget and step > 1:
+        raise UserError(f"rank_multiple {step} is too large for this model at this ratio: rank {step} for every "
+                        f"linear (dense where no multiple of {step} saves parameters) needs {spent} parameters, "
+                        f"more than the budget of {budget}; use a smaller rank_multiple or a lower ratio")
     if spent > budget:
-        raise UserError(f"the parameter budget ({budget}) does not even cover rank {step} for every linear"
-                        + (" (rank_multiple: use a smaller one or a lower ratio)" if step > 1 else ""))
+        raise UserError(f"the parameter budget ({budget}) does not even cover rank 1 for every linear")
     while heap:
         _, _, name, cost = heapq.heappop(heap)
         st = state[name]

@@ -134,7 +134,7 @@ def test_greedy_ranks_in_blocks_gives_multiples_within_the_budget():
              "z": (3, 3, torch.ones(3, dtype=torch.float64))}       # no multiple of 2 saves parameters: dense
     ranks = greedy_ranks(gains, 6 * 32 + 9, step=2)
     assert ranks == {"x": 4, "y": 2, "z": None}                     # x's 2 + 1 beats y's 0.5 + 0.5
-    with pytest.raises(UserError, match="does not even cover rank 4"):
+    with pytest.raises(UserError, match="rank_multiple 4 is too large for this model"):
         greedy_ranks(gains, 6 * 32 + 9, step=4)
 
 
