@@ -205,17 +205,24 @@ def estimate_fisher(run: Run, loaded: Loaded, note: str = "") -> tuple[dict | No
 
 def stats_cache(config: CompressConfig, loaded: Loaded, fdt: torch.dtype, device: str, update: bool):
     """(StatsCache or None, the report's entry when there is none)."""
-    cache_off = {"status": "off", "reason": "stats_cache is false"}
-    if config.stats_cache and config.recover.refine_passes:
-        cache_off["reason"] = "refine runs every layer's calibration forward (it trains on the dense outputs)"
-    elif config.stats_cache and not Path(loaded.source).exists():
-        cache_off["reason"] = "the model is not a local folder or file: its revision cannot be keyed"
-    elif config.stats_cache:
-        key = stats_key(config, _keyed_source(loaded), loaded.calib.ids, loaded.method.needs - {"fisher"}, fdt,
-                        device, update)
-        limit = int(os.environ.get("SVDFORGE_STATS_CACHE_MAX_BYTES", DEFAULT_MAX_BYTES))
-        return StatsCache(models_cache_dir(), key, limit), None
-    return None, cache_off
+    reason = _cache_off(config, loaded) or (
+        "refine runs every layer's calibration forward (it trains on the dense outputs)"
+        if config.recover.refine_passes else None)
+    if reason:
+        return None, {"status": "off", "reason": reason}
+    key = stats_key(config, _keyed_source(loaded), loaded.calib.ids, loaded.method.needs - {"fisher"}, fdt,
+                    device, update)
+    limit = int(os.environ.get("SVDFORGE_STATS_CACHE_MAX_BYTES", DEFAULT_MAX_BYTES))
+    return StatsCache(models_cache_dir(), key, limit), None
+
+
+def _cache_off(config: CompressConfig, loaded: Loaded) -> str | None:
+    """Why a job keeps no cache (statistics or rank plan); None: it keeps one."""
+    if not config.stats_cache:
+        return "stats_cache is false"
+    if not Path(loaded.source).exists():
+        return "the model is not a local folder or file: its revision cannot be keyed"
+    return None
 
 
 def _keyed_source(loaded: Loaded) -> str:
@@ -227,9 +234,9 @@ def plan_passes(run: Run, loaded: Loaded, fisher, fdt: torch.dtype, layer_io=Non
     """`plan_spectra` through the plan cache (`svdforge.core.stats_cache.PlanCache`) where the job
     keeps a cache: (spectra, loss scores or None, the report's `plan_cache`)."""
     config = run.config
-    if not config.stats_cache or not Path(loaded.source).exists():
-        cache = None
-    else:
+    off = _cache_off(config, loaded)
+    cache = None
+    if off is None:
         cache = PlanCache(models_cache_dir(), plan_key(config, _keyed_source(loaded), loaded.calib.ids, fdt,
                                                        run.device))
         if cache.status == "hit" and (got := cache.load()) is not None:
@@ -238,8 +245,7 @@ def plan_passes(run: Run, loaded: Loaded, fisher, fdt: torch.dtype, layer_io=Non
     spectra, scores = plan_spectra(loaded.model, loaded.calib.ids, config, run.device, run.rep, fisher, fdt,
                                    layer_io, activations, run.rep.check_cancel)
     if cache is None:
-        return spectra, scores, {"status": "off", "reason": "stats_cache is false" if not config.stats_cache else
-                                 "the model is not a local folder or file: its revision cannot be keyed"}
+        return spectra, scores, {"status": "off", "reason": off}
     cache.save(spectra, scores)
     return spectra, scores, cache.report()
 
