@@ -318,8 +318,7 @@ def allocate_loss(spectra: dict[str, tuple[int, int, torch.Tensor]], scores: dic
     """(rank_fn, allocation_info): ranks from the components' loss scores under ONE budget for the
     whole model (what `uniform` at `ratio` spends, no per-kind budget); a linear may stay dense."""
     t0 = time.perf_counter()
-    budget = sum(uniform_cost(m, n, ratio) for m, n, _ in spectra.values())
-    gains = {name: (m, n, concave(scores["scores"][name])) for name, (m, n, _) in spectra.items()}
+    gains, budget = _loss_gains(spectra, scores, ratio)
     ranks = greedy_ranks(gains, budget)
     info = _plan_info(spectra, ranks, ratio, f"{scores['kind']} score: estimated loss increase of removing each "
                       "component (svdforge.core.sensitivity), per parameter (m + n); one budget for the whole model")
@@ -329,6 +328,12 @@ def allocate_loss(spectra: dict[str, tuple[int, int, torch.Tensor]], scores: dic
     return _lookup(ranks, "loss-aware allocation"), info
 
 
+def _loss_gains(spectra: dict[str, tuple[int, int, torch.Tensor]], scores: dict, ratio: float):
+    """(name -> (m, n, concave loss scores), the one budget: what `uniform` at `ratio` spends)."""
+    gains = {name: (m, n, concave(scores["scores"][name])) for name, (m, n, _) in spectra.items()}
+    return gains, sum(uniform_cost(m, n, ratio) for m, n, _ in spectra.values())
+
+
 def allocate_loss_blocks(spectra: dict[str, tuple[int, int, torch.Tensor]], scores: dict, ratio: float,
                          multiple: int, unrounded: dict[str, int | None]):
     """(rank_fn, rank_rounding) of a loss plan with every rank a multiple of `multiple`: the same
@@ -336,8 +341,7 @@ def allocate_loss_blocks(spectra: dict[str, tuple[int, int, torch.Tensor]], scor
     its components' loss scores), so no kind has to pay for its own round-ups (per-kind rounding,
     `svdforge.core.rounding`, would refuse a kind the plan left at ranks below `multiple`)."""
     shapes = {name: (m, n) for name, (m, n, _) in spectra.items()}
-    budget = sum(uniform_cost(m, n, ratio) for m, n in shapes.values())
-    gains = {name: (m, n, concave(scores["scores"][name])) for name, (m, n) in shapes.items()}
+    gains, budget = _loss_gains(spectra, scores, ratio)
     ranks = greedy_ranks(gains, budget, step=multiple)
     used = params_of(ranks, shapes)
     kinds = sorted({_kind(n) for n in shapes})
