@@ -4,8 +4,12 @@ Each case compresses a tiny random model (Llama, Mistral, Qwen2: GQA), reloads t
 artifact and records the ranks, the whitening paths, the report's per-linear figures and
 the logits of a fixed window. `tests/golden/cases.json` holds what the code gave before
 the redesign (regenerate only for an intended change: `python -m tests.core.test_golden`);
-the test fails on any difference beyond 1e-6. The cases calibrate in fp32 and name their allocation
-(`_config`), so that neither the CPU's bf16 kernels nor the default allocation moves them.
+the test fails on any difference beyond 1e-6 in the ranks, energies and losses of the decompositions, and
+beyond 5e-5 in what an fp32 forward gives last (logits, evaluation metrics, the LoRA loss curve): two x86
+CPUs sum fp32 matmuls in different orders (AVX2 vs AVX-512 kernels), and CI's machine moved a few logits
+by 1.1e-6 (about ten ulps). A change to the math moves them by orders of magnitude more. The cases
+calibrate in fp32 and name their allocation (`_config`), so that neither the CPU's bf16 kernels nor the
+default allocation moves them.
 """
 from __future__ import annotations
 
@@ -18,7 +22,8 @@ import pytest
 import torch
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden" / "cases.json"
-TOL = 1e-6
+TOL = 1e-6          # ranks, retained energy, truncation loss, parameter counts
+FORWARD_TOL = 5e-5  # logits, metrics and loss curves: the last fp32 forward's rounding differs by CPU
 
 # name -> (arch, CompressConfig keywords, sweep ratios or None)
 CASES: dict[str, tuple[str, dict, list[float] | None]] = {
@@ -133,23 +138,29 @@ def _close(a, b, path: str, errors: list[str]) -> None:
         if len(a) != len(b):
             errors.append(f"{path}: length {len(a)} vs {len(b)}")
             return
-        bad = [i for i, (x, y) in enumerate(zip(a, b)) if not _num_close(x, y)]
+        tol = _tol(path)
+        bad = [i for i, (x, y) in enumerate(zip(a, b)) if not _num_close(x, y, tol)]
         if bad and not all(isinstance(x, (list, dict)) for x in a):
             first = bad[0]
             errors.append(f"{path}: {len(bad)} of {len(a)} entries differ (first at {first}: {a[first]} vs {b[first]})")
         elif bad:
             for i in bad:
                 _close(a[i], b[i], f"{path}[{i}]", errors)
-    elif not _num_close(a, b):
+    elif not _num_close(a, b, _tol(path)):
         errors.append(f"{path}: {a!r} vs {b!r}")
 
 
-def _num_close(x, y) -> bool:
+def _tol(path: str) -> float:
+    last = path.rsplit(".", 1)[-1]
+    return FORWARD_TOL if last in ("logits", "loss_curve") or ".metrics." in path else TOL
+
+
+def _num_close(x, y, tol: float = TOL) -> bool:
     if isinstance(x, bool) or isinstance(y, bool) or not isinstance(x, (int, float)) or not isinstance(y, (int, float)):
         return x == y
     if math.isnan(x) or math.isnan(y):
         return math.isnan(x) and math.isnan(y)
-    return abs(x - y) <= TOL * max(1.0, abs(x), abs(y))
+    return abs(x - y) <= tol * max(1.0, abs(x), abs(y))
 
 
 @pytest.fixture(scope="module")
@@ -164,6 +175,19 @@ def test_golden_case(name, golden, tiny_models, tmp_path):
     errors: list[str] = []
     _close(run_case(api, name, tiny_models, tmp_path), golden[name], name, errors)
     assert not errors, "\n".join(errors[:20])
+
+
+def test_tolerances_split_by_figure():
+    """Logits may move by a CPU's rounding (5e-5); a decomposition's figures may not (1e-6)."""
+    errors: list[str] = []
+    _close({"logits": [0.88258], "ranks": {"q": {"retained_energy": 0.75}}},
+           {"logits": [0.88259], "ranks": {"q": {"retained_energy": 0.75}}}, "case", errors)
+    assert errors == []
+    _close({"logits": [0.8826], "metrics": {"c.ppl": 10.0}, "ranks": {"q": {"retained_energy": 0.750002}}},
+           {"logits": [0.8827], "metrics": {"c.ppl": 10.01}, "ranks": {"q": {"retained_energy": 0.75}}},
+           "case", errors)
+    assert sorted(e.split(":")[0] for e in errors) == ["case.logits", "case.metrics.c.ppl",
+                                                       "case.ranks.q.retained_energy"]
 
 
 def test_golden_stats_cache(golden, tiny_models, tmp_path, monkeypatch):
