@@ -158,7 +158,9 @@ def round_ranks(spectra: dict[str, tuple[int, int, torch.Tensor]], planned: dict
         ranks.update(got)
         by_kind[kind] = {"budget_params": budget, "used_params": budget - left,
                          "mean_rank_unrounded": sum(c.k for c in cands) / len(cands),
-                         "mean_rank": sum(got[c.name] or 0 for c in cands) / len(cands)}
+                         # a linear rounded to dense counts at its full rank, as in the loss plan's blocks
+                         "mean_rank": sum(min(c.m, c.n) if got[c.name] is None else got[c.name]
+                                          for c in cands) / len(cands)}
     budget, used = sum(v["budget_params"] for v in by_kind.values()), sum(v["used_params"] for v in by_kind.values())
     return ranks, {"rank_multiple": multiple, "budget_params": budget, "used_params": used,
                    "unspent_params": budget - used, "normalisation": NORMALISATION, "by_kind": by_kind,

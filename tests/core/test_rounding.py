@@ -80,6 +80,15 @@ def test_a_linear_no_multiple_saves_anything_on_stays_dense():
     assert ranks["tiny"] is None and ranks["big"] == 32 and left >= 0
 
 
+def test_a_linear_rounded_to_dense_counts_at_full_rank_in_the_mean():
+    """`by_kind.mean_rank` counts a dense linear at min(m, n), as the loss plan's blocks do (not as 0)."""
+    spectra = {"a.t": (16, 16, torch.ones(16, dtype=torch.float64)),
+               "b.t": (96, 96, torch.ones(96, dtype=torch.float64))}
+    ranks, info = round_ranks(spectra, {"a.t": 4, "b.t": 40}, 8)
+    assert ranks == {"a.t": None, "b.t": 32} and info["made_dense"] == ["a.t"]
+    assert info["by_kind"]["t"]["mean_rank"] == (16 + 32) / 2 and info["by_kind"]["t"]["mean_rank_unrounded"] == 22
+
+
 def test_each_kind_keeps_its_own_budget():
     """The q_proj linears free a block that the k_proj ones would value more: it stays with q_proj."""
     flat, steep = torch.ones(64, dtype=torch.float64), torch.exp(-0.3 * torch.arange(64, dtype=torch.float64))
