@@ -57,7 +57,7 @@ from svdforge.core.linalg import saves_params, uniform_rank
 from svdforge.core.memory import GiB
 from svdforge.core.methods import Method, get_method
 from svdforge.core.progress import Reporter
-from svdforge.core.rounding import rank_cap, rounded
+from svdforge.core.rounding import kind_of, mean_rank, rank_cap, rounded
 from svdforge.core.sensitivity import component_gradients, concave, score
 from svdforge.core.statistics import MAIN, Statistics
 
@@ -304,8 +304,8 @@ def allocate_ratio(spectra: dict[str, tuple[int, int, torch.Tensor]], ratio: flo
     shapes = {name: (m, n) for name, (m, n, _) in spectra.items()}
     reference = {name: uniform_rank(m, n, ratio) for name, (m, n) in shapes.items()}
     ranks: dict[str, int | None] = {}
-    for kind in sorted({_kind(n) for n in spectra}):
-        group = {n: v for n, v in spectra.items() if _kind(n) == kind}
+    for kind in sorted({kind_of(n) for n in spectra}):
+        group = {n: v for n, v in spectra.items() if kind_of(n) == kind}
         ranks.update(allocate(group, sum(uniform_cost(m, n_, ratio) for m, n_, _ in group.values()), reference))
     info = _plan_info(spectra, ranks, ratio, "sigma_i^2 / sum_{j >= k_uniform} sigma_j^2 per linear (its loss "
                       "relative to uniform's), per parameter (m + n); each kind keeps uniform's budget")
@@ -344,22 +344,16 @@ def allocate_loss_blocks(spectra: dict[str, tuple[int, int, torch.Tensor]], scor
     gains, budget = _loss_gains(spectra, scores, ratio)
     ranks = greedy_ranks(gains, budget, step=multiple)
     used = params_of(ranks, shapes)
-    kinds = sorted({_kind(n) for n in shapes})
-    by_kind = {kind: {"used_params": params_of({n: k for n, k in ranks.items() if _kind(n) == kind}, shapes),
-                      "mean_rank_unrounded": _mean_rank(unrounded, shapes, kind),
-                      "mean_rank": _mean_rank(ranks, shapes, kind)} for kind in kinds}
+    kinds = sorted({kind_of(n) for n in shapes})
+    by_kind = {kind: {"used_params": params_of({n: k for n, k in ranks.items() if kind_of(n) == kind}, shapes),
+                      "mean_rank_unrounded": mean_rank(unrounded, shapes, kind),
+                      "mean_rank": mean_rank(ranks, shapes, kind)} for kind in kinds}
     return _lookup(ranks, "loss-aware allocation"), {
         "rank_multiple": multiple, "budget_params": budget, "used_params": used, "unspent_params": budget - used,
         "normalisation": f"loss scores in blocks of {multiple} components, per parameter {multiple} (m + n); one "
                          "budget for the whole model (no per-kind rounding)",
         "by_kind": by_kind, "made_dense": sorted(n for n, k in ranks.items() if k is None and unrounded[n] is not None),
         "unrounded": dict(unrounded)}
-
-
-def _mean_rank(ranks: dict[str, int | None], shapes: dict, kind: str) -> float:
-    """Mean rank of a kind's linears, a dense one counted at its full rank min(m, n)."""
-    ks = [min(shapes[n]) if k is None else k for n, k in ranks.items() if _kind(n) == kind]
-    return sum(ks) / len(ks)
 
 
 def _plan_info(spectra: dict, ranks: dict[str, int | None], ratio: float, normalisation: str) -> dict:
@@ -387,10 +381,6 @@ def _lookup(ranks: dict[str, int | None], what: str):
         return ranks[name]
 
     return rank_fn
-
-
-def _kind(name: str) -> str:
-    return name.rsplit(".", 1)[-1]
 
 
 def _retained(sigma: torch.Tensor, k: int | None) -> float:

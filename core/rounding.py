@@ -134,8 +134,15 @@ def round_group(cands: list[Candidate], multiple: int) -> tuple[dict[str, int | 
     return ranks, _hand_out(cands, ranks, multiple, pool)
 
 
-def _kind(name: str) -> str:
+def kind_of(name: str) -> str:
+    """A linear's kind, what its budget is shared with: `q_proj` of `model.layers.3.self_attn.q_proj`."""
     return name.rsplit(".", 1)[-1]
+
+
+def mean_rank(ranks: dict[str, int | None], shapes: dict[str, tuple[int, int]], kind: str) -> float:
+    """Mean rank of a kind's linears, a dense one (None) counted at its full rank min(m, n)."""
+    ks = [min(shapes[n]) if k is None else k for n, k in ranks.items() if kind_of(n) == kind]
+    return sum(ks) / len(ks)
 
 
 def round_ranks(spectra: dict[str, tuple[int, int, torch.Tensor]], planned: dict[str, int | None],
@@ -145,9 +152,9 @@ def round_ranks(spectra: dict[str, tuple[int, int, torch.Tensor]], planned: dict
     compressed = {n: k for n, k in planned.items() if k is not None and saves_params(*spectra[n][:2], k)}
     ranks: dict[str, int | None] = {n: None for n in planned if n not in compressed}
     by_kind = {}
-    for kind in sorted({_kind(n) for n in compressed}):
+    for kind in sorted({kind_of(n) for n in compressed}):
         cands = [candidate(n, spectra[n][0], spectra[n][1], compressed[n], spectra[n][2])
-                 for n in compressed if _kind(n) == kind]
+                 for n in compressed if kind_of(n) == kind]
         got, left = round_group(cands, multiple)
         budget = sum(cost(c.m, c.n, c.k) for c in cands)
         if left < 0:
@@ -158,9 +165,7 @@ def round_ranks(spectra: dict[str, tuple[int, int, torch.Tensor]], planned: dict
         ranks.update(got)
         by_kind[kind] = {"budget_params": budget, "used_params": budget - left,
                          "mean_rank_unrounded": sum(c.k for c in cands) / len(cands),
-                         # a linear rounded to dense counts at its full rank, as in the loss plan's blocks
-                         "mean_rank": sum(min(c.m, c.n) if got[c.name] is None else got[c.name]
-                                          for c in cands) / len(cands)}
+                         "mean_rank": mean_rank(got, {c.name: (c.m, c.n) for c in cands}, kind)}
     budget, used = sum(v["budget_params"] for v in by_kind.values()), sum(v["used_params"] for v in by_kind.values())
     return ranks, {"rank_multiple": multiple, "budget_params": budget, "used_params": used,
                    "unspent_params": budget - used, "normalisation": NORMALISATION, "by_kind": by_kind,
